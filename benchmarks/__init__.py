@@ -1,0 +1,1 @@
+"""Throughput and MFU benchmarks (write JSON; not part of the installed package)."""

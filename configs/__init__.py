@@ -1,0 +1,1 @@
+"""Run configs: ml_collections ConfigDicts, one file per family, variants through ``file.py:variant``."""

@@ -1,0 +1,81 @@
+"""The sections every run config has, and the logical-axis -> mesh-axis rules table."""
+
+import dataclasses
+
+import ml_collections
+
+# Logical axis -> mesh axes. Parameters are sharded over fsdp on their model dimension and over tensor
+# on heads / mlp / vocab; activations are sharded over data and fsdp on the batch dimension.
+RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("layers", None),
+)
+
+
+def base(name: str, family: str, model) -> ml_collections.ConfigDict:
+    """A complete run config around the family dataclass instance ``model``."""
+    c = ml_collections.ConfigDict()
+    c.name = name  # default workdir: ./runs/<name>
+
+    c.model = ml_collections.ConfigDict({"family": family, **dataclasses.asdict(model)})
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 1000
+    c.train.batch_size = 32  # global, over all hosts and devices
+    c.train.seq_len = 128
+    c.train.grad_accum = 1  # micro-batches per step; batch_size must be divisible by it
+    c.train.log_every = 10
+    c.train.eval_every = 250  # 0: only at the end
+    c.train.eval_steps = 8  # validation batches per evaluation
+    c.train.seed = 0
+    c.train.sample_prompt = "def "  # the run ends with a greedy continuation of this ('' to skip)
+    c.train.sample_tokens = 48
+
+    c.opt = ml_collections.ConfigDict()
+    c.opt.lr = 3e-4  # peak learning rate
+    c.opt.warmup_steps = 100
+    c.opt.decay_steps = 0  # cosine decay length; 0: train.steps
+    c.opt.min_lr_ratio = 0.1  # final lr = lr * min_lr_ratio
+    c.opt.b1 = 0.9
+    c.opt.b2 = 0.95
+    c.opt.eps = 1e-8
+    c.opt.weight_decay = 0.1  # not applied to biases, norms or (1-D) scales
+    c.opt.clip_norm = 1.0  # global gradient norm; 0 disables
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "embedded"  # the Python standard library's own sources
+    c.data.objective = "causal_lm"
+    c.data.tokenizer = ""  # a SentencePiece .model; '' trains one on the corpus (cached)
+    c.data.tokenizer_type = "bpe"  # for a trained tokenizer: bpe | unigram
+    c.data.cache_dir = ""  # tokenizers and token caches; '' = $PODFORMER_CACHE or ~/.cache/podformer
+    c.data.validation_percent = 3  # embedded corpus: share of files held out (by a hash of the path)
+    c.data.num_workers = 0  # grain worker processes (0: read in the main process with threads)
+    c.data.prefetch = 2  # batches prepared ahead, on host and on device
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every = 500
+    c.checkpoint.keep = 3
+    c.checkpoint.async_save = True
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1: the devices that fsdp x tensor leave
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    c.mesh.rules = RULES
+
+    c.metrics = ml_collections.ConfigDict()
+    # Peak FLOP/s per device for MFU; 0: the known figure for TPUs and H100/H200 (bf16), or a measured
+    # float32 matmul rate on other hardware (CPUs included).
+    c.metrics.peak_tflops = 0.0
+
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.coordinator = ""  # host:port of process 0; '' = from the environment, if any
+    c.distributed.num_processes = 0
+    c.distributed.process_id = -1
+    return c

@@ -1,0 +1,41 @@
+"""GPT-2 family pretraining (causal LM).
+
+python train.py                                   # = --config=configs/gpt.py:tiny, CPU, embedded corpus
+python train.py --config=configs/gpt.py:gpt2_small --config.mesh.fsdp=8 --workdir=gs://bucket/gpt2
+"""
+
+from configs import common
+from model.gpt import GPTConfig
+
+VARIANTS = ("tiny", "gpt2_small", "gpt2_medium", "gpt2_large", "gpt2_xl")
+
+
+def get_config(variant: str = "tiny"):
+    if variant not in VARIANTS:
+        raise KeyError(f"variants of configs/gpt.py: {', '.join(VARIANTS)}")
+    model = getattr(GPTConfig, variant)()
+    c = common.base(f"gpt_{variant}", "gpt", model)
+    if variant == "tiny":
+        # Sized to train on 2 CPU cores in about five minutes (1.6M tokens). Unrolled layers: with 4
+        # of them XLA's CPU backend runs the unrolled stack ~10% faster than a scan.
+        c.model.scan_layers = False
+        c.train.steps = 400
+        c.train.batch_size = 32
+        c.train.seq_len = 128
+        c.train.eval_every = 200
+        c.opt.lr = 3e-3
+        c.opt.warmup_steps = 40
+        c.checkpoint.every = 200
+    else:
+        # GPT-2 / GPT-3 small-scale recipe: 0.5M-token batches of 1024 tokens.
+        c.train.steps = 100_000
+        c.train.batch_size = 512
+        c.train.seq_len = 1024
+        c.train.eval_every = 1000
+        c.train.log_every = 50
+        c.opt.lr = 6e-4
+        c.opt.warmup_steps = 2000
+        c.checkpoint.every = 2000
+        c.model.dtype = "bfloat16"
+        c.data.num_workers = 8
+    return c

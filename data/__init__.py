@@ -1,0 +1,1 @@
+"""Data: sources, tokenizers, token caches, objectives, packing and the grain loader."""

@@ -1,0 +1,458 @@
+"""The shared transformer blocks: every family in podformer is a composition of these.
+
+Shape glossary (suffixes on array names, e.g. ``x_BLD``):
+  B batch, L query length, S key/source length, D model width, H query heads, G key/value heads,
+  K head dim, F mlp width, V vocab, N layers, P max positions.
+
+Every parameter carries logical axis names from one small vocabulary
+(batch, length, embed, heads, kv, mlp, vocab, layers); ``configs/common.py`` maps them to mesh axes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from model import sharding
+
+Array = jax.Array
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+# Exact and tanh GELU are different functions: BERT/T5 use the exact erf form, GPT-2 the tanh one.
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockOptions:
+    """Everything a transformer block can vary on; a family config produces one of these."""
+
+    d_model: int
+    num_heads: int
+    head_dim: int
+    d_ff: int
+    num_kv_heads: int = 0  # 0: same as num_heads (multi-head); 1: multi-query; else grouped-query
+    activation: str = "gelu_tanh"
+    gated_mlp: bool = False  # GLU-style MLP: act(x W_gate) * (x W_up)
+    use_bias: bool = True  # biases in the attention and MLP projections
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = 1e-5
+    norm_bias: bool = True  # LayerNorm's additive bias (RMSNorm never has one)
+    norm_position: Literal["pre", "post"] = "pre"
+    parallel_block: bool = False  # x + attn(norm(x)) + mlp(norm(x)) (GPT-J, NeoX, PaLM)
+    shared_parallel_norm: bool = True  # parallel block: one norm feeds both branches (GPT-J, PaLM)
+    causal: bool = True
+    cross_attention: bool = False  # decoder block of an encoder-decoder
+    rotary_dim: int = 0  # number of head dims that get rotary embeddings; 0 = none
+    rotary_base: float = 10000.0
+    rotary_interleaved: bool = False  # GPT-J rotates pairs (0,1),(2,3)..; NeoX/LLaMA rotate halves
+    attn_scale: float = 0.0  # 0: 1/sqrt(head_dim); T5 folds the scale into its init and uses 1.0
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    init_std: float = 0.02
+    out_init_std: float = 0.0  # residual output projections; 0: init_std (GPT-2 scales by 1/sqrt(2N))
+    dtype: str = "float32"  # compute dtype; parameters are always float32
+    attention_impl: str = "xla"
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+
+def param(rngs: nnx.Rngs, init, shape: tuple[int, ...], axes: tuple[str | None, ...]) -> nnx.Param:
+    """A float32 parameter annotated with its logical axis names. Placement is decided once, by the
+    jitted state constructor's out_shardings (model/sharding.py), not eagerly per variable: models
+    can then be built anywhere, with or without a mesh."""
+    assert len(shape) == len(axes), (shape, axes)
+    return nnx.Param(init(rngs.params(), shape, jnp.float32), out_sharding=axes, eager_sharding=False)
+
+
+def normal(std: float):
+    return jax.nn.initializers.normal(stddev=std)
+
+
+zeros = jax.nn.initializers.zeros
+ones = jax.nn.initializers.ones
+
+
+def dropout(x: Array, rate: float, rng: Array | None) -> Array:
+    if rng is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class Norm(nnx.Module):
+    """LayerNorm (mean-centred, optional bias) or RMSNorm (T5 and LLaMA), computed in float32."""
+
+    def __init__(self, dim: int, *, kind: str = "layernorm", eps: float = 1e-5, bias: bool = True, rngs):
+        self.kind, self.eps = kind, eps
+        self.scale = param(rngs, ones, (dim,), ("embed",))
+        self.bias = param(rngs, zeros, (dim,), ("embed",)) if (bias and kind == "layernorm") else None
+
+    def __call__(self, x: Array) -> Array:
+        dtype = x.dtype
+        x = x.astype(jnp.float32)
+        if self.kind == "layernorm":
+            x = x - jnp.mean(x, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
+        y = x * jax.lax.rsqrt(var + self.eps) * self.scale[...]
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y.astype(dtype)
+
+
+class Dense(nnx.Module):
+    """y = x @ W (+ b) over named input and output dims, e.g. D -> (H, K) for a query projection."""
+
+    def __init__(
+        self,
+        in_shape: tuple[int, ...],
+        out_shape: tuple[int, ...],
+        in_axes: tuple[str | None, ...],
+        out_axes: tuple[str | None, ...],
+        *,
+        use_bias: bool,
+        init_std: float,
+        rngs: nnx.Rngs,
+    ):
+        self.n_in = len(in_shape)
+        self.kernel = param(rngs, normal(init_std), in_shape + out_shape, in_axes + out_axes)
+        self.bias = param(rngs, zeros, out_shape, out_axes) if use_bias else None
+
+    def __call__(self, x: Array) -> Array:
+        k = self.kernel[...].astype(x.dtype)
+        y = jax.lax.dot_general(x, k, (((tuple(range(x.ndim - self.n_in, x.ndim))), tuple(range(self.n_in))), ((), ())))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(x.dtype)
+        return y
+
+
+@jax.custom_vjp
+def unembed(x_BLD: Array, w_VD: Array) -> Array:
+    """Output projection onto a (V, D) embedding table: logits_BLV = x_BLD @ w_VD^T."""
+    return jnp.einsum("BLD,VD->BLV", x_BLD, w_VD)
+
+
+def _unembed_fwd(x_BLD, w_VD):
+    return unembed(x_BLD, w_VD), (x_BLD, w_VD)
+
+
+def _unembed_bwd(res, g_BLV):
+    # The weight gradient is formed as (x^T g)^T: both backward matmuls then read the vocabulary-sized
+    # gradient in its natural row-major layout. Left to autodiff, XLA's CPU backend materialises it a
+    # second time, transposed (a 2048x32000 float32 copy per step at the benchmark shape).
+    x_BLD, w_VD = res
+    dx = jnp.einsum("BLV,VD->BLD", g_BLV, w_VD)
+    dw_DV = jnp.einsum("BLD,BLV->DV", x_BLD, g_BLV)
+    return dx, dw_DV.T.astype(w_VD.dtype)
+
+
+unembed.defvjp(_unembed_fwd, _unembed_bwd)
+
+
+def rotary(x_BLHK: Array, positions_BL: Array, rotary_dim: int, base: float, interleaved: bool) -> Array:
+    """Rotary position embedding on the first ``rotary_dim`` dims of each head (RoFormer; GPT-J, NeoX)."""
+    if rotary_dim == 0:
+        return x_BLHK
+    inv_freq = 1.0 / (base ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim))
+    angles_BLR = positions_BL[..., None].astype(jnp.float32) * inv_freq  # R = rotary_dim / 2
+    sin, cos = jnp.sin(angles_BLR)[:, :, None, :], jnp.cos(angles_BLR)[:, :, None, :]
+    rot, rest = x_BLHK[..., :rotary_dim].astype(jnp.float32), x_BLHK[..., rotary_dim:]
+    if interleaved:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        out = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).reshape(rot.shape)
+    else:
+        x1, x2 = jnp.split(rot, 2, axis=-1)
+        out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return jnp.concatenate([out.astype(x_BLHK.dtype), rest], axis=-1)
+
+
+def make_attention_mask(
+    q_segment_ids_BL: Array,
+    kv_segment_ids_BS: Array,
+    *,
+    causal: bool,
+    q_positions_BL: Array | None = None,
+    kv_positions_BS: Array | None = None,
+) -> Array:
+    """Boolean (B, 1, L, S) mask: same segment, and for causal attention key index <= query index.
+
+    Segment id 0 marks padding. Padding queries may only see padding keys, so no softmax row is ever
+    empty (an all-masked row would give NaNs or a uniform average of garbage).
+    """
+    mask = q_segment_ids_BL[:, :, None] == kv_segment_ids_BS[:, None, :]
+    if causal:
+        # Causality is by index in the packed row, not by position id: positions restart per segment.
+        L, S = q_segment_ids_BL.shape[1], kv_segment_ids_BS.shape[1]
+        mask &= (jnp.arange(L)[:, None] + (S - L)) >= jnp.arange(S)[None, :]
+    return mask[:, None, :, :]
+
+
+def _attention_reference(q, k, v, mask, bias, scale, dropout_rate, rng):
+    """Plain einsum attention with float32 softmax; the only path that supports attention dropout."""
+    B, L, H, K = q.shape
+    G = k.shape[2]
+    q = q.reshape(B, L, G, H // G, K)
+    logits = jnp.einsum("BLGRK,BSGK->BGRLS", q, k).astype(jnp.float32) * scale
+    logits = logits.reshape(B, H, L, -1)
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    probs = dropout(probs, dropout_rate, rng).astype(v.dtype)
+    out = jnp.einsum("BGRLS,BSGK->BLGRK", probs.reshape(B, G, H // G, L, -1), v)
+    return out.reshape(B, L, H, K)
+
+
+def _attention_jax(implementation):
+    def fn(q, k, v, mask, bias, scale, dropout_rate, rng):
+        if dropout_rate > 0.0 and rng is not None:
+            return _attention_reference(q, k, v, mask, bias, scale, dropout_rate, rng)
+        return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation=implementation)
+
+    return fn
+
+
+# One switch for the attention kernel; every call in podformer goes through `attention` below.
+ATTENTION_IMPLS = {
+    "xla": _attention_jax("xla"),
+    "cudnn": _attention_jax("cudnn"),
+    "reference": _attention_reference,
+}
+
+
+def attention(
+    q_BLHK: Array,
+    k_BSGK: Array,
+    v_BSGK: Array,
+    *,
+    mask_B1LS: Array | None,
+    bias_BHLS: Array | None = None,
+    scale: float,
+    impl: str = "xla",
+    dropout_rate: float = 0.0,
+    rng: Array | None = None,
+) -> Array:
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"unknown attention implementation {impl!r}; choose one of {sorted(ATTENTION_IMPLS)}")
+    return ATTENTION_IMPLS[impl](q_BLHK, k_BSGK, v_BSGK, mask_B1LS, bias_BHLS, scale, dropout_rate, rng)
+
+
+class Attention(nnx.Module):
+    """Multi-head, grouped-query or multi-query attention; self or cross; optional rotary."""
+
+    def __init__(self, o: BlockOptions, *, rngs: nnx.Rngs):
+        self.o = o
+        D, H, G, K = o.d_model, o.num_heads, o.kv_heads, o.head_dim
+        kw = dict(use_bias=o.use_bias, init_std=o.init_std, rngs=rngs)
+        self.query = Dense((D,), (H, K), ("embed",), ("heads", "kv"), **kw)
+        self.key = Dense((D,), (G, K), ("embed",), ("heads", "kv"), **kw)
+        self.value = Dense((D,), (G, K), ("embed",), ("heads", "kv"), **kw)
+        self.out = Dense(
+            (H, K),
+            (D,),
+            ("heads", "kv"),
+            ("embed",),
+            use_bias=o.use_bias,
+            init_std=o.out_init_std or o.init_std,
+            rngs=rngs,
+        )
+
+    def __call__(
+        self,
+        x_BLD: Array,
+        *,
+        mask_B1LS: Array | None,
+        positions_BL: Array | None = None,
+        kv_BSD: Array | None = None,
+        kv_positions_BS: Array | None = None,
+        bias_BHLS: Array | None = None,
+        rng: Array | None = None,
+    ) -> Array:
+        o = self.o
+        kv_BSD = x_BLD if kv_BSD is None else kv_BSD
+        q, k, v = self.query(x_BLD), self.key(kv_BSD), self.value(kv_BSD)
+        if o.rotary_dim:
+            kv_positions_BS = positions_BL if kv_positions_BS is None else kv_positions_BS
+            q = rotary(q, positions_BL, o.rotary_dim, o.rotary_base, o.rotary_interleaved)
+            k = rotary(k, kv_positions_BS, o.rotary_dim, o.rotary_base, o.rotary_interleaved)
+        scale = o.attn_scale or 1.0 / math.sqrt(o.head_dim)
+        out = attention(
+            q,
+            k,
+            v,
+            mask_B1LS=mask_B1LS,
+            bias_BHLS=bias_BHLS,
+            scale=scale,
+            impl=o.attention_impl,
+            dropout_rate=o.attention_dropout,
+            rng=rng,
+        )
+        return self.out(out)
+
+
+class MLP(nnx.Module):
+    """Position-wise feed-forward: plain (GPT-2, BERT, T5 v1.0) or gated (T5 v1.1, LLaMA, PaLM)."""
+
+    def __init__(self, o: BlockOptions, *, rngs: nnx.Rngs):
+        self.act = ACTIVATIONS[o.activation]
+        kw = dict(use_bias=o.use_bias, init_std=o.init_std, rngs=rngs)
+        self.wi = Dense((o.d_model,), (o.d_ff,), ("embed",), ("mlp",), **kw)
+        self.wg = Dense((o.d_model,), (o.d_ff,), ("embed",), ("mlp",), **kw) if o.gated_mlp else None
+        self.wo = Dense(
+            (o.d_ff,),
+            (o.d_model,),
+            ("mlp",),
+            ("embed",),
+            use_bias=o.use_bias,
+            init_std=o.out_init_std or o.init_std,
+            rngs=rngs,
+        )
+
+    def __call__(self, x_BLD: Array) -> Array:
+        if self.wg is not None:
+            h_BLF = self.act(self.wg(x_BLD)) * self.wi(x_BLD)
+        else:
+            h_BLF = self.act(self.wi(x_BLD))
+        return self.wo(h_BLF)
+
+
+class Block(nnx.Module):
+    """One transformer layer. Norm position, parallel residual and cross-attention are options."""
+
+    def __init__(self, o: BlockOptions, *, rngs: nnx.Rngs):
+        self.o = o
+        norm = dict(kind=o.norm, eps=o.norm_eps, bias=o.norm_bias, rngs=rngs)
+        self.attn_norm = Norm(o.d_model, **norm)
+        self.attn = Attention(o, rngs=rngs)
+        if o.cross_attention:
+            self.cross_norm = Norm(o.d_model, **norm)
+            self.cross = Attention(dataclasses.replace(o, rotary_dim=0), rngs=rngs)
+        self.mlp_norm = None if (o.parallel_block and o.shared_parallel_norm) else Norm(o.d_model, **norm)
+        self.mlp = MLP(o, rngs=rngs)
+
+    def __call__(
+        self,
+        x_BLD: Array,
+        *,
+        mask_B1LS: Array | None,
+        positions_BL: Array | None = None,
+        bias_BHLS: Array | None = None,
+        encoded_BSD: Array | None = None,
+        cross_mask_B1LS: Array | None = None,
+        cross_bias_BHLS: Array | None = None,
+        rng: Array | None = None,
+    ) -> Array:
+        o = self.o
+        rngs = list(jax.random.split(rng, 6)) if rng is not None else [None] * 6
+
+        def self_attn(h):
+            return self.attn(h, mask_B1LS=mask_B1LS, positions_BL=positions_BL, bias_BHLS=bias_BHLS, rng=rngs[0])
+
+        def cross_attn(h):
+            return self.cross(h, mask_B1LS=cross_mask_B1LS, kv_BSD=encoded_BSD, bias_BHLS=cross_bias_BHLS, rng=rngs[1])
+
+        if o.parallel_block:
+            h = self.attn_norm(x_BLD)
+            h_mlp = h if self.mlp_norm is None else self.mlp_norm(x_BLD)
+            y = dropout(self_attn(h), o.dropout, rngs[2]) + dropout(self.mlp(h_mlp), o.dropout, rngs[3])
+            return sharding.constrain(x_BLD + y, ("batch", "length", None))
+
+        sublayers = [(self.attn_norm, self_attn)]
+        if o.cross_attention:
+            sublayers.append((self.cross_norm, cross_attn))
+        sublayers.append((self.mlp_norm, self.mlp))
+        for i, (norm, fn) in enumerate(sublayers):
+            if o.norm_position == "pre":
+                x_BLD = x_BLD + dropout(fn(norm(x_BLD)), o.dropout, rngs[2 + i])
+            else:  # post-LN (original Transformer, BERT, BART)
+                x_BLD = norm(x_BLD + dropout(fn(x_BLD), o.dropout, rngs[2 + i]))
+        return sharding.constrain(x_BLD, ("batch", "length", None))
+
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_dots_and_offload": None,  # resolved in _remat_policy: needs platform support
+}
+
+
+def _remat_policy(name: str):
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {name!r}; choose one of {sorted(REMAT_POLICIES)}")
+    if name == "save_dots_and_offload":
+        return jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host")
+    return REMAT_POLICIES[name]
+
+
+class BlockStack(nnx.Module):
+    """N identical blocks, either stacked on a leading 'layers' axis and run with a scan (compile time
+    independent of depth), or kept as a list and unrolled. Per-layer inputs (such as a per-layer
+    attention window) can be passed as arrays with a leading N axis in ``per_layer``."""
+
+    def __init__(
+        self,
+        make_block: Callable[[nnx.Rngs], nnx.Module],
+        num_layers: int,
+        *,
+        scan: bool,
+        remat: str = "none",
+        rngs: nnx.Rngs,
+    ):
+        self.num_layers, self.scan, self.remat = num_layers, scan, remat
+        _remat_policy(remat)  # validate early
+        if scan:
+
+            @nnx.split_rngs(splits=num_layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def make_stacked(r):
+                return make_block(r)
+
+            self.layers = make_stacked(rngs)
+        else:
+            self.layers = nnx.List([make_block(rngs) for _ in range(num_layers)])
+
+    def __call__(self, x: Array, *, rng: Array | None = None, per_layer: dict | None = None, **kwargs) -> Array:
+        per_layer = per_layer or {}
+        rngs = jax.random.split(rng, self.num_layers) if rng is not None else None
+        policy = _remat_policy(self.remat)
+
+        def make_apply(graphdef):
+            def apply(layer_params, x, layer_rng, layer_kwargs):
+                return nnx.merge(graphdef, layer_params)(x, rng=layer_rng, **kwargs, **layer_kwargs)
+
+            return apply if self.remat == "none" else jax.checkpoint(apply, policy=policy)
+
+        if not self.scan:
+            for i, block in enumerate(self.layers):
+                graphdef, layer_params = nnx.split(block)
+                layer_rng = None if rngs is None else rngs[i]
+                x = make_apply(graphdef)(layer_params, x, layer_rng, {k: v[i] for k, v in per_layer.items()})
+            return x
+
+        graphdef, params = nnx.split(self.layers)
+        apply = make_apply(graphdef)
+
+        def body(x, xs):
+            return apply(*xs[:1], x, *xs[1:]), None
+
+        x, _ = jax.lax.scan(body, x, (params, rngs, per_layer))
+        return x

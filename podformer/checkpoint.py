@@ -1,0 +1,68 @@
+"""One Orbax CheckpointManager: model + optimizer state, the data position and the run metadata."""
+
+from __future__ import annotations
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+from podformer.errors import UserError
+
+
+def check_workdir(workdir: str) -> epath.Path:
+    """Create ``workdir`` if needed and prove it is writable, before any expensive work starts."""
+    path = epath.Path(workdir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{jax.process_index()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(
+            f"workdir {workdir!r} is not writable ({e.strerror or e}); pass --workdir=<a writable directory>"
+        ) from None
+    return path
+
+
+class Checkpointer:
+    def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
+        self.directory = epath.Path(workdir) / "checkpoints"
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            create=True,
+            # A save killed half-way leaves `<step>.orbax-checkpoint-tmp`; it is never listed as a step
+            # and is removed here, on the next start.
+            cleanup_tmp_directories=True,
+            enable_async_checkpointing=async_save,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "meta"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, state, data_state: dict, meta: dict, *, force: bool = False) -> bool:
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)
+        )
+        return self.manager.save(step, args=args, force=force)
+
+    def restore(self, step: int, abstract_state) -> tuple:
+        """(state, data_state, meta) of ``step``, the state placed into ``abstract_state``'s shardings."""
+        args = ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()
+        )
+        restored = self.manager.restore(step, args=args)
+        return restored.state, restored.data, restored.meta
+
+    def restore_meta(self, step: int) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

@@ -1,0 +1,188 @@
+"""Config loading: ``--config=configs/gpt.py:tiny --config.opt.lr=3e-4 --workdir=...``.
+
+Configs are ml_collections ConfigDicts built by ``get_config(arg)`` in a Python file. Overrides are
+parsed against the type of the value they replace, and a key that does not exist is an error (with
+the closest existing key suggested), so a typo never silently becomes a no-op.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import importlib.util
+import json
+import os
+from typing import Any
+
+import ml_collections
+
+from podformer.errors import UserError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Sections and keys that every run config has; other code and scripts rely on these names.
+REQUIRED = {
+    "train": ("steps", "batch_size", "seq_len", "log_every", "eval_every", "seed"),
+    "checkpoint": ("every", "keep"),
+    "mesh": ("data", "fsdp", "tensor"),
+    "model": ("family",),
+    "data": (),
+    "opt": (),
+}
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """``path.py`` or ``path.py:arg`` -> the ConfigDict its ``get_config`` returns."""
+    path, _, arg = spec.partition(":")
+    if not os.path.exists(path) and os.path.exists(os.path.join(REPO, path)):
+        path = os.path.join(REPO, path)
+    if not os.path.exists(path):
+        raise UserError(f"config file {path!r} does not exist; pass --config=configs/<family>.py[:variant]")
+    module_spec = importlib.util.spec_from_file_location(f"_podformer_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise UserError(f"config file {path} has no get_config(arg) function")
+    try:
+        cfg = module.get_config(arg) if arg else module.get_config()
+    except KeyError as e:
+        raise UserError(f"config {path}: unknown variant {arg!r}; {e.args[0] if e.args else ''}") from None
+    cfg.config_spec = f"{os.path.relpath(path, REPO) if path.startswith(REPO) else path}{':' + arg if arg else ''}"
+    return cfg
+
+
+def _parse_value(key: str, text: str, current: Any) -> Any:
+    def fail(kind: str):
+        raise UserError(f"--config.{key}={text}: expected {kind} (the current value is {current!r})")
+
+    if isinstance(current, bool):
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        fail("true or false")
+    if isinstance(current, int):
+        try:
+            return int(text)
+        except ValueError:
+            fail("an integer")
+    if isinstance(current, float):
+        try:
+            return float(text)
+        except ValueError:
+            fail("a number")
+    if isinstance(current, str):
+        return text
+    if current is None or isinstance(current, tuple | list | dict):
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            if current is None:
+                return text
+            fail(f"a Python literal of type {type(current).__name__}")
+        if current is not None and not isinstance(value, type(current)):
+            fail(f"a {type(current).__name__}")
+        return tuple(value) if isinstance(current, tuple) else value
+    fail(type(current).__name__)
+
+
+def apply_override(cfg: ml_collections.ConfigDict, key: str, text: str) -> None:
+    node = cfg
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        keys = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+        if part not in keys:
+            where = ".".join(parts[:i]) or "the config"
+            hint = difflib.get_close_matches(part, keys, n=1)
+            suggestion = (
+                f"; did you mean {'.'.join(parts[:i] + [hint[0]])}?"
+                if hint
+                else f"; {where} has: {', '.join(sorted(keys))}"
+            )
+            raise UserError(f"--config.{key}: unknown config key {part!r} in {where}{suggestion}")
+        if i < len(parts) - 1:
+            node = node[part]
+    current = node[parts[-1]]
+    if isinstance(current, ml_collections.ConfigDict):
+        raise UserError(
+            f"--config.{key} is a section; set one of its keys, e.g. --config.{key}.{next(iter(current.keys()))}=..."
+        )
+    with node.unlocked():
+        node[parts[-1]] = _parse_value(key, text, current)
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+    for section, keys in REQUIRED.items():
+        if section not in cfg:
+            raise UserError(f"config has no {section!r} section; start from configs/common.py:base()")
+        for key in keys:
+            if key not in cfg[section]:
+                raise UserError(f"config has no {section}.{key}; start from configs/common.py:base()")
+    t = cfg.train
+    for key in ("steps", "batch_size", "seq_len", "log_every"):
+        if t[key] <= 0:
+            raise UserError(f"train.{key}={t[key]} must be positive")
+    if t.batch_size % t.grad_accum:
+        raise UserError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
+
+
+def parse_args(argv: list[str], default_config: str, flags: dict[str, Any]) -> tuple[ml_collections.ConfigDict, dict]:
+    """Split ``argv`` into the config (with overrides applied, then locked) and the other flags."""
+    spec = default_config
+    overrides: list[tuple[str, str]] = []
+    values = dict(flags)
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg in ("-h", "--help"):
+            raise SystemExit(usage(default_config, flags))
+        if not arg.startswith("--"):
+            raise UserError(f"unexpected argument {arg!r}; flags look like --config.train.steps=100")
+        name, eq, text = arg[2:].partition("=")
+        if not eq:
+            if not args:
+                raise UserError(f"--{name} needs a value, e.g. --{name}=...")
+            text = args.pop(0)
+        if name == "config":
+            spec = text
+        elif name.startswith("config."):
+            overrides.append((name[len("config.") :], text))
+        elif name in values:
+            values[name] = _parse_value(name, text, values[name]) if values[name] is not None else text
+        else:
+            hint = difflib.get_close_matches(name, ["config", *values], n=1)
+            raise UserError(f"unknown flag --{name}" + (f"; did you mean --{hint[0]}?" if hint else ""))
+    cfg = load_config_file(spec)
+    for key, text in overrides:
+        apply_override(cfg, key, text)
+    validate(cfg)
+    cfg.lock()
+    return cfg, values
+
+
+def usage(default_config: str, flags: dict[str, Any]) -> str:
+    lines = [
+        "usage: --config=configs/<family>.py[:variant] [--config.<section>.<key>=<value> ...]",
+        f"  default config: {default_config}",
+    ]
+    lines += [f"  --{k}={v!r}" for k, v in flags.items()]
+    return "\n".join(lines)
+
+
+def to_dict(cfg: ml_collections.ConfigDict) -> dict:
+    return json.loads(cfg.to_json_best_effort())
+
+
+def family_config(model_cfg: ml_collections.ConfigDict, config_cls):
+    """The ``model`` section -> the frozen family dataclass; unknown keys are errors."""
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    values = {k: v for k, v in model_cfg.items() if k not in ("family",)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise UserError(
+            f"model.{unknown[0]} is not a field of {config_cls.__name__}; fields: {', '.join(sorted(fields))}"
+        )
+    try:
+        return config_cls(**values)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"model config: {e}") from None

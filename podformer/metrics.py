@@ -1,0 +1,86 @@
+"""Metrics to ``<workdir>/metrics.jsonl`` and TensorBoard, from process 0 only; a progress bar."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import jax
+from etils import epath
+
+
+class MetricWriter:
+    def __init__(self, workdir: str, enabled: bool | None = None):
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self.path = epath.Path(workdir) / "metrics.jsonl"
+        self._tb = None
+        if self.enabled:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop lines a killed run wrote after its last checkpoint, so the file stays one
+        line per step (they are about to be recomputed, identically)."""
+        if not self.enabled or not self.path.exists():
+            return
+        lines = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
+        kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
+        self.path.write_text("".join(ln + "\n" for ln in kept))
+
+    def write(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), **{k: _plain(v) for k, v in values.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        for k, v in record.items():
+            if k != "step" and isinstance(v, int | float):
+                self._tb.add_scalar(k, v, step)
+        self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _plain(v):
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return v
+
+
+class Progress:
+    """A tqdm bar on process 0 (stderr); silent elsewhere."""
+
+    def __init__(self, total: int, initial: int, enabled: bool | None = None):
+        self.bar = None
+        if jax.process_index() == 0 if enabled is None else enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=total,
+                initial=initial,
+                unit="step",
+                dynamic_ncols=True,
+                file=sys.stderr,
+                disable=os.environ.get("PODFORMER_NO_PROGRESS") == "1",
+            )
+
+    def update(self, n: int = 1, **postfix) -> None:
+        if self.bar is not None:
+            if postfix:
+                self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def log(*args) -> None:
+    """print() on process 0 only."""
+    if jax.process_index() == 0:
+        print(*args, flush=True)

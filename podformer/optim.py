@@ -1,0 +1,50 @@
+"""AdamW with linear warmup and cosine decay, global-norm clipping, no weight decay on biases/norms."""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+NO_DECAY = ("bias", "scale")  # parameter names (last path element) that are never decayed
+
+
+def schedule(opt_cfg, total_steps: int) -> optax.Schedule:
+    decay_steps = opt_cfg.decay_steps or total_steps
+    warmup = min(opt_cfg.warmup_steps, decay_steps)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=opt_cfg.lr,
+        warmup_steps=warmup,
+        decay_steps=max(decay_steps, warmup + 1),
+        end_value=opt_cfg.lr * opt_cfg.min_lr_ratio,
+    )
+
+
+def _last_name(path) -> str:
+    for entry in reversed(path):
+        name = getattr(entry, "key", getattr(entry, "name", None))
+        if isinstance(name, str) and name != "value":
+            return name
+    return ""
+
+
+def decay_mask(params):
+    # By name, not by rank: with a scanned layer stack every bias is 2-D (layers, features).
+    return jax.tree_util.tree_map_with_path(lambda path, _: _last_name(path) not in NO_DECAY, params)
+
+
+def make_optimizer(opt_cfg, total_steps: int) -> optax.GradientTransformation:
+    parts = []
+    if opt_cfg.clip_norm > 0:
+        parts.append(optax.clip_by_global_norm(opt_cfg.clip_norm))
+    parts.append(
+        optax.adamw(
+            schedule(opt_cfg, total_steps),
+            b1=opt_cfg.b1,
+            b2=opt_cfg.b2,
+            eps=opt_cfg.eps,
+            weight_decay=opt_cfg.weight_decay,
+            mask=decay_mask,
+        )
+    )
+    return optax.chain(*parts)

@@ -1,0 +1,145 @@
+"""Train state, created sharded; the jitted train and eval steps."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from model import sharding
+from podformer.losses import Loss
+
+
+class TrainState(nnx.Module):
+    """The model and its optimizer; ``opt.step`` is the number of updates applied."""
+
+    def __init__(self, model: nnx.Module, tx: optax.GradientTransformation):
+        self.model = model
+        self.opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+
+def abstract_state(make_model: Callable[[nnx.Rngs], nnx.Module], tx, seed: int):
+    """(graphdef, abstract state) with no memory allocated."""
+    return nnx.split(nnx.eval_shape(lambda: TrainState(make_model(nnx.Rngs(seed)), tx)))
+
+
+def create_state(make_model, tx, mesh, rules, seed: int):
+    """The train state initialised directly into its shardings (never materialised replicated first).
+    Returns (graphdef, state, state_shardings)."""
+    graphdef, abstract = abstract_state(make_model, tx, seed)
+    shardings = sharding.state_shardings(abstract, mesh, rules)
+
+    @functools.partial(jax.jit, out_shardings=shardings)
+    def init():
+        return nnx.split(TrainState(make_model(nnx.Rngs(seed)), tx))[1]
+
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        state = init()
+    return graphdef, state, shardings
+
+
+def state_shardings(abstract, mesh, rules):
+    return sharding.state_shardings(abstract, mesh, rules)
+
+
+def named_param_shapes(abstract) -> dict[str, tuple]:
+    """Model parameter name -> shape, from a TrainState's (abstract) state."""
+    return {
+        ".".join(str(p) for p in path[1:]): v.shape
+        for path, v in nnx.to_flat_state(abstract)
+        if path[0] == "model" and isinstance(v, nnx.Param)
+    }
+
+
+def with_shardings(abstract, shardings):
+    """Abstract arrays (ShapeDtypeStruct) carrying their target shardings, for restore and AOT compile."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def _split_microbatches(batch: dict, accum: int, mesh, rules, global_batch: int) -> dict:
+    """(B, ...) -> (accum, B/accum, ...) by striding, so every micro-batch stays spread over all
+    data-parallel devices (contiguous chunks would put each micro-batch on a subset of them)."""
+
+    def split(x):
+        y = x.reshape((x.shape[0] // accum, accum) + x.shape[1:]).swapaxes(0, 1)
+        spec = sharding.batch_spec(rules, x.ndim, mesh, global_batch // accum)
+        return jax.lax.with_sharding_constraint(y, NamedSharding(mesh, jax.sharding.PartitionSpec(None, *spec)))
+
+    return {k: split(v) for k, v in batch.items()}
+
+
+def train_step(state, batch, *, graphdef, loss: Loss, accum: int, rng_key, mesh, rules, global_batch, schedule):
+    ts = nnx.merge(graphdef, state)
+    step = ts.opt.step[...]
+    rng = jax.random.fold_in(rng_key, step)  # dropout randomness depends only on (seed, step): exact resume
+    denom = loss.denominators(batch)
+    model_def, params, rest = nnx.split(ts.model, nnx.Param, ...)
+
+    def grad_of(mb, mb_rng):
+        def f(p):
+            return loss.fn(nnx.merge(model_def, p, rest), mb, mb_rng, denom)
+
+        (_, metrics), grads = jax.value_and_grad(f, has_aux=True)(params)
+        return grads, metrics
+
+    if accum == 1:
+        grads, metrics = grad_of(batch, rng)
+    else:
+        micro = _split_microbatches(batch, accum, mesh, rules, global_batch)
+
+        def body(carry, xs):
+            mb, i = xs
+            g, m = grad_of(mb, jax.random.fold_in(rng, i))
+            return jax.tree.map(jnp.add, carry, (g, m)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_of, jax.tree.map(lambda x: x[0], micro), rng))
+        (grads, metrics), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum)))
+
+    metrics = dict(metrics)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["learning_rate"] = schedule(step)
+    ts.opt.update(ts.model, grads)
+    return nnx.state(ts), metrics
+
+
+def eval_step(state, batch, *, graphdef, loss: Loss):
+    """Sums (not means) of each metric and its denominator, so batches aggregate exactly."""
+    ts = nnx.merge(graphdef, state)
+    denom = loss.denominators(batch)
+    ones = jax.tree.map(jnp.ones_like, denom)
+    _, metrics = loss.fn(ts.model, batch, None, ones)
+    return {"sums": metrics, "denominators": denom}
+
+
+def batch_shardings(example: dict, mesh, rules, global_batch: int) -> dict:
+    return {
+        k: NamedSharding(mesh, sharding.batch_spec(rules, len(v.shape), mesh, global_batch)) for k, v in example.items()
+    }
+
+
+def jit_train_step(graphdef, state_shardings, batch_shard, *, loss, accum, seed, mesh, rules, global_batch, schedule):
+    fn = functools.partial(
+        train_step,
+        graphdef=graphdef,
+        loss=loss,
+        accum=accum,
+        rng_key=jax.random.key(seed),
+        mesh=mesh,
+        rules=rules,
+        global_batch=global_batch,
+        schedule=schedule,
+    )
+    return jax.jit(
+        fn, in_shardings=(state_shardings, batch_shard), out_shardings=(state_shardings, None), donate_argnums=0
+    )
+
+
+def jit_eval_step(graphdef, state_shardings, batch_shard, *, loss):
+    return jax.jit(
+        functools.partial(eval_step, graphdef=graphdef, loss=loss), in_shardings=(state_shardings, batch_shard)
+    )

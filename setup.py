@@ -1,0 +1,36 @@
+"""podformer: pretrain and fine-tune BERT, GPT and T5 family transformers in JAX/Flax NNX."""
+
+from setuptools import setup
+
+setup(
+    name="podformer",
+    version="0.1.0",
+    description=__doc__,
+    python_requires=">=3.11",
+    packages=["podformer", "model", "data", "configs"],
+    py_modules=["train"],
+    install_requires=[
+        "jax>=0.10.2,<0.11",
+        "jaxlib>=0.10.2,<0.11",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12.8,<0.13",
+        "grain>=0.2.18,<0.3",
+        "tensorflow-datasets>=4.9.10,<5",
+        # tensorflow-datasets reads ArrayRecord without TensorFlow but forgets to declare these.
+        "array-record>=0.8.6,<0.9",
+        "importlib_resources>=6",
+        "sentencepiece>=0.2.3,<0.3",
+        "ml-collections>=1.1.0,<2",
+        "absl-py>=2",
+        "numpy>=2",
+        "tensorboardX>=2.6",
+        "tqdm>=4.66",
+        "etils[epath]>=1.10",
+    ],
+    extras_require={
+        # torch==2.13.0 is the CPU build on local disk here; any other version pulls a CUDA build.
+        "test": ["pytest>=8", "torch==2.13.0", "transformers>=5,<6", "safetensors>=0.4", "ruff>=0.6"],
+    },
+    entry_points={"console_scripts": ["podformer-train=train:run"]},
+)

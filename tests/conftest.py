@@ -1,0 +1,22 @@
+"""Test setup: 8 fake CPU devices (set before JAX is imported), a shared data cache, helpers."""
+
+import os
+import sys
+
+# Must happen before anything imports jax: tests that shard use 8 fake CPU devices.
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+os.environ["PODFORMER_NO_PROGRESS"] = "1"
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def podformer_cache(tmp_path_factory):
+    """One tokenizer/token cache for the whole session (subprocesses inherit it through the env).
+    A developer can point PODFORMER_CACHE at a persistent directory to skip rebuilding it."""
+    if not os.environ.get("PODFORMER_CACHE"):
+        os.environ["PODFORMER_CACHE"] = str(tmp_path_factory.mktemp("podformer-cache"))
+    return os.environ["PODFORMER_CACHE"]

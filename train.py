@@ -1,0 +1,217 @@
+"""Pretraining entry point: flags -> config -> mesh -> state -> data -> loop.
+
+python train.py                                         # configs/gpt.py:tiny on the embedded corpus, CPU
+python train.py --config=configs/gpt.py:gpt2_small --config.mesh.fsdp=8 --workdir=gs://bucket/run
+python train.py --workdir=runs/gpt_tiny                 # again: resumes from the latest checkpoint
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import jax
+import numpy as np
+from flax import nnx
+
+from data import pipeline
+from data.loader import Loader
+from podformer import checkpoint, distributed, generate, loop, optim, trainer
+from podformer import config as config_lib
+from podformer import flops as flops_lib
+from podformer import mesh as mesh_lib
+from podformer.errors import UserError
+from podformer.losses import LOSSES
+from podformer.metrics import MetricWriter, log
+
+DEFAULT_CONFIG = "configs/gpt.py:tiny"
+FLAGS = {"workdir": ""}
+
+
+def run(argv: list[str] | None = None) -> dict:
+    cfg, flags = config_lib.parse_args(sys.argv[1:] if argv is None else argv, DEFAULT_CONFIG, FLAGS)
+    distributed.initialize(cfg.distributed)
+    workdir = flags["workdir"] or os.path.join("runs", cfg.name)
+    checkpoint.check_workdir(workdir)
+
+    import model as models  # after distributed init: nothing may touch devices before it
+
+    if cfg.model.family not in models.FAMILIES:
+        raise UserError(f"model.family={cfg.model.family!r}; choose one of {', '.join(models.FAMILIES)}")
+    config_cls, module_cls = models.FAMILIES[cfg.model.family]
+    model_cfg = config_lib.family_config(cfg.model, config_cls)
+    t = cfg.train
+    if getattr(model_cfg, "position", "") == "learned" and t.seq_len > model_cfg.max_len:
+        raise UserError(
+            f"train.seq_len={t.seq_len} exceeds model.max_len={model_cfg.max_len}; lower one or raise the other"
+        )
+
+    mesh = mesh_lib.make_mesh(cfg.mesh)
+    mesh_lib.check_batch(mesh, t.batch_size, t.grad_accum)
+    rules = tuple(tuple(r) for r in cfg.mesh.rules)
+    log(
+        f"podformer: {cfg.config_spec} -> {workdir}; mesh {dict(mesh.shape)} over {jax.device_count()} "
+        f"{jax.devices()[0].platform} devices, {jax.process_count()} process(es)"
+    )
+
+    data = pipeline.build(cfg.data, vocab_size=model_cfg.vocab_size, seq_len=t.seq_len)
+    log(f"data: {data.description}; unigram entropy {data.unigram_entropy:.3f} nats/token")
+
+    def make_model(rngs):
+        return module_cls(model_cfg, rngs=rngs)
+
+    tx = optim.make_optimizer(cfg.opt, t.steps)
+    schedule = optim.schedule(cfg.opt, t.steps)
+    graphdef, abstract = trainer.abstract_state(make_model, tx, t.seed)
+    shardings = trainer.state_shardings(abstract, mesh, rules)
+    ckpt = checkpoint.Checkpointer(workdir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+    writer = MetricWriter(workdir)
+
+    # Resume order: the latest complete checkpoint in this workdir -> from scratch.
+    start_step, data_state = 0, None
+    latest = ckpt.latest_step()
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        if latest is not None:
+            meta = ckpt.restore_meta(latest)
+            if meta.get("tokenizer") != data.tokenizer.fingerprint:
+                raise UserError(
+                    f"{workdir}: the checkpoint was trained with tokenizer {meta.get('tokenizer')}, this run has "
+                    f"{data.tokenizer.fingerprint}; use the same data.tokenizer or a new --workdir"
+                )
+            state, data_state, meta = ckpt.restore(latest, trainer.with_shardings(abstract, shardings))
+            start_step = latest
+            writer.truncate_after(latest)
+            log(f"resumed from {ckpt.directory}/{latest}")
+        else:
+            _, state, _ = trainer.create_state(make_model, tx, mesh, rules, t.seed)
+
+    loader = Loader(
+        data.train_rows,
+        global_batch=t.batch_size,
+        mesh=mesh,
+        rules=rules,
+        seed=t.seed,
+        num_workers=cfg.data.num_workers,
+        prefetch=cfg.data.prefetch,
+    )
+    if data_state is not None:
+        loader.set_state(data_state)
+
+    loss = LOSSES[cfg.data.objective]
+    example = loader.host_batch(0)
+    batch_shard = trainer.batch_shardings(example, mesh, rules, t.batch_size)
+    abstract_batch = {
+        k: jax.ShapeDtypeStruct((t.batch_size,) + v.shape[1:], v.dtype, sharding=batch_shard[k])
+        for k, v in example.items()
+    }
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        step_fn = (
+            trainer.jit_train_step(
+                graphdef,
+                shardings,
+                batch_shard,
+                loss=loss,
+                accum=t.grad_accum,
+                seed=t.seed,
+                mesh=mesh,
+                rules=rules,
+                global_batch=t.batch_size,
+                schedule=schedule,
+            )
+            .lower(trainer.with_shardings(abstract, shardings), abstract_batch)
+            .compile()
+        )
+        eval_fn = trainer.jit_eval_step(graphdef, shardings, batch_shard, loss=loss)
+    mem = step_fn.memory_analysis()
+    if mem is not None:
+        log(
+            f"train step compiled: per device {mem.argument_size_in_bytes / 2**20:.1f} MiB arguments, "
+            f"{mem.temp_size_in_bytes / 2**20:.1f} MiB temporaries, {mem.output_size_in_bytes / 2**20:.1f} MiB outputs"
+        )
+
+    sizes = {k: int(np.prod(shape)) for k, shape in trainer.named_param_shapes(abstract).items()}
+    flops_per_token = flops_lib.per_token(model_cfg, sizes, t.seq_len)
+    peak, peak_source = flops_lib.peak_per_device(cfg.metrics.peak_tflops)
+    log(
+        f"model: {sum(sizes.values()):,} parameters, {flops_per_token / 1e6:.1f} MFLOPs/token; "
+        f"peak {peak / 1e12:.2f} TFLOP/s per device ({peak_source})"
+    )
+
+    val_loader = Loader(
+        data.validation_rows, global_batch=t.batch_size, mesh=mesh, rules=rules, shuffle=False, prefetch=1
+    )
+
+    def evaluate(state, step):
+        val_loader.set_state({"step": 0, "global_batch": t.batch_size})
+        sums, denoms = {}, {}
+        with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+            for _ in range(t.eval_steps):
+                out = jax.device_get(eval_fn(state, next(val_loader)))
+                for k, v in out["sums"].items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                for k, v in out["denominators"].items():
+                    denoms[k] = denoms.get(k, 0.0) + float(v)
+        n = max(next(iter(denoms.values())), 1.0)
+        result = {f"eval_{k}": v / n for k, v in sums.items()}
+        result["eval_perplexity"] = float(np.exp(min(result["eval_loss"], 50.0)))
+        writer.write(step, result)
+        log(f"step {step}: eval loss {result['eval_loss']:.4f} (perplexity {result['eval_perplexity']:.2f})")
+        return result
+
+    def save(step, state, final):
+        meta = {"step": step, "config": config_lib.to_dict(cfg), "tokenizer": data.tokenizer.fingerprint}
+        ckpt.save(step, state, loader.get_state(), meta, force=final)
+
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        state, step, last_eval = loop.run(
+            state,
+            step_fn=step_fn,
+            loader=loader,
+            start_step=start_step,
+            total_steps=t.steps,
+            log_every=t.log_every,
+            eval_every=t.eval_every,
+            evaluate=evaluate,
+            checkpoint_every=cfg.checkpoint.every,
+            save=save,
+            writer=writer,
+            tokens_per_step=t.batch_size * t.seq_len,
+            flops_per_token=flops_per_token,
+            peak_flops=peak,
+        )
+    ckpt.close()
+    loader.close()
+    writer.close()
+
+    result = {"step": step, "unigram_entropy": data.unigram_entropy, **last_eval}
+    if last_eval:
+        log(f"final eval loss {last_eval['eval_loss']:.4f} nats/token vs unigram entropy {data.unigram_entropy:.4f}")
+    if t.sample_prompt and hasattr(model_cfg, "max_len"):
+        prompt = data.tokenizer.encode(t.sample_prompt)
+        with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+            ids = generate.greedy(
+                graphdef,
+                state,
+                [data.tokenizer.bos_id] + prompt,
+                t.sample_tokens,
+                min(model_cfg.max_len, t.seq_len),
+                eos_id=data.tokenizer.eos_id,
+            )
+        sample = t.sample_prompt + data.tokenizer.decode(ids)
+        result["sample"] = sample
+        if jax.process_index() == 0:
+            (checkpoint.epath.Path(workdir) / "sample.txt").write_text(sample)
+        log(f"sample:\n{sample}")
+    return result
+
+
+def main() -> None:
+    try:
+        run()
+    except UserError as e:
+        print(f"podformer: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
