@@ -32,6 +32,7 @@ def run(argv: list[str] | None = None) -> dict:
     cfg, flags = config_lib.parse_args(sys.argv[1:] if argv is None else argv, DEFAULT_CONFIG, FLAGS)
     distributed.initialize(cfg.distributed)
     workdir = flags["workdir"] or os.path.join("runs", cfg.name)
+    workdir = workdir if "://" in workdir else os.path.abspath(workdir)  # Orbax needs absolute paths
     checkpoint.check_workdir(workdir)
 
     import model as models  # after distributed init: nothing may touch devices before it

@@ -101,7 +101,7 @@ def train_step(state, batch, *, graphdef, loss: Loss, accum: int, rng_key, mesh,
         (grads, metrics), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum)))
 
     metrics = dict(metrics)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["learning_rate"] = schedule(step)
     ts.opt.update(ts.model, grads)
     return nnx.state(ts), metrics
