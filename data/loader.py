@@ -66,6 +66,10 @@ class Loader:
             ds = ds.shuffle(seed=seed)
         if repeat:
             ds = ds.repeat()  # reseeds the shuffle every epoch
+        if hasattr(rows, "transform"):
+            # An objective's randomness (data/rows.py), from the row's index in the global stream --
+            # epoch included -- so masks change every epoch and are the same on every host and resume.
+            ds = ds.random_map(rows.transform, seed=seed)
         self.row_dataset = ds
         self.lo, self.hi = self._host_rows()
         self.batches = _HostRows(ds, global_batch, self.lo, self.hi).batch(

@@ -40,6 +40,10 @@ class Documents:
     def __len__(self) -> int:
         return len(self.source)
 
+    def __iter__(self):
+        for i in range(0, len(self), 256):
+            yield from self[i : i + 256]
+
     def _text(self, record, index: int) -> str:
         if self.text_field not in record:
             raise UserError(
