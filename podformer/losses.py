@@ -43,3 +43,8 @@ def _causal_lm(model, batch, rng, denom):
 causal_lm = Loss(_causal_lm, lambda batch: {"tokens": jnp.sum(batch["loss_weights"])})
 
 LOSSES = {"causal_lm": causal_lm}
+
+# Pretraining objectives beyond causal LM (MLM/NSP/SOP, seq2seq, distillation); imported last: they use Loss.
+from podformer.objective_losses import LOSSES as _OBJECTIVE_LOSSES  # noqa: E402
+
+LOSSES.update(_OBJECTIVE_LOSSES)
