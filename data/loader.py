@@ -100,6 +100,10 @@ class Loader:
         depth = max(2, self.prefetch)
         ds = self.batches[self.step :].to_iter_dataset(grain.ReadOptions(num_threads=depth, prefetch_buffer_size=depth))
         if self.num_workers > 0:
+            from absl import flags
+
+            if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; podformer parses none
+                flags.FLAGS.mark_as_parsed()
             ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.num_workers))
         self._iter = iter(ds)
         self._buffer.clear()

@@ -110,17 +110,27 @@ class PodformerLocalCorpus(tfds.core.GeneratorBasedBuilder):
         return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({"text": tfds.features.Text()}))
 
     def _split_generators(self, dl_manager):
-        return {"train": self._generate_examples("train"), "validation": self._generate_examples("validation")}
+        # TFDS cannot write an empty split: count first (one extra read of the files, no tokenizing).
+        counts = {"train": 0, "validation": 0}
+        for _, _, split in self._documents():
+            counts[split] += 1
+        if not counts["train"]:
+            raise UserError(f"data.files: the corpus is empty (no text in {', '.join(self.builder_config.files)})")
+        return {split: self._generate_examples(split) for split, n in counts.items() if n}
 
-    def _generate_examples(self, split: str):
+    def _documents(self):
         c = self.builder_config
         root = os.path.commonpath([os.path.dirname(f) for f in c.files])
         for path in c.files:
             for key, text in read_documents(path, text_field=c.text_field, doc_split=c.doc_split):
                 uid = f"{os.path.relpath(path, root)}#{key}"  # a split independent of where the corpus lives
                 bucket = int(hashlib.sha1(uid.encode()).hexdigest(), 16) % 100
-                if (bucket < c.validation_percent) == (split == "validation"):
-                    yield uid, {"text": text}
+                yield uid, text, "validation" if bucket < c.validation_percent else "train"
+
+    def _generate_examples(self, split: str):
+        for uid, text, s in self._documents():
+            if s == split:
+                yield uid, {"text": text}
 
 
 def prepare(config: LocalCorpusConfig, data_dir: str) -> PodformerLocalCorpus:

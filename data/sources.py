@@ -60,8 +60,9 @@ class Documents:
     def __getitem__(self, index):
         if isinstance(index, slice):
             indices = list(range(*index.indices(len(self))))
-            records = self.source.__getitems__(indices) if hasattr(self.source, "__getitems__") else None
-            if records is None:
+            try:  # one batched read where the source has it (ArrayRecord)
+                records = self.source.__getitems__(indices)
+            except (AttributeError, TypeError):  # tfds.testing.mock_data's sources lack it
                 records = [self.source[i] for i in indices]
             return [self._text(r, i) for r, i in zip(records, indices, strict=True)]
         return self._text(self.source[index], index)
@@ -165,7 +166,7 @@ class Files:
 
     def documents(self, split: str) -> Documents:
         builder = self.prepare()
-        if builder.info.splits[split].num_examples == 0:
+        if split not in builder.info.splits or builder.info.splits[split].num_examples == 0:
             raise UserError(f"{self.name}: the {split} split is empty; add documents or change data.validation_percent")
         return Documents(builder.as_data_source(split=split), "text", f"{self.name} ({builder.data_dir})")
 

@@ -46,7 +46,9 @@ def test_mlm_max_predictions_and_whole_words():
     # Words of 1-4 tokens: a word is selected whole or not at all.
     lengths = rng.integers(1, 5, 400)
     word_start = np.zeros(len(tokens), bool)
-    word_start[np.cumsum(np.concatenate([[0], lengths]))[np.cumsum(np.concatenate([[0], lengths])) < len(tokens)]] = True
+    word_start[np.cumsum(np.concatenate([[0], lengths]))[np.cumsum(np.concatenate([[0], lengths])) < len(tokens)]] = (
+        True
+    )
     word_id = np.cumsum(word_start)
     for _ in range(50):
         _, _, w = masking.mask_tokens(tokens, rng, mask_id=MASK, vocab_size=V, special=special, word_start=word_start)
