@@ -44,7 +44,5 @@ causal_lm = Loss(_causal_lm, lambda batch: {"tokens": jnp.sum(batch["loss_weight
 
 LOSSES = {"causal_lm": causal_lm}
 
-# Pretraining objectives beyond causal LM (MLM/NSP/SOP, seq2seq, distillation); imported last: they use Loss.
-from podformer.objective_losses import LOSSES as _OBJECTIVE_LOSSES  # noqa: E402
-
-LOSSES.update(_OBJECTIVE_LOSSES)
+# Pretraining objectives beyond causal LM (MLM/NSP/SOP, seq2seq, distillation) register themselves here.
+import podformer.objective_losses  # noqa: E402, F401

@@ -12,6 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from podformer.losses import LOSSES as _REGISTRY
 from podformer.losses import Loss, token_cross_entropy
 
 
@@ -148,3 +149,5 @@ LOSSES = {
     "bart": seq2seq,
     "distill": make_distillation(),
 }
+
+_REGISTRY.update(LOSSES)
