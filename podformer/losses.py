@@ -43,3 +43,6 @@ def _causal_lm(model, batch, rng, denom):
 causal_lm = Loss(_causal_lm, lambda batch: {"tokens": jnp.sum(batch["loss_weights"])})
 
 LOSSES = {"causal_lm": causal_lm}
+
+# Pretraining objectives beyond causal LM (MLM/NSP/SOP, seq2seq, distillation) register themselves here.
+import podformer.objective_losses  # noqa: E402, F401
