@@ -31,6 +31,9 @@ setup(
     extras_require={
         # torch==2.13.0 is the CPU build on local disk here; any other version pulls a CUDA build.
         "test": ["pytest>=8", "torch==2.13.0", "transformers>=5,<6", "safetensors>=0.4", "ruff>=0.6"],
+        # The TPU compiler, for train.py --compile_only=v5p:2x2x2 on machines without TPUs (and for TPUs);
+        # the version jax 0.10.2's own [tpu] extra pins.
+        "tpu": ["libtpu==0.0.42.*"],
     },
     entry_points={"console_scripts": ["podformer-train=train:run"]},
 )

@@ -74,6 +74,10 @@ def base(name: str, family: str, model) -> ml_collections.ConfigDict:
     # float32 matmul rate on other hardware (CPUs included).
     c.metrics.peak_tflops = 0.0
 
+    c.profile = ml_collections.ConfigDict()
+    # Train steps to trace with the JAX profiler into <workdir>/profile: '10-12', '5', '10-12,50-51'; '' = none.
+    c.profile.steps = ""
+
     c.distributed = ml_collections.ConfigDict()
     c.distributed.coordinator = ""  # host:port of process 0; '' = from the environment, if any
     c.distributed.num_processes = 0
