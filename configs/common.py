@@ -47,6 +47,9 @@ def base(name: str, family: str, model) -> ml_collections.ConfigDict:
     c.opt.eps = 1e-8
     c.opt.weight_decay = 0.1  # not applied to biases, norms or (1-D) scales
     c.opt.clip_norm = 1.0  # global gradient norm; 0 disables
+    # AdamW's first moment in bfloat16 ('bfloat16') halves its memory; '' keeps the parameters' float32.
+    # The second moment stays float32: its square-gradient scale needs the mantissa (optax's mu_dtype).
+    c.opt.mu_dtype = ""
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "embedded"  # the Python standard library's own sources

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from model import attention
 from podformer import mesh as mesh_lib
 from podformer import trainer
 from podformer.errors import UserError
@@ -163,7 +164,8 @@ def compile_train_step(spec: str, *, cfg, make_model, tx, schedule, loss, exampl
         global_batch=t.batch_size,
         schedule=schedule,
     )
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    # Pallas attention kernels are traced for the TPU, not refused for this host's CPU.
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules), attention.pallas_mode(target="tpu"):
         compiled = step_fn.lower(trainer.with_shardings(abstract, shardings), abstract_batch).compile()
     return memory_report(compiled, gen, spec, len(devices))
 
