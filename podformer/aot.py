@@ -59,7 +59,7 @@ def _slice_dims(chips: int, dims: int) -> tuple[int, ...]:
         smallest = min(shape)
         i = max(j for j, s in enumerate(shape) if s == smallest)  # grow the last of the smallest axes
         shape[i] *= 2
-    return tuple(sorted(shape))
+    return tuple(sorted(shape, key=lambda d: (d == 1, d)))  # 2x2x1, as Cloud TPU spells it
 
 
 def parse_topology(spec: str) -> tuple[Generation, str]:
