@@ -82,7 +82,7 @@ def matmul_ceiling(tries: int = 3) -> float:
 class Bench:
     """One shape: the compiled train step, its state, a synthetic batch on device and a loader."""
 
-    def __init__(self, shape: Shape, extra: list[str]):
+    def __init__(self, shape: Shape, extra: list[str], with_pipeline: bool = True):
         self.shape = shape
         name, _, _ = shape.config.partition(":")
         family = os.path.basename(name).removesuffix(".py")
@@ -110,17 +110,26 @@ class Bench:
         from data import pipeline
         from data.loader import Loader
 
-        self.data = pipeline.build(cfg.data, vocab_size=self.model_cfg.vocab_size, seq_len=t.seq_len)
-        self.loader = Loader(
-            self.data.train_rows,
-            global_batch=t.batch_size,
-            mesh=self.mesh,
-            rules=self.rules,
-            seed=0,
-            num_workers=cfg.data.num_workers,
-            prefetch=cfg.data.prefetch,
-        )
-        example = synthetic(self.loader.host_batch(0), self.model_cfg.vocab_size)
+        self.loader = None
+        if with_pipeline:
+            self.data = pipeline.build(cfg.data, vocab_size=self.model_cfg.vocab_size, seq_len=t.seq_len)
+            self.loader = Loader(
+                self.data.train_rows,
+                global_batch=t.batch_size,
+                mesh=self.mesh,
+                rules=self.rules,
+                seed=0,
+                num_workers=cfg.data.num_workers,
+                prefetch=cfg.data.prefetch,
+            )
+            layout = self.loader.host_batch(0)
+        elif cfg.data.objective == "causal_lm":
+            ones = np.ones((t.batch_size, t.seq_len), np.int32)
+            positions = np.broadcast_to(np.arange(t.seq_len, dtype=np.int32), ones.shape).copy()
+            layout = dict(inputs=ones, targets=ones, segment_ids=ones, positions=positions, loss_weights=ones * 1.0)
+        else:
+            raise Skip(f"synthetic batches without the pipeline exist for causal_lm only, not {cfg.data.objective}")
+        example = synthetic(layout, self.model_cfg.vocab_size)
         t0 = time.perf_counter()
         graphdef, self.state, shardings = trainer.create_state(make, tx, self.mesh, self.rules, t.seed)
         bshard = trainer.batch_shardings(example, self.mesh, self.rules, t.batch_size)

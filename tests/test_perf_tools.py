@@ -94,3 +94,17 @@ def test_benchmark_suite_writes_json(tmp_path):
         assert r[key] > 0, key
     assert r["memory_per_device"]["peak_mib"] > 0 and r["matmul_ceiling_flops"] > 0
     json.dumps(r)
+
+
+def test_gpu_h200_script_is_a_1p3b_decoder_and_refuses_cpu():
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/gpu_h200.py"], cwd=REPO, env=env(), capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2 and "no GPU here" in proc.stderr
+    from model.gpt import GPT, GPTConfig
+    from podformer import trainer
+
+    cfg = GPTConfig(vocab_size=50304, max_len=2048, d_model=2048, num_layers=24, num_heads=16, d_ff=8192)
+    _, abstract = trainer.abstract_state(lambda r: GPT(cfg, rngs=r), __import__("optax").sgd(0.1), 0)
+    n = sum(int(jnp.prod(jnp.array(s))) for s in trainer.named_param_shapes(abstract).values())
+    assert 1.3e9 <= n <= 1.5e9, n
