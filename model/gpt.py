@@ -171,7 +171,10 @@ class GPT(nnx.Module):
             logits_BLV = jnp.einsum("BLD,DV->BLV", x_BLD, self.lm_head[...].astype(dtype))
         return sharding.constrain(logits_BLV.astype(jnp.float32), ("batch", "length", "vocab"))
 
-    def output_embedding(self) -> Array:
-        """The (V, D) output projection in the compute dtype: the token embedding when tied."""
+    def output_projection(self) -> tuple[Array, Array | None]:
+        """The LM head as (w_VD, bias_V or None), compute dtype: logits = hidden @ w_VD^T + bias_V. Every
+        step between the final norm and the logits must be in here: the fused loss uses only this."""
+        dtype = layers.DTYPES[self.cfg.dtype]
         w_VD = self.embed[...] if self.cfg.tie_embeddings else self.lm_head[...].T
-        return w_VD.astype(layers.DTYPES[self.cfg.dtype])
+        bias = getattr(self, "lm_head_bias", None)  # GPT-J's head has one
+        return w_VD.astype(dtype), None if bias is None else bias[...].astype(dtype)

@@ -38,9 +38,11 @@ def num_chunks(batch: int, length: int, vocab: int, budget: int = CHUNK_BYTES) -
     return length
 
 
-def _chunk_stats(x_BcD, w_VD, t_Bc, wt_Bc):
-    """Per chunk: float32 logits, their row max, exp(logits - max), sum, the target logit."""
+def _chunk_stats(x_BcD, w_VD, b_V, t_Bc):
+    """Per chunk: exp(logits - row max), its sum, the token cross-entropies, correct predictions."""
     logits = jnp.einsum("BcD,VD->BcV", x_BcD, w_VD, preferred_element_type=jnp.float32)
+    if b_V is not None:
+        logits = logits + b_V.astype(jnp.float32)
     row_max = jnp.max(logits, axis=-1)
     e = jnp.exp(logits - row_max[..., None])
     s = jnp.sum(e, axis=-1)
@@ -61,11 +63,11 @@ def _merge(a):
     return jnp.swapaxes(a, 0, 1).reshape((a.shape[1], -1) + a.shape[3:])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _fused(x_BLD, w_VD, targets_BL, weights_BL, chunks):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _fused(x_BLD, w_VD, b_V, targets_BL, weights_BL, chunks):
     def body(_, xs):
-        x, t, wt = xs
-        _, _, ce, correct = _chunk_stats(x, w_VD, t, wt)
+        x, t, _ = xs
+        _, _, ce, correct = _chunk_stats(x, w_VD, b_V, t)
         return None, (ce, correct)
 
     xs = (_split(x_BLD, chunks), _split(targets_BL, chunks), _split(weights_BL, chunks))
@@ -74,12 +76,13 @@ def _fused(x_BLD, w_VD, targets_BL, weights_BL, chunks):
     return jnp.sum(ce * weights_BL), jnp.sum(correct * weights_BL)
 
 
-def _fused_fwd(x_BLD, w_VD, targets_BL, weights_BL, chunks):
+def _fused_fwd(x_BLD, w_VD, b_V, targets_BL, weights_BL, chunks):
     V = w_VD.shape[0]
 
-    def body(dw_DV, xs):
+    def body(carry, xs):
+        dw_DV, db_V = carry
         x, t, wt = xs
-        e, s, ce, correct = _chunk_stats(x, w_VD, t, wt)
+        e, s, ce, correct = _chunk_stats(x, w_VD, b_V, t)
         # d(sum_i wt_i * ce_i) / d logits = wt * (softmax - one_hot(target)).
         g = e * (wt / s)[..., None] - jax.nn.one_hot(t, V, dtype=jnp.float32) * wt[..., None]
         g = g.astype(x.dtype)  # bf16 compute: the two gradient matmuls take bf16 inputs, accumulate f32
@@ -87,36 +90,48 @@ def _fused_fwd(x_BLD, w_VD, targets_BL, weights_BL, chunks):
         # (D, V), not (V, D): both operands then contract over their leading (token) axes in the layout
         # they already have; the (V, D) form makes XLA:CPU transpose the vocabulary-sized g first.
         dw_DV = dw_DV + jnp.einsum("BcD,BcV->DV", x, g, preferred_element_type=jnp.float32)
-        return dw_DV, (ce, correct, dx)
+        db_V = None if db_V is None else db_V + jnp.sum(g.astype(jnp.float32), axis=(0, 1))
+        return (dw_DV, db_V), (ce, correct, dx)
 
     xs = (_split(x_BLD, chunks), _split(targets_BL, chunks), _split(weights_BL, chunks))
-    dw_DV, (ce, correct, dx) = jax.lax.scan(body, jnp.zeros(w_VD.shape[::-1], jnp.float32), xs)
+    init = (jnp.zeros(w_VD.shape[::-1], jnp.float32), None if b_V is None else jnp.zeros(b_V.shape, jnp.float32))
+    (dw_DV, db_V), (ce, correct, dx) = jax.lax.scan(body, init, xs)
     ce, correct = _merge(ce), _merge(correct)
     out = (jnp.sum(ce * weights_BL), jnp.sum(correct * weights_BL))
-    return out, (_merge(dx), dw_DV.T.astype(w_VD.dtype), ce, correct, targets_BL)
+    db_V = None if db_V is None else db_V.astype(b_V.dtype)
+    return out, (_merge(dx), dw_DV.T.astype(w_VD.dtype), db_V, ce, correct, targets_BL)
 
 
 def _fused_bwd(chunks, res, cotangents):
-    dx, dw, ce, correct, targets = res
+    dx, dw, db, ce, correct, targets = res
     g_ce, g_correct = cotangents
-    # The accuracy is piecewise constant in x and w: it only has a gradient through the weights.
+    # The accuracy is piecewise constant in x, w and b: it only has a gradient through the weights.
     d_weights = g_ce * ce + g_correct * correct
     zero_targets = jnp.zeros(targets.shape, jax.dtypes.float0)
-    return (dx * g_ce.astype(dx.dtype), dw * g_ce.astype(dw.dtype), zero_targets, d_weights.astype(jnp.float32))
+    db = None if db is None else db * g_ce.astype(db.dtype)
+    return (dx * g_ce.astype(dx.dtype), dw * g_ce.astype(dw.dtype), db, zero_targets, d_weights.astype(jnp.float32))
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
 def cross_entropy(
-    x_BLD: Array, w_VD: Array, targets_BL: Array, weights_BL: Array, *, chunks: int | None = None
+    x_BLD: Array,
+    w_VD: Array,
+    targets_BL: Array,
+    weights_BL: Array,
+    *,
+    bias_V: Array | None = None,
+    chunks: int | None = None,
 ) -> tuple[Array, Array]:
     """(sum of weighted token cross-entropies, sum of weighted correct predictions) for the logits
-    ``x_BLD @ w_VD^T``, in float32, without materialising them. A prediction is correct when the
-    target's logit is the row maximum."""
+    ``x_BLD @ w_VD^T (+ bias_V)``, in float32, without materialising them. A prediction is correct
+    when the target's logit is the row maximum."""
     B, L, _ = x_BLD.shape
     if chunks is None:
         chunks = num_chunks(B, L, w_VD.shape[0])
     if L % chunks:
         raise ValueError(f"chunks={chunks} does not divide the sequence length {L}")
-    return _fused(x_BLD, w_VD.astype(x_BLD.dtype), targets_BL, weights_BL.astype(jnp.float32), chunks)
+    w_VD = w_VD.astype(x_BLD.dtype)
+    bias_V = None if bias_V is None else bias_V.astype(x_BLD.dtype)
+    return _fused(x_BLD, w_VD, bias_V, targets_BL, weights_BL.astype(jnp.float32), chunks)

@@ -37,10 +37,11 @@ def token_cross_entropy(logits_BLV, targets_BL, weights_BL):
 
 def _causal_lm(model, batch, rng, denom):
     kw = dict(segment_ids=batch["segment_ids"], positions=batch["positions"], rng=rng)
-    if hasattr(model, "output_embedding"):
+    if hasattr(model, "output_projection"):
         # The output projection fused with the loss: the (B, L, V) logits are never materialised.
         x_BLD = model(batch["inputs"], return_hidden=True, **kw)
-        ce, correct = lm_head.cross_entropy(x_BLD, model.output_embedding(), batch["targets"], batch["loss_weights"])
+        w_VD, bias_V = model.output_projection()
+        ce, correct = lm_head.cross_entropy(x_BLD, w_VD, batch["targets"], batch["loss_weights"], bias_V=bias_V)
     else:
         logits = model(batch["inputs"], **kw)
         ce, correct = token_cross_entropy(logits, batch["targets"], batch["loss_weights"])

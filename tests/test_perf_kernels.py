@@ -130,22 +130,23 @@ def test_unsupported_implementations_are_refused_in_one_line(impl, kwargs, messa
 
 @pytest.mark.parametrize("chunks", [1, 4])
 def test_fused_lm_head_loss_matches_logits_path(chunks):
-    k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
+    k1, k2, k3, k4 = jax.random.split(jax.random.key(1), 4)
     x = jax.random.normal(k1, (2, 8, 16))
     w = jax.random.normal(k2, (50, 16))
+    b = jax.random.normal(k4, (50,))  # GPT-J-style head bias
     t = jax.random.randint(k3, (2, 8), 0, 50)
     wt = jnp.asarray(np.random.default_rng(0).random((2, 8)) > 0.3, jnp.float32)
 
-    def fused(x, w, wt):
-        return lm_head.cross_entropy(x, w, t, wt, chunks=chunks)
+    def fused(x, w, b, wt):
+        return lm_head.cross_entropy(x, w, t, wt, bias_V=b, chunks=chunks)
 
-    def plain(x, w, wt):
-        return token_cross_entropy(jnp.einsum("BLD,VD->BLV", x, w), t, wt)
+    def plain(x, w, b, wt):
+        return token_cross_entropy(jnp.einsum("BLD,VD->BLV", x, w) + b, t, wt)
 
-    for a, b in zip(fused(x, w, wt), plain(x, w, wt), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-6)
-    g_fused = jax.grad(lambda *a: fused(*a)[0], argnums=(0, 1, 2))(x, w, wt)
-    g_plain = jax.grad(lambda *a: plain(*a)[0], argnums=(0, 1, 2))(x, w, wt)
+    for a, b_ in zip(fused(x, w, b, wt), plain(x, w, b, wt), strict=True):
+        np.testing.assert_allclose(a, b_, rtol=1e-6)
+    g_fused = jax.grad(lambda *a: fused(*a)[0], argnums=(0, 1, 2, 3))(x, w, b, wt)
+    g_plain = jax.grad(lambda *a: plain(*a)[0], argnums=(0, 1, 2, 3))(x, w, b, wt)
     for a, b in zip(g_fused, g_plain, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
