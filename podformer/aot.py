@@ -99,8 +99,10 @@ def topology_devices(spec: str) -> tuple[Generation, list]:
     # libtpu reads this host's TPU identity from the environment (else from a GCE metadata server) when
     # it loads. Without TPUs: say "one host, no metadata server", so it neither waits nor warns. The
     # compiled topology comes from `name` alone.
+    # It also takes a host-wide lock that any other process with libtpu installed may already hold (JAX
+    # probes for TPUs at start-up); compiling touches no TPU, so sharing the library is safe.
     env = {"TPU_ACCELERATOR_TYPE": gen.host_type, "TPU_WORKER_ID": "0", "TPU_WORKER_HOSTNAMES": "localhost"}
-    for key, value in {**env, "TPU_SKIP_MDS_QUERY": "1"}.items():
+    for key, value in {**env, "TPU_SKIP_MDS_QUERY": "1", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}.items():
         os.environ.setdefault(key, value)
     kwargs = {"chip_config_name": gen.chip_config} if gen.chip_config else {}
     try:
