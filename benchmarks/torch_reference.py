@@ -4,12 +4,18 @@ Not part of podformer. Same architecture and shapes as podformer's GPT (pre-Laye
 positions, tanh GELU, tied embeddings, AdamW), float32, synthetic tokens.
 
     python benchmarks/torch_reference.py --steps 10
+    python benchmarks/torch_reference.py --serve     # for benchmarks/throughput.py: rounds on request
+
+``--serve`` builds the model once, then reads a step count per line on stdin and answers each with a
+JSON line of step times, so the benchmark can interleave PyTorch and podformer rounds under the same
+machine load (the other process waits on a blocking read meanwhile and uses no CPU).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import torch
@@ -40,6 +46,9 @@ class GPT(nn.Module):
         self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(seq, d)
         self.blocks = nn.ModuleList(Block(d, heads, ff) for _ in range(layers))
         self.ln_f = nn.LayerNorm(d, eps=1e-5)
+        for m in self.modules():  # GPT-2's initialisation, as podformer's (the speed does not depend on it)
+            if isinstance(m, nn.Linear | nn.Embedding):
+                nn.init.normal_(m.weight, std=0.02)
 
     def forward(self, ids):
         x = self.wte(ids) + self.wpe(torch.arange(ids.shape[1]))
@@ -48,24 +57,44 @@ class GPT(nn.Module):
         return self.ln_f(x) @ self.wte.weight.T
 
 
-def run(vocab=32000, seq=256, d=256, layers=4, heads=4, ff=1024, batch=8, steps=10, warmup=2, threads=0) -> dict:
-    if threads:
-        torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    model = GPT(vocab, seq, d, layers, heads, ff)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    ids = torch.randint(0, vocab, (batch, seq + 1))
-    times = []
-    for i in range(warmup + steps):
-        t = time.perf_counter()
-        logits = model(ids[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, vocab), ids[:, 1:].reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if i >= warmup:
+class Trainer:
+    def __init__(self, vocab=32000, seq=256, d=256, layers=4, heads=4, ff=1024, batch=8, threads=0):
+        if threads:
+            torch.set_num_threads(threads)
+        torch.manual_seed(0)
+        self.vocab = vocab
+        self.model = GPT(vocab, seq, d, layers, heads, ff)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.ids = torch.randint(0, vocab, (batch, seq + 1))
+        self.loss = float("nan")
+
+    def steps(self, n: int) -> list[float]:
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            logits = self.model(self.ids[:, :-1])
+            loss = F.cross_entropy(logits.reshape(-1, self.vocab), self.ids[:, 1:].reshape(-1))
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
             times.append(time.perf_counter() - t)
-    times.sort()
+        self.loss = float(loss.detach())
+        return times
+
+
+def serve() -> None:
+    trainer = Trainer()
+    trainer.steps(2)  # warm-up: allocator and thread pool
+    print(json.dumps({"ready": True, "torch": torch.__version__, "threads": torch.get_num_threads()}), flush=True)
+    for line in sys.stdin:
+        times = trainer.steps(int(line))
+        print(json.dumps({"times": times, "loss": trainer.loss}), flush=True)
+
+
+def run(vocab=32000, seq=256, d=256, layers=4, heads=4, ff=1024, batch=8, steps=10, warmup=2, threads=0) -> dict:
+    trainer = Trainer(vocab, seq, d, layers, heads, ff, batch, threads)
+    trainer.steps(warmup)
+    times = sorted(trainer.steps(steps))
     step = times[len(times) // 2]
     return {
         "impl": "pytorch-eager",
@@ -73,12 +102,16 @@ def run(vocab=32000, seq=256, d=256, layers=4, heads=4, ff=1024, batch=8, steps=
         "threads": torch.get_num_threads(),
         "step_time_s": step,
         "tokens_per_sec": batch * seq / step,
-        "loss": float(loss),
+        "loss": trainer.loss,
     }
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--serve", action="store_true", help="answer step counts on stdin with JSON step times")
     args = p.parse_args()
-    print(json.dumps(run(steps=args.steps)))
+    if args.serve:
+        serve()
+    else:
+        print(json.dumps(run(steps=args.steps)))

@@ -47,6 +47,9 @@ def base(name: str, family: str, model) -> ml_collections.ConfigDict:
     c.opt.eps = 1e-8
     c.opt.weight_decay = 0.1  # not applied to biases, norms or (1-D) scales
     c.opt.clip_norm = 1.0  # global gradient norm; 0 disables
+    # AdamW's first moment in bfloat16 ('bfloat16') halves its memory; '' keeps the parameters' float32.
+    # The second moment stays float32: its square-gradient scale needs the mantissa (optax's mu_dtype).
+    c.opt.mu_dtype = ""
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "embedded"  # the Python standard library's own sources
@@ -90,6 +93,10 @@ def base(name: str, family: str, model) -> ml_collections.ConfigDict:
     # Peak FLOP/s per device for MFU; 0: the known figure for TPUs and H100/H200 (bf16), or a measured
     # float32 matmul rate on other hardware (CPUs included).
     c.metrics.peak_tflops = 0.0
+
+    c.profile = ml_collections.ConfigDict()
+    # Train steps to trace with the JAX profiler into <workdir>/profile: '10-12', '5', '10-12,50-51'; '' = none.
+    c.profile.steps = ""
 
     # Multi-process runs (README "From a CPU to a TPU pod"): on Cloud TPU VMs and in SLURM steps leave these
     # unset and JAX finds everything; elsewhere give all three (or PODFORMER_COORDINATOR/_NUM_PROCESSES/

@@ -7,8 +7,12 @@ relative positions, ALiBi) are (B or 1, H, L, S) float arrays.
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
+
+from podformer.errors import UserError
 
 Array = jax.Array
 
@@ -67,10 +71,113 @@ def _attention_jax(implementation):
     return fn
 
 
+def _refuse(impl: str, why: str):
+    raise UserError(f"model.attention_impl={impl!r} {why}")
+
+
+# Where the Pallas TPU kernels may run: on TPUs, in the TPU compiler's AOT mode (podformer/aot.py), or
+# emulated by Pallas' interpreter (tests on CPU; exact but far too slow to train with).
+_pallas = {"interpret": False, "target": None}
+
+
+@contextlib.contextmanager
+def pallas_mode(*, interpret: bool = False, target: str | None = None):
+    """``interpret=True``: run the TPU kernels in Pallas' interpreter; ``target='tpu'``: trace them for
+    a TPU (ahead-of-time compilation on a host without one)."""
+    saved = dict(_pallas)
+    _pallas.update(interpret=interpret, target=target)
+    try:
+        if interpret:  # must cover the lowering too (jit lowers after tracing): the whole block
+            from jax.experimental.pallas import tpu as pltpu
+
+            with pltpu.force_tpu_interpret_mode():
+                yield
+        else:
+            yield
+    finally:
+        _pallas.update(saved)
+
+
+def _pallas_checks(impl, q, k, dropout_rate, rng):
+    platform = _pallas["target"] or jax.devices()[0].platform
+    if platform != "tpu" and not _pallas["interpret"]:
+        _refuse(impl, f"is a Pallas TPU kernel and this run is on {platform}: use 'xla' (or 'cudnn' on GPUs)")
+    if q.shape[1] % 128 or k.shape[1] % 128:
+        _refuse(impl, f"tiles sequences in multiples of 128 (got {q.shape[1]} and {k.shape[1]}): use 'xla'")
+    if dropout_rate > 0.0 and rng is not None:
+        _refuse(impl, "has no attention dropout: set model.attention_dropout=0 or use 'xla'")
+
+
+def _heads_first(q, k, v):
+    """(B, L, H, K) -> (B, H, L, K), with grouped key/value heads repeated up to H (the kernels below
+    take equal head counts)."""
+    H, G = q.shape[2], k.shape[2]
+    k, v = (jnp.repeat(t, H // G, axis=2) if G != H else t for t in (k, v))
+    return (jnp.swapaxes(t, 1, 2) for t in (q, k, v))
+
+
+def _block(n: int, preferred: int) -> int:
+    return preferred if n % preferred == 0 else 128  # n is a multiple of 128 (checked)
+
+
+def _attention_flash(q, k, v, mask, bias, scale, dropout_rate, rng):
+    """Pallas TPU flash attention (jax.experimental.pallas.ops.tpu.flash_attention). Every mask and
+    bias is exact: the boolean mask and any additive bias (T5 relative, ALiBi) go in as one additive
+    (B, H, L, S) bias the kernel streams block by block. That costs O(L*S) memory traffic; the softmax
+    itself is never materialised."""
+    from jax.experimental.pallas.ops.tpu import flash_attention as fa
+
+    _pallas_checks("flash", q, k, dropout_rate, rng)
+    B, L, H, _ = q.shape
+    S = k.shape[1]
+    ab = None
+    if mask is not None or bias is not None:
+        ab = jnp.zeros((1, 1, 1, 1), jnp.float32)
+        if bias is not None:
+            ab = ab + bias.astype(jnp.float32)
+        if mask is not None:  # the kernel's own mask value: finite, so no inf - inf in the backward pass
+            ab = jnp.where(mask, ab, fa.DEFAULT_MASK_VALUE)
+        ab = jnp.broadcast_to(ab, (B, H, L, S))
+    bq, bk = _block(L, 128), _block(S, 128)
+    sizes = fa.BlockSizes(
+        block_q=bq,
+        block_k_major=bk,
+        block_k=bk,
+        block_b=1,
+        block_q_major_dkv=bq,
+        block_k_major_dkv=bk,
+        block_k_dkv=bk,
+        block_q_dkv=bq,
+        block_k_major_dq=bk,
+        block_k_dq=bk,
+        block_q_dq=bq,
+    )
+    qh, kh, vh = _heads_first(q * jnp.asarray(scale, q.dtype), k, v)
+    # The kernel scales (q k^T + ab); the bias must not be scaled, so q is scaled beforehand.
+    out = fa.flash_attention(qh, kh, vh, ab=ab, sm_scale=1.0, block_sizes=sizes)
+    return jnp.swapaxes(out, 1, 2)
+
+
+def _attention_cudnn(q, k, v, mask, bias, scale, dropout_rate, rng):
+    """cuDNN fused attention (jax.nn.dot_product_attention(implementation='cudnn')): NVIDIA GPUs,
+    bfloat16/float16. The boolean mask and bias are folded into one additive bias by JAX."""
+    platform = jax.devices()[0].platform
+    if platform != "gpu":
+        _refuse("cudnn", f"needs an NVIDIA GPU (cuDNN fused attention) and this run is on {platform}: use 'xla'")
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        _refuse("cudnn", f"needs bfloat16 or float16 compute, not {q.dtype}: set model.dtype=bfloat16")
+    if dropout_rate > 0.0 and rng is not None:
+        _refuse("cudnn", "has no attention dropout here: set model.attention_dropout=0 or use 'xla'")
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation="cudnn")
+
+
 # One switch for the attention kernel; every call in podformer goes through `attention` below.
 ATTENTION_IMPLS = {
     "xla": _attention_jax("xla"),
-    "cudnn": _attention_jax("cudnn"),
+    "cudnn": _attention_cudnn,
+    # Splash attention is not here: its masks are static or per-head, so packed batches need segment
+    # ids, and attention() receives dense (B, 1, L, S) masks; its dynamic-mask mode does not trace under jit.
+    "flash": _attention_flash,
     "reference": _attention_reference,
 }
 

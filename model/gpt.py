@@ -139,10 +139,12 @@ class GPT(nnx.Module):
         positions: Array | None = None,
         inputs_embeds: Array | None = None,
         rng: Array | None = None,
+        return_hidden: bool = False,
     ) -> Array:
         """Logits (B, L, V) in float32. ``attention_mask`` is the Hugging Face padding mask (1 = token);
         ``segment_ids``/``positions`` describe packed rows (segment 0 = padding); ``inputs_embeds``
-        replaces the token-embedding lookup (B, L, D)."""
+        replaces the token-embedding lookup (B, L, D). ``return_hidden``: the final-normed hidden states
+        instead, for losses fused with the output projection (model/lm_head.py)."""
         cfg = self.cfg
         dtype = layers.DTYPES[cfg.dtype]
         B, L = input_ids.shape
@@ -161,8 +163,18 @@ class GPT(nnx.Module):
         mask = layers.make_attention_mask(segment_ids, segment_ids, causal=True)
         x_BLD = self.blocks(x_BLD, mask_B1LS=mask, positions_BL=positions, rng=rng_blocks)
         x_BLD = self.final_norm(x_BLD)
+        if return_hidden:
+            return x_BLD
         if cfg.tie_embeddings:
             logits_BLV = layers.unembed(x_BLD, self.embed[...].astype(dtype))
         else:
             logits_BLV = jnp.einsum("BLD,DV->BLV", x_BLD, self.lm_head[...].astype(dtype))
         return sharding.constrain(logits_BLV.astype(jnp.float32), ("batch", "length", "vocab"))
+
+    def output_projection(self) -> tuple[Array, Array | None]:
+        """The LM head as (w_VD, bias_V or None), compute dtype: logits = hidden @ w_VD^T + bias_V. Every
+        step between the final norm and the logits must be in here: the fused loss uses only this."""
+        dtype = layers.DTYPES[self.cfg.dtype]
+        w_VD = self.embed[...] if self.cfg.tie_embeddings else self.lm_head[...].T
+        bias = getattr(self, "lm_head_bias", None)  # GPT-J's head has one
+        return w_VD.astype(dtype), None if bias is None else bias[...].astype(dtype)

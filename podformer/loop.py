@@ -29,6 +29,7 @@ def run(
     flops_per_token: float,
     peak_flops: float,
     should_stop: Callable[[int], bool] = lambda step: False,
+    profiler=None,
 ):
     """Run steps ``start_step+1 .. total_steps``. Returns (state, last step, last eval metrics).
 
@@ -65,7 +66,11 @@ def run(
     try:
         for step in range(start_step + 1, total_steps + 1):
             batch = next(loader)
+            if profiler is not None:
+                profiler.before_step(step)
             state, metrics = step_fn(state, batch)
+            if profiler is not None:
+                profiler.after_step(step, metrics)
             pending.append((step, metrics))
             steps_in_window += 1
             flush()
@@ -84,4 +89,6 @@ def run(
             last_eval = evaluate(state, step)
     finally:
         progress.close()
+        if profiler is not None:
+            profiler.close()
     return state, step, last_eval

@@ -9,6 +9,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from model import lm_head
+
 
 @dataclasses.dataclass(frozen=True)
 class Loss:
@@ -34,8 +36,15 @@ def token_cross_entropy(logits_BLV, targets_BL, weights_BL):
 
 
 def _causal_lm(model, batch, rng, denom):
-    logits = model(batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"], rng=rng)
-    ce, correct = token_cross_entropy(logits, batch["targets"], batch["loss_weights"])
+    kw = dict(segment_ids=batch["segment_ids"], positions=batch["positions"], rng=rng)
+    if hasattr(model, "output_projection"):
+        # The output projection fused with the loss: the (B, L, V) logits are never materialised.
+        x_BLD = model(batch["inputs"], return_hidden=True, **kw)
+        w_VD, bias_V = model.output_projection()
+        ce, correct = lm_head.cross_entropy(x_BLD, w_VD, batch["targets"], batch["loss_weights"], bias_V=bias_V)
+    else:
+        logits = model(batch["inputs"], **kw)
+        ce, correct = token_cross_entropy(logits, batch["targets"], batch["loss_weights"])
     n = jnp.maximum(denom["tokens"], 1.0)
     return ce / n, {"loss": ce / n, "accuracy": correct / n}
 

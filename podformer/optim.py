@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
+from podformer.errors import UserError
+
 NO_DECAY = ("bias", "scale")  # parameter names (last path element) that are never decayed
+MOMENT_DTYPES = {"": None, "float32": jnp.float32, "bfloat16": jnp.bfloat16}  # opt.mu_dtype
 
 
 def schedule(opt_cfg, total_steps: int) -> optax.Schedule:
@@ -34,6 +38,8 @@ def decay_mask(params):
 
 
 def make_optimizer(opt_cfg, total_steps: int) -> optax.GradientTransformation:
+    if opt_cfg.get("mu_dtype", "") not in MOMENT_DTYPES:
+        raise UserError(f"opt.mu_dtype={opt_cfg.mu_dtype!r}; choose one of {', '.join(repr(k) for k in MOMENT_DTYPES)}")
     parts = []
     if opt_cfg.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(opt_cfg.clip_norm))
@@ -45,6 +51,7 @@ def make_optimizer(opt_cfg, total_steps: int) -> optax.GradientTransformation:
             eps=opt_cfg.eps,
             weight_decay=opt_cfg.weight_decay,
             mask=decay_mask,
+            mu_dtype=MOMENT_DTYPES[opt_cfg.get("mu_dtype", "")],
         )
     )
     return optax.chain(*parts)

@@ -1,0 +1,139 @@
+"""The output projection fused with its cross-entropy, computed over chunks of the sequence.
+
+``logits = x @ w^T`` is the biggest array of a language model's step (B * L * V floats: 262 MB at the
+CPU benchmark shape, GBs at GPT-2 sizes). Written with autodiff, XLA materialises it, passes over it
+for the max, the exp-sum and the softmax gradient, and materialises the gradient too. Here the
+gradient is formed in the forward pass, one sequence chunk at a time (the Liger-kernel / MaxText
+vocabulary-tiling idea): per chunk, logits -> log-sum-exp -> (softmax - one-hot) -> dx and dw,
+so only one chunk of logits ever exists and it is still in cache when its gradient is taken.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+# Largest logits chunk (float32 bytes) formed at once. Smaller chunks cost speed on XLA:CPU (every chunk
+# packs the vocabulary-sized weight again for two of its three matmuls: LM head fwd+bwd measured at 1.02,
+# 1.11 and 1.21 CPU-s for 4, 8 and 16 chunks at the CPU benchmark shape) and bring no memory there (the
+# step's peak is elsewhere: 459 MiB either way, 801 MiB unfused); they matter for big vocabularies x long
+# sequences on one accelerator (a 1.3B GPT on one H200: 3.3 GB of logits -> 16 chunks).
+CHUNK_BYTES = 256 * 2**20
+
+
+def num_chunks(batch: int, length: int, vocab: int, budget: int = CHUNK_BYTES) -> int:
+    """Sequence chunks for the fused loss: 1 unless a single device holds the whole batch.
+
+    With the batch sharded over several devices every chunk's weight gradient would need its own
+    cross-device reduction (XLA cannot carry a pending reduction through a loop), so sharded runs
+    keep one chunk; the fusion alone still saves the extra passes over the logits there."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.size > 1:
+        return 1
+    for c in range(1, length + 1):
+        if length % c == 0 and batch * (length // c) * vocab * 4 <= budget:
+            return c
+    return length
+
+
+def _chunk_stats(x_BcD, w_VD, b_V, t_Bc):
+    """Per chunk: exp(logits - row max), its sum, the token cross-entropies, correct predictions."""
+    logits = jnp.einsum("BcD,VD->BcV", x_BcD, w_VD, preferred_element_type=jnp.float32)
+    if b_V is not None:
+        logits = logits + b_V.astype(jnp.float32)
+    row_max = jnp.max(logits, axis=-1)
+    e = jnp.exp(logits - row_max[..., None])
+    s = jnp.sum(e, axis=-1)
+    target = jnp.take_along_axis(logits, t_Bc[..., None], axis=-1)[..., 0]
+    ce_Bc = jnp.log(s) + row_max - target
+    correct_Bc = (target >= row_max).astype(jnp.float32)
+    return e, s, ce_Bc, correct_Bc
+
+
+def _split(a, chunks):
+    """(B, L, ...) -> (chunks, B, L / chunks, ...): chunks along the sequence keep the batch axis
+    (and so its sharding) intact."""
+    B, L = a.shape[:2]
+    return jnp.swapaxes(a.reshape((B, chunks, L // chunks) + a.shape[2:]), 0, 1)
+
+
+def _merge(a):
+    return jnp.swapaxes(a, 0, 1).reshape((a.shape[1], -1) + a.shape[3:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _fused(x_BLD, w_VD, b_V, targets_BL, weights_BL, chunks):
+    def body(_, xs):
+        x, t, _ = xs
+        _, _, ce, correct = _chunk_stats(x, w_VD, b_V, t)
+        return None, (ce, correct)
+
+    xs = (_split(x_BLD, chunks), _split(targets_BL, chunks), _split(weights_BL, chunks))
+    _, (ce, correct) = jax.lax.scan(body, None, xs)
+    ce, correct = _merge(ce), _merge(correct)
+    return jnp.sum(ce * weights_BL), jnp.sum(correct * weights_BL)
+
+
+def _fused_fwd(x_BLD, w_VD, b_V, targets_BL, weights_BL, chunks):
+    V = w_VD.shape[0]
+
+    def body(carry, xs):
+        dw_DV, db_V = carry
+        x, t, wt = xs
+        e, s, ce, correct = _chunk_stats(x, w_VD, b_V, t)
+        # d(sum_i wt_i * ce_i) / d logits = wt * (softmax - one_hot(target)).
+        g = e * (wt / s)[..., None] - jax.nn.one_hot(t, V, dtype=jnp.float32) * wt[..., None]
+        g = g.astype(x.dtype)  # bf16 compute: the two gradient matmuls take bf16 inputs, accumulate f32
+        dx = jnp.einsum("BcV,VD->BcD", g, w_VD, preferred_element_type=jnp.float32).astype(x.dtype)
+        # (D, V), not (V, D): both operands then contract over their leading (token) axes in the layout
+        # they already have; the (V, D) form makes XLA:CPU transpose the vocabulary-sized g first.
+        dw_DV = dw_DV + jnp.einsum("BcD,BcV->DV", x, g, preferred_element_type=jnp.float32)
+        db_V = None if db_V is None else db_V + jnp.sum(g.astype(jnp.float32), axis=(0, 1))
+        return (dw_DV, db_V), (ce, correct, dx)
+
+    xs = (_split(x_BLD, chunks), _split(targets_BL, chunks), _split(weights_BL, chunks))
+    init = (jnp.zeros(w_VD.shape[::-1], jnp.float32), None if b_V is None else jnp.zeros(b_V.shape, jnp.float32))
+    (dw_DV, db_V), (ce, correct, dx) = jax.lax.scan(body, init, xs)
+    ce, correct = _merge(ce), _merge(correct)
+    out = (jnp.sum(ce * weights_BL), jnp.sum(correct * weights_BL))
+    db_V = None if db_V is None else db_V.astype(b_V.dtype)
+    return out, (_merge(dx), dw_DV.T.astype(w_VD.dtype), db_V, ce, correct, targets_BL)
+
+
+def _fused_bwd(chunks, res, cotangents):
+    dx, dw, db, ce, correct, targets = res
+    g_ce, g_correct = cotangents
+    # The accuracy is piecewise constant in x, w and b: it only has a gradient through the weights.
+    d_weights = g_ce * ce + g_correct * correct
+    zero_targets = jnp.zeros(targets.shape, jax.dtypes.float0)
+    db = None if db is None else db * g_ce.astype(db.dtype)
+    return (dx * g_ce.astype(dx.dtype), dw * g_ce.astype(dw.dtype), db, zero_targets, d_weights.astype(jnp.float32))
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def cross_entropy(
+    x_BLD: Array,
+    w_VD: Array,
+    targets_BL: Array,
+    weights_BL: Array,
+    *,
+    bias_V: Array | None = None,
+    chunks: int | None = None,
+) -> tuple[Array, Array]:
+    """(sum of weighted token cross-entropies, sum of weighted correct predictions) for the logits
+    ``x_BLD @ w_VD^T (+ bias_V)``, in float32, without materialising them. A prediction is correct
+    when the target's logit is the row maximum."""
+    B, L, _ = x_BLD.shape
+    if chunks is None:
+        chunks = num_chunks(B, L, w_VD.shape[0])
+    if L % chunks:
+        raise ValueError(f"chunks={chunks} does not divide the sequence length {L}")
+    w_VD = w_VD.astype(x_BLD.dtype)
+    bias_V = None if bias_V is None else bias_V.astype(x_BLD.dtype)
+    return _fused(x_BLD, w_VD, bias_V, targets_BL, weights_BL.astype(jnp.float32), chunks)
