@@ -91,7 +91,7 @@ def topology_devices(spec: str) -> tuple[Generation, list]:
         import libtpu  # noqa: F401  (only to give a clear message when it is missing)
     except ImportError:
         raise UserError(
-            "--compile_only needs libtpu for the TPU compiler: pip install -e '.[tpu]' (no TPU is needed)"
+            "--compile_only needs libtpu for the TPU compiler: pip install -e '.[aot]' (no TPU is needed)"
         ) from None
     from jax.experimental import topologies
 

@@ -6,6 +6,8 @@ import sys
 # Must happen before anything imports jax: tests that shard use 8 fake CPU devices.
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ["PODFORMER_NO_PROGRESS"] = "1"
+# With the [aot] extra installed, libtpu makes every JAX process look for a TPU first; tests run on CPU.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)

@@ -41,7 +41,7 @@ def test_bad_topologies_are_one_line_user_errors(spec):
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs the [tpu] extra: pip install -e '.[tpu]'")
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs the [aot] extra: pip install -e '.[aot]'")
 def test_compile_only_for_a_tpu_topology(tmp_path):
     # A subprocess: libtpu, once loaded, stays registered in the process that loaded it.
     args = [*SMALL, "--config.mesh.fsdp=2", f"--workdir={tmp_path}", "--compile_only=v5e:2x2"]
