@@ -230,7 +230,7 @@ def main() -> None:
     except UserError as e:
         print(f"podformer: error: {e}", file=sys.stderr)
         sys.exit(2)
-    if result["preempted"]:
+    if result.get("preempted"):
         sys.exit(preemption.EXIT_CODE)
 
 
