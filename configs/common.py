@@ -58,6 +58,11 @@ def base(name: str, family: str, model) -> ml_collections.ConfigDict:
     c.data.num_workers = 0  # grain worker processes (0: read in the main process with threads)
     c.data.prefetch = 2  # batches prepared ahead, on host and on device
 
+    c.init = ml_collections.ConfigDict()
+    # Parameters to start from when the workdir has no checkpoint yet: a podformer workdir (its latest
+    # checkpoint, e.g. one `python -m model.hf import` wrote) or a Hugging Face model folder. '' = none.
+    c.init.checkpoint = ""
+
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every = 500
     c.checkpoint.keep = 3

@@ -180,7 +180,9 @@ def convert(hf_cfg: dict, sd: dict[str, np.ndarray], where: str = "") -> tuple[F
 
 def load(path: str) -> tuple[str, object, dict[str, np.ndarray], list[str]]:
     """(family, config, canonical params, missing optional params) of a Hugging Face folder."""
-    fmt, cfg, flat, missing = convert(read_config(path), read_state_dict(path), path)
+    hf_cfg = read_config(path)
+    format_for(hf_cfg.get("model_type"), path)  # an unsupported family fails before any tensor is read
+    fmt, cfg, flat, missing = convert(hf_cfg, read_state_dict(path), path)
     return fmt.family, cfg, flat, missing
 
 

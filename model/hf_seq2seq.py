@@ -46,14 +46,15 @@ def _t5_common(hf: dict, sd: dict) -> dict:
 
 def t5_config(hf: dict, sd: dict) -> t5.T5Config:
     c = _t5_common(hf, sd)
-    # The d_model**-0.5 rescale of the tied output is T5 v1.0's; transformers 5 records it as
-    # scale_decoder_outputs, earlier versions inferred it from tie_word_embeddings.
+    # The d_model**-0.5 rescale before the LM head is T5 v1.0's (whose head is the tied embedding);
+    # transformers 5 records it as scale_decoder_outputs, earlier versions inferred it from
+    # tie_word_embeddings (false in the v1.1 checkpoints).
     scale = hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True) is not False)
-    return t5.T5Config(**c, scale_tied_output=bool(scale and c["tie_embeddings"]))
+    return t5.T5Config(**c, scale_output=bool(scale))
 
 
 def mt5_config(hf: dict, sd: dict) -> t5.T5Config:
-    return t5.T5Config(**_t5_common(hf, sd), scale_tied_output=False)  # transformers' mT5 never rescales
+    return t5.T5Config(**_t5_common(hf, sd), scale_output=False)  # transformers' mT5 never rescales
 
 
 def t5_to_hf(cfg: t5.T5Config) -> dict:
@@ -79,13 +80,13 @@ def t5_to_hf(cfg: t5.T5Config) -> dict:
         relative_attention_num_buckets=cfg.relative_buckets,
         relative_attention_max_distance=cfg.relative_max_distance,
         tie_word_embeddings=cfg.tie_embeddings,
-        scale_decoder_outputs=cfg.tie_embeddings and cfg.scale_tied_output,
+        scale_decoder_outputs=cfg.scale_output,
     )
 
 
 def mt5_to_hf(cfg: t5.T5Config) -> dict:
-    if cfg.tie_embeddings and cfg.scale_tied_output:
-        raise HFError("transformers' mT5 never rescales a tied output projection")
+    if cfg.scale_output:
+        raise HFError("transformers' mT5 never rescales the decoder output")
     out = t5_to_hf(cfg)
     del out["scale_decoder_outputs"]
     return out

@@ -57,9 +57,9 @@ def get_params(model: nnx.Module) -> dict[str, np.ndarray]:
 
 
 def _place(value: np.ndarray, current):
-    """``value`` where the variable's current value lives: its sharding if it is a (possibly abstract)
-    array placed on devices, else the default device."""
-    sharding = getattr(current, "sharding", None)
+    """``value`` placed by ``current``: a sharding, or the (possibly abstract) array it replaces and whose
+    sharding it takes; else on the default device."""
+    sharding = current if isinstance(current, jax.sharding.Sharding) else getattr(current, "sharding", None)
     if isinstance(sharding, jax.sharding.Sharding):
         return jax.device_put(value, sharding)
     return jax.numpy.asarray(value)

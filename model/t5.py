@@ -42,7 +42,7 @@ class T5Config:
     final_norm: bool = True  # a norm after each stack's last block (T5; not BART)
     scale_embeddings: bool = False  # multiply embeddings by sqrt(d_model) (BART's scale_embedding)
     tie_embeddings: bool = True
-    scale_tied_output: bool = True  # T5 v1.0: decoder output * d_model**-0.5 before the tied projection
+    scale_output: bool = True  # decoder output * d_model**-0.5 before the LM head (T5 v1.0's, with tied head)
     logits_bias: bool = False  # BART's final_logits_bias (a saved, untrained buffer)
     attn_scale: float = 1.0  # T5 folds 1/sqrt(head_dim) into its init: 1.0; 0: 1/sqrt(head_dim) (BART)
     dropout: float = 0.1
@@ -102,7 +102,7 @@ def _sizes(d_model, num_layers, num_heads, head_dim, d_ff):
 
 
 # v1.1 and mT5: gated GELU, untied output projection without the rescale, no dropout in pretraining.
-_V1_1 = dict(activation="gelu_tanh", gated_mlp=True, tie_embeddings=False, scale_tied_output=False, dropout=0.0)
+_V1_1 = dict(activation="gelu_tanh", gated_mlp=True, tie_embeddings=False, scale_output=False, dropout=0.0)
 _MT5 = dict(_V1_1, vocab_size=250112)
 T5_PRESETS = {
     "small": _sizes(512, 6, 8, 64, 2048),
@@ -144,7 +144,7 @@ class BartConfig(T5Config):
     pos_offset: int = 2
     embed_norm: bool = True
     final_norm: bool = False
-    scale_tied_output: bool = False
+    scale_output: bool = False
     logits_bias: bool = True
     attn_scale: float = 0.0
 
@@ -299,9 +299,9 @@ class T5(nnx.Module):
             rng=rng,
         )
         dtype = x_BLD.dtype
+        if cfg.scale_output:
+            x_BLD = x_BLD * (cfg.d_model**-0.5)
         if cfg.tie_embeddings:
-            if cfg.scale_tied_output:
-                x_BLD = x_BLD * (cfg.d_model**-0.5)
             logits_BLV = layers.unembed(x_BLD, self.embed[...].astype(dtype))
         else:
             logits_BLV = jnp.einsum("BLD,DV->BLV", x_BLD, self.lm_head[...].astype(dtype))
