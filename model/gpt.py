@@ -127,7 +127,8 @@ _PALM = dict(vocab_size=256000, max_len=2048, num_kv_heads=1, head_dim=256, para
 _PALM.update(position="rotary", activation="silu", gated_mlp=True, **_NOBIAS)
 # Gopher / Chinchilla: RMSNorm and Transformer-XL relative positions; rotary stands in for the latter here
 # (its per-layer d_model x d_model position projection is not modelled, ~7% of the published totals).
-_DEEPMIND = dict(vocab_size=32000, max_len=2048, position="rotary", norm="rmsnorm", tie_embeddings=False)
+# Tied embeddings: the papers' parameter totals add up with one 32k table, not two.
+_DEEPMIND = dict(vocab_size=32000, max_len=2048, position="rotary", norm="rmsnorm")
 
 PRESETS: dict[str, dict] = {
     # GPT-2 (Radford et al. 2019; OpenAI's released checkpoints).
