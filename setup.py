@@ -29,6 +29,7 @@ setup(
         "etils[epath]>=1.10",
     ],
     extras_require={
+        "files": ["pyarrow>=14"],  # .parquet corpora (data.source=files)
         # torch==2.13.0 is the CPU build on local disk here; any other version pulls a CUDA build.
         "test": ["pytest>=8", "torch==2.13.0", "transformers>=5,<6", "safetensors>=0.4", "ruff>=0.6"],
     },

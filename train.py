@@ -184,7 +184,7 @@ def run(argv: list[str] | None = None) -> dict:
             total_steps=t.steps,
             log_every=t.log_every,
             eval_every=t.eval_every,
-            evaluate=evaluate,
+            evaluate=evaluate if t.eval_steps else None,  # eval_steps=0: no evaluation
             checkpoint_every=cfg.checkpoint.every,
             save=save,
             writer=writer,

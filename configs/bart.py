@@ -1,5 +1,4 @@
-"""BART (Lewis et al. 2020), trained here with the simple denoising objective (BART's text infilling and
-sentence permutation belong with the data objectives).
+"""BART (Lewis et al. 2020), pretrained with text infilling (data.objective=bart).
 
 python train.py --config=configs/bart.py:tiny                         # CPU, embedded corpus
 python train.py --config=configs/bart.py:large --config.mesh.fsdp=8 --workdir=gs://bucket/bart
@@ -14,7 +13,7 @@ VARIANTS = ("tiny", "base", "large")
 def get_config(variant: str = "tiny"):
     if variant not in VARIANTS:
         raise KeyError(f"variants of configs/bart.py: {', '.join(VARIANTS)}")
-    c = zoo.encoder_or_seq2seq(f"bart_{variant}", "bart", getattr(BartConfig, variant)(), variant, "simple_denoising")
+    c = zoo.encoder_or_seq2seq(f"bart_{variant}", "bart", getattr(BartConfig, variant)(), variant, "bart")
     if variant != "tiny":
         # BART-large's recipe (RoBERTa's): 8k x 512 tokens, 500k steps, lr 4e-4, b2 0.98, eps 1e-6.
         c.train.steps = 500_000

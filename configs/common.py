@@ -32,7 +32,7 @@ def base(name: str, family: str, model) -> ml_collections.ConfigDict:
     c.train.grad_accum = 1  # micro-batches per step; batch_size must be divisible by it
     c.train.log_every = 10
     c.train.eval_every = 250  # 0: only at the end
-    c.train.eval_steps = 8  # validation batches per evaluation
+    c.train.eval_steps = 8  # validation batches per evaluation (0: no evaluation)
     c.train.seed = 0
     c.train.sample_prompt = "def"  # the run ends with a greedy continuation of this ('' to skip)
     c.train.sample_tokens = 48
@@ -57,6 +57,23 @@ def base(name: str, family: str, model) -> ml_collections.ConfigDict:
     c.data.validation_percent = 3  # embedded corpus: share of files held out (by a hash of the path)
     c.data.num_workers = 0  # grain worker processes (0: read in the main process with threads)
     c.data.prefetch = 2  # batches prepared ahead, on host and on device
+    # Sources and objectives (data/pipeline.py). source: embedded | tfds | files | mixture.
+    c.data.tfds_name = ""  # source=tfds: NAME[/CONFIG][:VERSION], e.g. c4/en:3.1.0, wikipedia/20230601.en
+    c.data.tfds_data_dir = ""  # '' = TFDS's default; gs://bucket/tensorflow_datasets on TPU VMs
+    c.data.train_split = "train"  # TFDS splits; slices work, e.g. train[:99%] / train[99%:]
+    c.data.validation_split = "validation"
+    c.data.files = ""  # source=files: a folder or glob of .txt / .jsonl / .parquet (built once into ArrayRecord)
+    c.data.mixture = ""  # source=mixture: 'SOURCE=WEIGHT, ...' with SOURCE embedded | tfds:NAME | files:GLOB
+    c.data.text_field = "text"  # the TFDS feature / .jsonl and .parquet field holding the text
+    c.data.doc_split = "file"  # .txt documents: file (one per file) | blank_line (BERT's format)
+    c.data.mlm_probability = 0.15  # masked LM objectives: share of tokens selected (80/10/10)
+    c.data.max_predictions = 0  # BERT's max_predictions_per_seq; 0 = no cap
+    c.data.whole_word_masking = False
+    c.data.dynamic_masking = True  # new masks every epoch (RoBERTa); False: fixed per row (BERT)
+    c.data.short_seq_prob = 0.1  # NSP/SOP: share of pairs with a shorter random target length
+    c.data.noise_density = 0.15  # T5 span corruption
+    c.data.mean_noise_span = 3.0
+    c.data.bart_mask_ratio = 0.3  # BART text infilling: share of words masked, Poisson(3) spans
 
     c.init = ml_collections.ConfigDict()
     # Parameters to start from when the workdir has no checkpoint yet: a podformer workdir (its latest

@@ -1,5 +1,5 @@
-"""DistilBERT (Sanh et al. 2019): the architecture, trained here with the simple masked-LM objective (its
-distillation objective belongs with the data objectives).
+"""DistilBERT (Sanh et al. 2019): the architecture, pretrained with masked LM (distillation from a teacher
+is --config.data.objective=distill).
 
 python train.py --config=configs/distilbert.py:tiny                   # CPU, embedded corpus
 """
@@ -14,7 +14,7 @@ def get_config(variant: str = "tiny"):
     if variant not in VARIANTS:
         raise KeyError(f"variants of configs/distilbert.py: {', '.join(VARIANTS)}")
     model = getattr(DistilBertConfig, variant)()
-    c = zoo.encoder_or_seq2seq(f"distilbert_{variant}", "distilbert", model, variant, "simple_mlm")
+    c = zoo.encoder_or_seq2seq(f"distilbert_{variant}", "distilbert", model, variant, "mlm")
     if variant != "tiny":
         # DistilBERT's recipe: 4k-sequence batches of 512 tokens, lr 5e-4, Adam eps 1e-6.
         c.train.steps = 100_000

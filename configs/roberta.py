@@ -1,4 +1,4 @@
-"""RoBERTa (Liu et al. 2019) pretraining with the simple masked-LM objective.
+"""RoBERTa (Liu et al. 2019) pretraining: dynamic masked LM over full sentences, no NSP.
 
 python train.py --config=configs/roberta.py:tiny                      # CPU, embedded corpus
 python train.py --config=configs/roberta.py:base --config.mesh.fsdp=8 --workdir=gs://bucket/roberta
@@ -14,7 +14,7 @@ def get_config(variant: str = "tiny"):
     if variant not in VARIANTS:
         raise KeyError(f"variants of configs/roberta.py: {', '.join(VARIANTS)}")
     model = getattr(RobertaConfig, variant)()
-    c = zoo.encoder_or_seq2seq(f"roberta_{variant}", "roberta", model, variant, "simple_mlm")
+    c = zoo.encoder_or_seq2seq(f"roberta_{variant}", "roberta", model, variant, "roberta")
     if variant != "tiny":
         # RoBERTa's recipe: 8k x 512 tokens, lr 6e-4 (base), 24k warmup, b2 0.98, eps 1e-6, weight decay 0.01.
         c.train.steps = 500_000

@@ -1,5 +1,4 @@
-"""T5 (Raffel et al. 2020), T5 v1.1 and mT5, trained here with the simple denoising objective (span
-corruption belongs with the data objectives).
+"""T5 (Raffel et al. 2020), T5 v1.1 and mT5, pretrained with span corruption.
 
 python train.py --config=configs/t5.py:tiny                           # CPU, embedded corpus
 python train.py --config=configs/t5.py:v1_1_base --config.mesh.fsdp=8 --workdir=gs://bucket/t5
@@ -14,7 +13,7 @@ VARIANTS = ("tiny", *T5_PRESETS)
 def get_config(variant: str = "tiny"):
     if variant not in VARIANTS:
         raise KeyError(f"variants of configs/t5.py: {', '.join(VARIANTS)}")
-    c = zoo.encoder_or_seq2seq(f"t5_{variant}", "t5", getattr(T5Config, variant)(), variant, "simple_denoising")
+    c = zoo.encoder_or_seq2seq(f"t5_{variant}", "t5", getattr(T5Config, variant)(), variant, "span_corruption")
     if variant != "tiny":
         # T5's pretraining shape: 128 sequences of 512 tokens (2^16 tokens per batch), 2^19 steps. T5 used
         # Adafactor with an inverse-square-root schedule; podformer's AdamW at 1e-3 is the usual stand-in.

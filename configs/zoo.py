@@ -1,10 +1,10 @@
-"""What the model-zoo configs share: the tiny CPU recipe and the objectives' data settings."""
+"""What the encoder and encoder-decoder configs share: the objective, no sample, the tiny CPU recipe."""
 
 from configs import common
 
 
 def encoder_or_seq2seq(name: str, family: str, model, variant: str, objective: str):
-    """A run config for a non-causal family: its simple objective (data/pipeline.py), no sample at the end."""
+    """A run config for a non-causal family: its pretraining objective (data/pipeline.py), no sample at the end."""
     c = common.base(name, family, model)
     c.data.objective = objective
     c.train.sample_prompt = ""
@@ -14,8 +14,8 @@ def encoder_or_seq2seq(name: str, family: str, model, variant: str, objective: s
 
 
 def tiny(c) -> None:
-    """Sized to train on 2 CPU cores in minutes, with the same 4096-token tokenizer as configs/gpt.py:tiny
-    (so the embedded corpus is tokenized once for all of them)."""
+    """Sized to train on 2 CPU cores in minutes on the embedded corpus (a 4096-token tokenizer with the
+    family's special tokens is trained on first use and cached)."""
     c.model.scan_layers = False  # a few unrolled layers run faster than a scan on XLA's CPU backend
     c.train.steps = 400
     c.train.batch_size = 32

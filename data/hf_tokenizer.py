@@ -86,6 +86,13 @@ class HFTokenizer:
     def mask_id(self) -> int | None:
         return self.ids["mask"]
 
+    def piece_to_id(self, piece: str) -> int | None:
+        """The id of a whole token (e.g. ``[MASK]``), or None when the vocabulary lacks it."""
+        return self.tok.token_to_id(piece)
+
+    def id_to_piece(self, i: int) -> str:
+        return self.tok.id_to_token(int(i)) or ""
+
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
 
@@ -114,8 +121,8 @@ def load(path: str):
     return sp_tokenizer.SentencePieceTokenizer.load(path)
 
 
-def get(data_cfg, vocab_size: int, corpus_name: str, corpus_fingerprint: str, texts_fn):
+def get(data_cfg, vocab_size: int, corpus_name: str, corpus_fingerprint: str, texts_fn, **kwargs):
     """data.tokenizer.get, extended to Hugging Face folders and tokenizer.json files."""
     if data_cfg.tokenizer and (is_hf(data_cfg.tokenizer) or os.path.isdir(data_cfg.tokenizer)):
         return load(data_cfg.tokenizer)
-    return sp_tokenizer.get(data_cfg, vocab_size, corpus_name, corpus_fingerprint, texts_fn)
+    return sp_tokenizer.get(data_cfg, vocab_size, corpus_name, corpus_fingerprint, texts_fn, **kwargs)

@@ -66,6 +66,10 @@ class Loader:
             ds = ds.shuffle(seed=seed)
         if repeat:
             ds = ds.repeat()  # reseeds the shuffle every epoch
+        if hasattr(rows, "transform"):
+            # An objective's randomness (data/rows.py), from the row's index in the global stream --
+            # epoch included -- so masks change every epoch and are the same on every host and resume.
+            ds = ds.random_map(rows.transform, seed=seed)
         self.row_dataset = ds
         self.lo, self.hi = self._host_rows()
         self.batches = _HostRows(ds, global_batch, self.lo, self.hi).batch(
@@ -96,6 +100,10 @@ class Loader:
         depth = max(2, self.prefetch)
         ds = self.batches[self.step :].to_iter_dataset(grain.ReadOptions(num_threads=depth, prefetch_buffer_size=depth))
         if self.num_workers > 0:
+            from absl import flags
+
+            if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; podformer parses none
+                flags.FLAGS.mark_as_parsed()
             ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.num_workers))
         self._iter = iter(ds)
         self._buffer.clear()

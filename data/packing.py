@@ -48,3 +48,30 @@ class CausalLMRows:
         if not 0 <= index < self._len:
             raise IndexError(index)
         return causal_lm_row(self.store, int(index) * self.seq_len, self.seq_len)
+
+
+def pack(pieces: list[np.ndarray], length: int, pad_id: int = 0) -> dict[str, np.ndarray]:
+    """Lay examples end to end in one row of ``length``: tokens, segment ids 1.. (0 = padding) and
+    positions restarting at 0 per example. Examples past the end are cut (callers plan rows so that
+    they fit; see data/rows.py)."""
+    tokens = np.full(length, pad_id, np.int32)
+    segment_ids = np.zeros(length, np.int32)
+    positions = np.zeros(length, np.int32)
+    at = 0
+    for k, piece in enumerate(pieces, 1):
+        n = min(len(piece), length - at)
+        if n <= 0:
+            break
+        tokens[at : at + n] = piece[:n]
+        segment_ids[at : at + n] = k
+        positions[at : at + n] = np.arange(n)
+        at += n
+    return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
+
+
+def shift_right(targets: np.ndarray, segment_ids: np.ndarray, start_id: int) -> np.ndarray:
+    """Decoder inputs for packed targets: each segment's targets shifted right by one, starting with
+    ``start_id`` (teacher forcing never sees the previous example's last token)."""
+    shifted = np.concatenate([[start_id], targets[:-1]]).astype(targets.dtype)
+    first = np.concatenate([[True], segment_ids[1:] != segment_ids[:-1]])
+    return np.where(first & (segment_ids > 0), start_id, np.where(segment_ids > 0, shifted, 0)).astype(targets.dtype)

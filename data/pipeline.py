@@ -1,14 +1,30 @@
-"""From the ``data`` config section to a tokenizer and train/validation row datasets."""
+"""From the ``data`` config section to a tokenizer and train/validation row datasets.
+
+``data.source`` (embedded | tfds | files | mixture) gives documents; ``data.objective`` gives the row
+dataset (data/rows.py) and the batch keys:
+
+  causal_lm                        inputs targets segment_ids positions loss_weights      (decoder)
+  mlm, roberta, distill            + token_types                                           (encoder)
+  mlm_nsp, mlm_sop                 + token_types next_sentence_labels                      (encoder)
+  span_corruption, prefix_lm, bart encoder_{inputs,segment_ids,positions}
+                                   decoder_{inputs,targets,segment_ids,positions,loss_weights}
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
+import re
 
 import numpy as np
 
-from data import corpus, hf_tokenizer, packing, tokenizer, tokens
+from data import corpus, hf_tokenizer, packing, rows, sources, special, store, tokenizer, tokens
 from podformer.errors import UserError
+
+OBJECTIVES = tuple(special.OBJECTIVE_FAMILY)
+SOURCES = ("embedded", "tfds", "files", "mixture")
+_TOKENIZER_SAMPLE = 50_000  # documents a tokenizer is trained on, spread over the split
 
 
 @dataclasses.dataclass
@@ -21,6 +37,7 @@ class Data:
 
 
 def _embedded(data_cfg, vocab_size: int):
+    """The foundation's causal-LM path over the embedded corpus (kept byte for byte: same caches)."""
     pct = data_cfg.validation_percent
     fp = corpus.fingerprint(pct)
     tok = hf_tokenizer.get(data_cfg, vocab_size, corpus.NAME, fp, lambda: corpus.documents("train", pct))
@@ -33,91 +50,160 @@ def _embedded(data_cfg, vocab_size: int):
     return tok, stores, f"embedded corpus: Python {corpus.root()} ({stores['train'].num_tokens:,} train tokens)"
 
 
-SOURCES = {"embedded": _embedded}
+def _components(data_cfg) -> list[tuple[object, float]]:
+    kw = dict(
+        data_dir=data_cfg.tfds_data_dir,
+        text_field=data_cfg.text_field,
+        doc_split=data_cfg.doc_split,
+        validation_percent=data_cfg.validation_percent,
+        cache_dir=data_cfg.cache_dir,
+    )
+    if data_cfg.source == "embedded":
+        return [(sources.Embedded(data_cfg.validation_percent), 1.0)]
+    if data_cfg.source == "tfds":
+        if not data_cfg.tfds_name:
+            raise UserError("data.source=tfds needs data.tfds_name, e.g. c4/en:3.1.0 or wikipedia/20230601.en")
+        return [(sources.parse_spec(f"tfds:{data_cfg.tfds_name}", **kw), 1.0)]
+    if data_cfg.source == "files":
+        if not data_cfg.files:
+            raise UserError("data.source=files needs data.files, a folder or glob of .txt/.jsonl/.parquet files")
+        return [(sources.parse_spec(f"files:{data_cfg.files}", **kw), 1.0)]
+    return sources.parse_mixture(data_cfg.mixture, **kw)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Rows for the model zoo's simple objectives, so that `train.py --config=configs/<family>.py:tiny` trains
-# every family. They are stand-ins, not the papers' objectives (BERT's 80/10/10 MLM, T5's span corruption
-# and BART's denoising belong with the data objectives): a fixed 15% of tokens is masked per row.
+def _split(data_cfg, src, split: str) -> str:
+    if isinstance(src, sources.Tfds):
+        return data_cfg.train_split if split == "train" else data_cfg.validation_split
+    return split
 
 
-class SimpleMLMRows(packing.CausalLMRows):
-    """Packed rows with 15% of the tokens (never BOS/EOS) replaced by ``mask_id``; the loss is on them."""
-
-    def __init__(self, store, seq_len: int, *, mask_id: int, special_ids: tuple[int, ...], seed: int = 0):
-        super().__init__(store, seq_len)
-        self.mask_id, self.special_ids, self.seed = mask_id, np.asarray(special_ids, np.int32), seed
-
-    def masked(self, index: int) -> dict[str, np.ndarray]:
-        row = super().__getitem__(index)
-        tokens = row["inputs"]
-        rng = np.random.default_rng((self.seed, int(index)))  # the same masks for a row, epoch after epoch
-        pick = (rng.random(tokens.shape) < 0.15) & ~np.isin(tokens, self.special_ids)
-        return {**row, "inputs": np.where(pick, self.mask_id, tokens).astype(np.int32), "targets": tokens, "pick": pick}
-
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        row = self.masked(index)
-        return {
-            **{k: row[k] for k in ("inputs", "targets", "segment_ids", "positions")},
-            "loss_weights": row["pick"].astype(np.float32),
-        }
+def _sample(docs, n: int) -> list[str]:
+    step = max(1, len(docs) // n)
+    return [docs[i] for i in range(0, len(docs), step)][:n]
 
 
-class SimpleDenoisingRows(SimpleMLMRows):
-    """Encoder: the masked row; decoder: the original row, shifted right within each segment (teacher
-    forcing from BOS), predicting every token."""
-
-    def __init__(self, store, seq_len: int, *, bos_id: int, **kw):
-        super().__init__(store, seq_len, **kw)
-        self.bos_id = bos_id
-
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        row = self.masked(index)
-        decoder_inputs = np.where(row["positions"] == 0, self.bos_id, np.roll(row["targets"], 1)).astype(np.int32)
-        seg, pos = row["segment_ids"], row["positions"]
-        return {
-            "encoder_inputs": row["inputs"],
-            "encoder_segment_ids": seg,
-            "encoder_positions": pos,
-            "decoder_inputs": decoder_inputs,
-            "decoder_targets": row["targets"],
-            "decoder_segment_ids": seg,
-            "decoder_positions": pos,
-            "decoder_loss_weights": (seg > 0).astype(np.float32),
-        }
+def _key(src) -> str:
+    name = getattr(src, "dataset", None) or getattr(src, "pattern", None) or src.name
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name)).strip("_")[:60]
 
 
-def _rows(objective: str, store, seq_len: int, tok):
+def _tokenizer(data_cfg, vocab_size: int, components, family: str):
+    names = "+".join(_key(s) for s, _ in components)
+    fp = hashlib.sha256("|".join(f"{s.corpus_fingerprint()}={w}" for s, w in components).encode()).hexdigest()[:16]
+
+    def texts():
+        per = max(1, _TOKENIZER_SAMPLE // len(components))
+        return [t for s, _ in components for t in _sample(s.documents(_split(data_cfg, s, "train")), per)]
+
+    name = corpus.NAME if data_cfg.source == "embedded" else names
+    fp = corpus.fingerprint(data_cfg.validation_percent) if data_cfg.source == "embedded" else fp
+    return hf_tokenizer.get(data_cfg, vocab_size, name, fp, texts, family=family)
+
+
+def _store(data_cfg, src, split: str, tok, *, sentences: bool):
+    """The split tokenized once: a sentence store, or (causal LM) a token store with BOS/EOS."""
+    sp = _split(data_cfg, src, split)
+    kind = "sentences" if sentences else "tokens"
+    path = os.path.join(
+        tokenizer.cache_dir(data_cfg.cache_dir), kind, f"{_key(src)}-{src.fingerprint(sp)}-{tok.fingerprint}"
+    )
+    if sentences:
+        return store.cached(
+            path,
+            lambda: src.documents(sp),
+            encode_batch=tok.encode_batch,
+            vocab_size=tok.vocab_size,
+            name=f"{src.name} ({sp})",
+        )
+    kw = dict(encode_batch=tok.encode_batch, vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id)
+    return tokens.cached(path, lambda: src.documents(sp), **kw)
+
+
+def _rows(data_cfg, objective: str, st, tok, seq_len: int, seed: int):
+    ids = special.special_ids(tok)
+    words = special.word_start_table(tok) if data_cfg.whole_word_masking else None
+    mlm = dict(
+        mlm_probability=data_cfg.mlm_probability,
+        max_predictions=data_cfg.max_predictions,
+        word_table=words,
+        seed=seed,
+        dynamic=data_cfg.dynamic_masking,
+    )
     if objective == "causal_lm":
-        return packing.CausalLMRows(store, seq_len)
-    # A podformer-trained SentencePiece model has no mask token; with byte fallback it never emits UNK, so
-    # UNK serves as the mask. Hugging Face vocabularies bring their own ([MASK], <mask>).
-    mask_id = getattr(tok, "mask_id", None)
-    mask_id = mask_id if mask_id is not None else tokenizer.UNK
-    special = tuple(i for i in (tok.bos_id, tok.eos_id, tok.pad_id) if i is not None and i >= 0)
-    if objective == "simple_mlm":
-        return SimpleMLMRows(store, seq_len, mask_id=mask_id, special_ids=special)
-    return SimpleDenoisingRows(store, seq_len, mask_id=mask_id, special_ids=special, bos_id=max(tok.bos_id or 0, 0))
+        return packing.CausalLMRows(st, seq_len)
+    if objective in ("mlm", "distill"):
+        ids.require("cls", "sep", what=f"objective {objective}")
+        return rows.MLMRows(st, ids, seq_len, cls=ids.cls, sep=ids.sep, **mlm)
+    if objective == "roberta":
+        return rows.MLMRows(st, ids, seq_len, cls=ids.bos, sep=ids.eos, **mlm)
+    if objective in ("mlm_nsp", "mlm_sop"):
+        return rows.SentencePairRows(
+            st, ids, seq_len, order=objective == "mlm_sop", short_seq_prob=data_cfg.short_seq_prob, **mlm
+        )
+    kw = dict(seed=seed, dynamic=data_cfg.dynamic_masking)
+    if objective == "span_corruption":
+        return rows.SpanCorruptionRows(
+            st, ids, seq_len, noise_density=data_cfg.noise_density, mean_noise_span=data_cfg.mean_noise_span, **kw
+        )
+    if objective == "prefix_lm":
+        return rows.PrefixLMRows(st, ids, seq_len, **kw)
+    return rows.BartRows(st, ids, seq_len, mask_ratio=data_cfg.bart_mask_ratio, word_table=words, **kw)
 
 
-OBJECTIVES = ("causal_lm", "simple_mlm", "simple_denoising")
+def _entropy(stores_and_weights) -> float:
+    total = None
+    for st, w in stores_and_weights:
+        counts = np.bincount(np.asarray(st.tokens)).astype(np.float64)
+        counts = w * counts / counts.sum()
+        total = (
+            counts
+            if total is None
+            else np.pad(total, (0, max(0, len(counts) - len(total))))
+            + np.pad(counts, (0, max(0, len(total) - len(counts))))
+        )
+    p = total[total > 0] / total.sum()
+    return float(-(p * np.log(p)).sum())
 
 
-def build(data_cfg, *, vocab_size: int, seq_len: int) -> Data:
+def build(data_cfg, *, vocab_size: int, seq_len: int, seed: int = 0) -> Data:
     if data_cfg.source not in SOURCES:
         raise UserError(f"data.source={data_cfg.source!r}; choose one of {', '.join(SOURCES)}")
     if data_cfg.objective not in OBJECTIVES:
         raise UserError(f"data.objective={data_cfg.objective!r}; choose one of {', '.join(OBJECTIVES)}")
-    tok, stores, description = SOURCES[data_cfg.source](data_cfg, vocab_size)
+    objective = data_cfg.objective
+    if data_cfg.source == "embedded" and objective == "causal_lm":
+        tok, stores, description = _embedded(data_cfg, vocab_size)
+        split_rows = {s: packing.CausalLMRows(stores[s], seq_len) for s in stores}
+        entropy = stores["train"].unigram_entropy()
+    else:
+        components = _components(data_cfg)
+        tok = _tokenizer(data_cfg, vocab_size, components, special.OBJECTIVE_FAMILY[objective])
+        split_rows, parts = {}, []
+        for split in ("train", "validation"):
+            built = []
+            for src, w in components:
+                st = _store(data_cfg, src, split, tok, sentences=objective != "causal_lm")
+                built.append((_rows(data_cfg, objective, st, tok, seq_len, seed), st, w))
+            if len(built) == 1:
+                split_rows[split] = built[0][0]
+            else:
+                split_rows[split] = rows.MixtureRows([b[0] for b in built], [b[2] for b in built])
+            if split == "train":
+                parts = [(b[1], b[2]) for b in built]
+        entropy = _entropy(parts)
+        names = ", ".join(f"{s.name} x{w:.2f}" if len(components) > 1 else s.name for s, w in components)
+        description = f"{names}; {objective} ({sum(p[0].num_tokens for p in parts):,} train tokens)"
     if tok.vocab_size > vocab_size:
         raise UserError(
             f"the tokenizer has {tok.vocab_size} tokens but model.vocab_size={vocab_size}; raise model.vocab_size"
         )
+    for split, r in split_rows.items():
+        if len(r) == 0:
+            raise UserError(f"the {split} split has no rows of length {seq_len}: the corpus is too small")
     return Data(
         tokenizer=tok,
-        train_rows=_rows(data_cfg.objective, stores["train"], seq_len, tok),
-        validation_rows=_rows(data_cfg.objective, stores["validation"], seq_len, tok),
-        unigram_entropy=stores["train"].unigram_entropy(),
+        train_rows=split_rows["train"],
+        validation_rows=split_rows["validation"],
+        unigram_entropy=entropy,
         description=description,
     )

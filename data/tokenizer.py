@@ -1,4 +1,9 @@
-"""Tokenizers behind one interface; SentencePiece trained on a corpus on first use and cached."""
+"""Tokenizers behind one interface; SentencePiece trained on a corpus on first use and cached.
+
+python -m data.tokenizer train --source=embedded --family=bert --vocab-size=8000 --output=bert.model
+python -m data.tokenizer train --source='files:corpus/*.txt' --family=t5 --type=unigram --output=t5.model
+python -m data.tokenizer train --source=tfds:wikipedia/20230601.en --data-dir=gs://b/tfds --family=all ...
+"""
 
 from __future__ import annotations
 
@@ -54,6 +59,14 @@ class SentencePieceTokenizer:
     def eos_id(self) -> int:
         return self.sp.eos_id()
 
+    def piece_to_id(self, piece: str) -> int | None:
+        """The id of a whole piece (e.g. ``[MASK]``), or None when the vocabulary lacks it."""
+        i = self.sp.piece_to_id(piece)
+        return i if self.sp.id_to_piece(i) == piece else None
+
+    def id_to_piece(self, i: int) -> str:
+        return self.sp.id_to_piece(int(i))
+
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
 
@@ -77,9 +90,14 @@ def train_sentencepiece(
     model_type: str = "bpe",
     user_defined_symbols: Sequence[str] = (),
     max_chunks: int = 40_000,
+    extra_ids: int = 0,
 ) -> bytes:
     """Train a SentencePiece model that keeps text byte-exact (identity normalisation, whitespace and
-    newlines preserved, byte fallback for anything unseen), which code needs."""
+    newlines preserved, byte fallback for anything unseen), which code needs.
+
+    ``user_defined_symbols`` (e.g. [CLS], [SEP], [MASK]) get ids right after the control tokens and are
+    never split; ``extra_ids`` T5 sentinels are appended at the END of the vocabulary, ``<extra_id_0>``
+    last, so that ``vocab_size`` counts them and span corruption counts down from ``vocab_size - 1``."""
     if model_type not in ("bpe", "unigram"):
         raise UserError(f"tokenizer type {model_type!r}: choose bpe or unigram")
     chunks = _training_chunks(texts, max_chunks)
@@ -90,7 +108,7 @@ def train_sentencepiece(
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(chunks),
             model_writer=model,
-            vocab_size=vocab_size,
+            vocab_size=vocab_size - extra_ids,
             model_type=model_type,
             normalization_rule_name="identity",
             remove_extra_whitespaces=False,
@@ -110,7 +128,20 @@ def train_sentencepiece(
         )
     except RuntimeError as e:
         raise UserError(f"SentencePiece training failed: {str(e).strip().splitlines()[-1]}") from None
-    return model.getvalue()
+    return append_sentinels(model.getvalue(), extra_ids) if extra_ids else model.getvalue()
+
+
+def append_sentinels(model_proto: bytes, n: int) -> bytes:
+    """``<extra_id_{n-1}> ... <extra_id_0>`` appended as user-defined pieces (encoded whole, never split)."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model_proto)
+    for i in reversed(range(n)):
+        piece = proto.pieces.add()
+        piece.piece, piece.score = f"<extra_id_{i}>", 0.0
+        piece.type = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
+    return proto.SerializeToString()
 
 
 def cache_dir(configured: str = "") -> str:
@@ -127,12 +158,68 @@ def atomic_write(path: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def get(data_cfg, vocab_size: int, corpus_name: str, corpus_fingerprint: str, texts_fn) -> SentencePieceTokenizer:
-    """``data.tokenizer`` if set; else a tokenizer trained on the corpus, cached by corpus and settings."""
+def get(
+    data_cfg, vocab_size: int, corpus_name: str, corpus_fingerprint: str, texts_fn, family: str = "gpt"
+) -> SentencePieceTokenizer:
+    """``data.tokenizer`` if set; else a tokenizer trained on the corpus with ``family``'s special tokens,
+    cached by corpus and settings (the GPT name has no family tag: existing caches and hashes hold)."""
+    from data import special
+
     if data_cfg.tokenizer:
         return SentencePieceTokenizer.load(data_cfg.tokenizer)
-    name = f"{corpus_name}-{data_cfg.tokenizer_type}-{vocab_size}-{corpus_fingerprint}.model"
+    tag = "" if family == "gpt" else f"-{family}"
+    name = f"{corpus_name}-{data_cfg.tokenizer_type}-{vocab_size}{tag}-{corpus_fingerprint}.model"
     path = os.path.join(cache_dir(data_cfg.cache_dir), "tokenizers", name)
     if not os.path.exists(path):
-        atomic_write(path, train_sentencepiece(texts_fn(), vocab_size, data_cfg.tokenizer_type))
+        proto = train_sentencepiece(
+            texts_fn(),
+            vocab_size,
+            data_cfg.tokenizer_type,
+            user_defined_symbols=special.FAMILY_SYMBOLS[family],
+            extra_ids=special.FAMILY_SENTINELS.get(family, 0),
+        )
+        atomic_write(path, proto)
     return SentencePieceTokenizer.load(path)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m data.tokenizer train ...``: train a SentencePiece model on any source."""
+    import argparse
+    import sys
+
+    from data import sources, special
+
+    parser = argparse.ArgumentParser(prog="python -m data.tokenizer", description=main.__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a SentencePiece unigram or BPE model")
+    t.add_argument("--source", default="embedded", help="embedded | tfds:NAME[:VERSION] | files:GLOB_OR_FOLDER")
+    t.add_argument("--data-dir", default="", help="TFDS data_dir (local or gs://)")
+    t.add_argument("--split", default="train")
+    t.add_argument("--text-field", default="text", help="TFDS text feature / .jsonl and .parquet text field")
+    t.add_argument("--family", default="gpt", choices=sorted(special.FAMILY_SYMBOLS))
+    t.add_argument("--type", default="unigram", choices=("unigram", "bpe"))
+    t.add_argument("--vocab-size", type=int, default=32000, help="total, sentinels included")
+    t.add_argument("--max-documents", type=int, default=200_000, help="documents sampled for training")
+    t.add_argument("--output", required=True, help="where to write the .model file")
+    args = parser.parse_args(argv)
+    try:
+        docs = sources.parse_spec(args.source, data_dir=args.data_dir, text_field=args.text_field).documents(args.split)
+        step = max(1, len(docs) // args.max_documents)
+        proto = train_sentencepiece(
+            (docs[i] for i in range(0, len(docs), step)),
+            args.vocab_size,
+            args.type,
+            user_defined_symbols=special.FAMILY_SYMBOLS[args.family],
+            extra_ids=special.FAMILY_SENTINELS.get(args.family, 0),
+            max_chunks=max(40_000, args.max_documents),
+        )
+    except UserError as e:
+        print(f"podformer: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    atomic_write(os.path.abspath(args.output), proto)
+    tok = SentencePieceTokenizer(proto, args.output)
+    print(f"wrote {args.output}: {tok.vocab_size} pieces, fingerprint {tok.fingerprint}, {special.special_ids(tok)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -27,6 +27,9 @@ class TokenStore:
         self.tokens = np.load(os.path.join(path, "tokens.npy"), mmap_mode="r")
         self.doc_starts = np.load(os.path.join(path, "doc_starts.npy"))
 
+    def __reduce__(self):  # grain's worker processes reopen the memory map instead of copying it
+        return (TokenStore, (self.path,))
+
     @property
     def num_tokens(self) -> int:
         return int(self.tokens.shape[0])

@@ -187,11 +187,9 @@ class Bert(nnx.Module):
 
         x_BLD = layers.lookup(self.embed, input_ids) if inputs_embeds is None else inputs_embeds
         x_BLD = x_BLD + layers.lookup(self.pos_embed, positions, cfg.pos_offset)
-        if self.token_type_embed is not None:
+        if self.token_type_embed is not None:  # DistilBERT has none: its inputs' token types are ignored
             types = jnp.zeros((B, L), jnp.int32) if token_type_ids is None else token_type_ids
             x_BLD = x_BLD + layers.lookup(self.token_type_embed, types)
-        elif token_type_ids is not None:
-            raise ValueError("this model has no token types (type_vocab_size=0); pass token_type_ids=None")
         x_BLD = layers.dropout(self.embed_norm(x_BLD).astype(dtype), cfg.dropout, rng_embed)
         x_BLD = sharding.constrain(x_BLD, ("batch", "length", None))
         mask = layers.make_attention_mask(segment_ids, segment_ids, causal=False)

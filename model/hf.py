@@ -292,6 +292,7 @@ def save_pretrained(
 
     base_config = dict(base_config or {})
     model_type = model_type or (base_config.get("model_type") if base_config.get("model_type") in FORMATS else None)
+    select_format(module.cfg, model_type)  # fails before any parameter is fetched from the devices
     fmt, arch_cfg, sd = to_hf(module.cfg, params.get_params(module), model_type)
     os.makedirs(path, exist_ok=True)
     for stale in glob.glob(os.path.join(path, "model*.safetensors*")) + glob.glob(os.path.join(path, "pytorch_model*")):

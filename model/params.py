@@ -35,25 +35,35 @@ def _key(path) -> str:
     return ".".join(str(p) for p in path)
 
 
-def get_params(model: nnx.Module) -> dict[str, np.ndarray]:
-    """Canonical flat name -> numpy array (float32) for every saved variable of ``model``."""
+def _canonical(model: nnx.Module, read, index):
+    """Canonical flat name -> ``read(value)`` (``index(x, i)`` takes layer i of a scanned stack)."""
     stacks = _stacks(model)
-    out: dict[str, np.ndarray] = {}
-    for path, value in nnx.to_flat_state(nnx.state(model, SAVED)):
-        arr = np.asarray(jax.device_get(value.get_value() if hasattr(value, "get_value") else value))
+    out = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, SAVED)):
+        x = read(var.get_value() if hasattr(var, "get_value") else var)
         stack_path = next((sp for sp in stacks if path[: len(sp)] == sp), None)
         if stack_path is None:
-            out[_key(path)] = arr
+            out[_key(path)] = x
             continue
         stack = stacks[stack_path]
         rest = path[len(stack_path) + 1 :]  # drop the 'layers' attribute
         prefix = _key(stack_path)
         if stack.scan:
             for i in range(stack.num_layers):
-                out[f"{prefix}.{i}.{_key(rest)}"] = arr[i]
+                out[f"{prefix}.{i}.{_key(rest)}"] = index(x, i)
         else:
-            out[f"{prefix}.{rest[0]}.{_key(rest[1:])}"] = arr
+            out[f"{prefix}.{rest[0]}.{_key(rest[1:])}"] = x
     return out
+
+
+def get_params(model: nnx.Module) -> dict[str, np.ndarray]:
+    """Canonical flat name -> numpy array (float32) for every saved variable of ``model``."""
+    return _canonical(model, lambda v: np.asarray(jax.device_get(v)), lambda a, i: a[i])
+
+
+def param_shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:
+    """Canonical flat name -> shape; works on abstract models (``nnx.eval_shape``) too."""
+    return _canonical(model, lambda v: tuple(v.shape), lambda s, i: s[1:])
 
 
 def _place(value: np.ndarray, current):

@@ -41,27 +41,8 @@ def _causal_lm(model, batch, rng, denom):
 
 
 causal_lm = Loss(_causal_lm, lambda batch: {"tokens": jnp.sum(batch["loss_weights"])})
-# The model zoo's stand-in objectives (data/pipeline.py's Simple*Rows): an encoder's MLM logits scored on the
-# masked tokens (the same token cross-entropy: the rows carry the masking), and an encoder-decoder's
-# reconstruction of the row.
-simple_mlm = Loss(_causal_lm, lambda batch: {"tokens": jnp.sum(batch["loss_weights"])})
 
+LOSSES = {"causal_lm": causal_lm}
 
-def _simple_denoising(model, batch, rng, denom):
-    logits = model(
-        batch["encoder_inputs"],
-        batch["decoder_inputs"],
-        encoder_segment_ids=batch["encoder_segment_ids"],
-        encoder_positions=batch["encoder_positions"],
-        decoder_segment_ids=batch["decoder_segment_ids"],
-        decoder_positions=batch["decoder_positions"],
-        rng=rng,
-    )
-    ce, correct = token_cross_entropy(logits, batch["decoder_targets"], batch["decoder_loss_weights"])
-    n = jnp.maximum(denom["tokens"], 1.0)
-    return ce / n, {"loss": ce / n, "accuracy": correct / n}
-
-
-simple_denoising = Loss(_simple_denoising, lambda batch: {"tokens": jnp.sum(batch["decoder_loss_weights"])})
-
-LOSSES = {"causal_lm": causal_lm, "simple_mlm": simple_mlm, "simple_denoising": simple_denoising}
+# Pretraining objectives beyond causal LM (MLM/NSP/SOP, seq2seq, distillation) register themselves here.
+import podformer.objective_losses  # noqa: E402, F401

@@ -151,14 +151,18 @@ def reference_logits(name: str, ref, b: dict) -> np.ndarray:
     return (out.prediction_logits if name == "bert" else out.logits).numpy()
 
 
-def our_logits(name: str, model, b: dict) -> np.ndarray:
-    import jax.numpy as jnp
-
+def forward(name: str, model, b: dict):
+    """The model's logits on a batch of ``batch(name)`` (traceable: jit it)."""
     if name in SEQ2SEQ:
-        args = [b["input_ids"], b["decoder_input_ids"], b["attention_mask"], b["decoder_attention_mask"]]
-    else:
-        args = [b["input_ids"], b["attention_mask"], b.get("token_type_ids")]
-    return np.asarray(model(*[None if a is None else jnp.asarray(a) for a in args]))
+        return model(b["input_ids"], b["decoder_input_ids"], b["attention_mask"], b["decoder_attention_mask"])
+    return model(b["input_ids"], b["attention_mask"], b.get("token_type_ids"))
+
+
+def our_logits(name: str, model, b: dict) -> np.ndarray:
+    """Compiled once per model: eager calls would compile every operation, or the whole scan, per call."""
+    from flax import nnx
+
+    return np.asarray(nnx.jit(forward, static_argnums=0)(name, model, b))
 
 
 def valid(name: str, b: dict) -> np.ndarray:

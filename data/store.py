@@ -1,0 +1,156 @@
+"""Sentence stores: documents split into sentences, tokenized once into flat memory-mapped arrays.
+
+``tokens[sent_starts[s]:sent_starts[s+1]]`` is sentence s and ``doc_starts`` (a subset of
+``sent_starts``) marks where each document begins; no BOS/EOS or separators are stored -- each
+objective adds its own. Every row an objective builds is then a random-access slice, which is what
+lets the loader jump to any step. Built in bounded memory (documents are read, split and tokenized a
+chunk at a time and appended to files), into a temporary directory that is renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from podformer.errors import UserError
+
+FORMAT = "sentences-v1"
+
+# A sentence ends at a newline, or after . ! ? (and closing quotes/brackets) followed by whitespace and
+# something that can start a sentence. The whitespace stays with the sentence before it, so the
+# sentences of a text concatenate back to the text exactly (code and prose alike).
+_BOUNDARY = re.compile(r"\n|(?<=[.!?])[\"')\]]*[ \t]+(?=[\"'(\[A-Z0-9])")
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences of ``text`` (whitespace-only pieces merged into the sentence before them)."""
+    out, start = [], 0
+    for m in _BOUNDARY.finditer(text):
+        end = m.end()
+        piece = text[start:end]
+        if out and not piece.strip():
+            out[-1] += piece
+        elif piece:
+            out.append(piece)
+        start = end
+    tail = text[start:]
+    if tail:
+        if out and not tail.strip():
+            out[-1] += tail
+        else:
+            out.append(tail)
+    return out
+
+
+class SentenceStore:
+    def __init__(self, path: str):
+        self.path = path
+        with open(os.path.join(path, "meta.json")) as f:
+            self.meta = json.load(f)
+        self.tokens = np.memmap(os.path.join(path, "tokens.bin"), dtype=self.meta["dtype"], mode="r")
+        self.sent_starts = np.load(os.path.join(path, "sent_starts.npy"))
+        self.doc_starts = np.load(os.path.join(path, "doc_starts.npy"))
+        # Index of each document's first sentence, and of each sentence's document.
+        self.doc_first_sentence = np.searchsorted(self.sent_starts, self.doc_starts)
+
+    def __reduce__(self):  # worker processes reopen the files instead of receiving a copy of them
+        return (SentenceStore, (self.path,))
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.sent_starts[-1])
+
+    @property
+    def num_docs(self) -> int:
+        return len(self.doc_starts) - 1
+
+    @property
+    def num_sentences(self) -> int:
+        return len(self.sent_starts) - 1
+
+    def doc_of_sentence(self, s) -> np.ndarray:
+        return np.searchsorted(self.doc_first_sentence, s, side="right") - 1
+
+    def doc_of_token(self, t) -> np.ndarray:
+        return np.searchsorted(self.doc_starts, t, side="right") - 1
+
+    def token_range(self, start: int, stop: int) -> np.ndarray:
+        return np.asarray(self.tokens[start:stop], dtype=np.int32)
+
+    def sentences(self, first: int, last: int) -> list[np.ndarray]:
+        """Sentences ``first .. last-1`` as int32 arrays."""
+        flat = self.token_range(int(self.sent_starts[first]), int(self.sent_starts[last]))
+        return np.split(flat, self.sent_starts[first + 1 : last] - self.sent_starts[first])
+
+    def unigram_entropy(self) -> float:
+        counts = np.bincount(np.asarray(self.tokens), minlength=1).astype(np.float64)
+        p = counts[counts > 0] / counts.sum()
+        return float(-(p * np.log(p)).sum())
+
+
+def build(
+    path: str,
+    documents: Sequence[str],
+    encode_batch: Callable[[Sequence[str]], list[list[int]]],
+    *,
+    vocab_size: int,
+    name: str,
+    meta: dict | None = None,
+    chunk: int = 256,
+) -> SentenceStore:
+    """Split ``documents`` into sentences and tokenize them into a store at ``path``."""
+    dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
+    sent_lengths, doc_sentence_counts = [], []
+    try:
+        with open(os.path.join(tmp, "tokens.bin"), "wb") as out:
+            for i in range(0, len(documents), chunk):
+                docs = [split_sentences(d) for d in documents[i : i + chunk]]
+                flat = [s for d in docs for s in d]
+                ids = encode_batch(flat) if flat else []
+                k = 0
+                for d in docs:
+                    lengths = [len(x) for x in ids[k : k + len(d)] if len(x)]
+                    parts = [np.asarray(x, dtype) for x in ids[k : k + len(d)] if len(x)]
+                    k += len(d)
+                    if parts:
+                        out.write(np.concatenate(parts).tobytes())
+                        sent_lengths.extend(lengths)
+                        doc_sentence_counts.append(len(lengths))
+        if not sent_lengths:
+            raise UserError(f"{name}: the corpus is empty (no document has any text)")
+        sent_starts = np.concatenate([[0], np.cumsum(sent_lengths)]).astype(np.int64)
+        first = np.concatenate([[0], np.cumsum(doc_sentence_counts)]).astype(np.int64)
+        np.save(os.path.join(tmp, "sent_starts.npy"), sent_starts)
+        np.save(os.path.join(tmp, "doc_starts.npy"), sent_starts[first])
+        info = {
+            **(meta or {}),
+            "format": FORMAT,
+            "dtype": np.dtype(dtype).name,
+            "num_tokens": int(sent_starts[-1]),
+            "num_sentences": len(sent_lengths),
+            "num_docs": len(doc_sentence_counts),
+        }
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(info, f)
+        try:
+            os.rename(tmp, path)
+        except OSError:  # another process finished the same store first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return SentenceStore(path)
+
+
+def cached(path: str, documents_fn: Callable[[], Sequence[str]], **build_kwargs) -> SentenceStore:
+    if os.path.exists(os.path.join(path, "meta.json")):
+        return SentenceStore(path)
+    return build(path, documents_fn(), **build_kwargs)
