@@ -156,7 +156,7 @@ class Bert(nnx.Module):
         self.pooler = layers.Dense((D,), (D,), ("embed",), (None,), **dense) if cfg.pooler else None
         self.nsp = layers.Dense((D,), (2,), ("embed",), (None,), **dense) if cfg.nsp_head else None
 
-    def _positions(self, input_ids: Array, attention_mask: Array | None) -> Array:
+    def _positions(self, input_ids: Array) -> Array:
         B, L = input_ids.shape
         cfg = self.cfg
         if cfg.positions_from_pad:
@@ -182,7 +182,7 @@ class Bert(nnx.Module):
         if segment_ids is None:
             segment_ids = jnp.ones((B, L), jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
         if positions is None:
-            positions = self._positions(input_ids, attention_mask)
+            positions = self._positions(input_ids)
         rng_embed, rng_blocks = jax.random.split(rng) if rng is not None else (None, None)
 
         x_BLD = layers.lookup(self.embed, input_ids) if inputs_embeds is None else inputs_embeds
