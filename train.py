@@ -16,7 +16,7 @@ from flax import nnx
 
 from data import pipeline
 from data.loader import Loader
-from podformer import checkpoint, distributed, generate, loop, optim, trainer
+from podformer import checkpoint, distributed, generate, loop, optim, preemption, trainer
 from podformer import config as config_lib
 from podformer import flops as flops_lib
 from podformer import mesh as mesh_lib
@@ -175,6 +175,8 @@ def run(argv: list[str] | None = None) -> dict:
         meta = {"step": step, "config": config_lib.to_dict(cfg), "tokenizer": data.tokenizer.fingerprint}
         ckpt.save(step, state, loader.get_state(), meta, force=final)
 
+    watcher = preemption.Watcher()  # SIGTERM -> every process saves at one agreed step, then exit 75
+    watcher.start(start_step)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         state, step, last_eval = loop.run(
             state,
@@ -191,12 +193,18 @@ def run(argv: list[str] | None = None) -> dict:
             tokens_per_step=t.batch_size * t.seq_len,
             flops_per_token=flops_per_token,
             peak_flops=peak,
+            should_stop=watcher,
         )
+    watcher.close()
     ckpt.close()
     loader.close()
     writer.close()
 
-    result = {"step": step, "unigram_entropy": data.unigram_entropy, **last_eval}
+    preempted = watcher.preempted and step < t.steps
+    result = {"step": step, "unigram_entropy": data.unigram_entropy, "preempted": preempted, **last_eval}
+    if preempted:
+        log(f"preempted: saved step {step} to {ckpt.directory}; run the same command to resume")
+        return result
     if last_eval:
         log(f"final eval loss {last_eval['eval_loss']:.4f} nats/token vs unigram entropy {data.unigram_entropy:.4f}")
     if t.sample_prompt and cfg.data.objective == "causal_lm":
@@ -237,10 +245,12 @@ def init_from(path: str, family: str, model_cfg, graphdef, state):
 
 def main() -> None:
     try:
-        run()
+        result = run()
     except UserError as e:
         print(f"podformer: error: {e}", file=sys.stderr)
         sys.exit(2)
+    if result["preempted"]:
+        sys.exit(preemption.EXIT_CODE)
 
 
 if __name__ == "__main__":

@@ -96,8 +96,12 @@ def base(name: str, family: str, model) -> ml_collections.ConfigDict:
     # float32 matmul rate on other hardware (CPUs included).
     c.metrics.peak_tflops = 0.0
 
+    # Multi-process runs (README "From a CPU to a TPU pod"): on Cloud TPU VMs and in SLURM steps leave these
+    # unset and JAX finds everything; elsewhere give all three (or PODFORMER_COORDINATOR/_NUM_PROCESSES/
+    # _PROCESS_ID). num_processes=1 forces a single process.
     c.distributed = ml_collections.ConfigDict()
     c.distributed.coordinator = ""  # host:port of process 0; '' = from the environment, if any
     c.distributed.num_processes = 0
     c.distributed.process_id = -1
+    c.distributed.initialization_timeout = 300  # seconds to wait for all processes, then fail naming the coordinator
     return c

@@ -6,6 +6,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from podformer import distributed
 from podformer.errors import UserError
 
 
@@ -21,6 +22,7 @@ def check_workdir(workdir: str) -> epath.Path:
         raise UserError(
             f"workdir {workdir!r} is not writable ({e.strerror or e}); pass --workdir=<a writable directory>"
         ) from None
+    distributed.check_shared_directory(path)
     return path
 
 

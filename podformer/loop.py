@@ -71,7 +71,8 @@ def run(
             flush()
             progress.update(1)
             stop = should_stop(step)
-            if evaluate is not None and eval_every and step % eval_every == 0 and step != total_steps:
+            # A preempted run spends its grace period on the checkpoint, not on an evaluation.
+            if evaluate is not None and eval_every and step % eval_every == 0 and step != total_steps and not stop:
                 flush(final=True)
                 last_eval = evaluate(state, step)
             if step % checkpoint_every == 0 or step == total_steps or stop:

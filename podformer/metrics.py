@@ -14,6 +14,9 @@ class MetricWriter:
     def __init__(self, workdir: str, enabled: bool | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.path = epath.Path(workdir) / "metrics.jsonl"
+        # Object stores (gs://) have no append: there the lines are kept and the whole object rewritten.
+        self._remote = "://" in str(workdir)
+        self._lines: list[str] | None = None
         self._tb = None
         if self.enabled:
             from tensorboardX import SummaryWriter
@@ -28,13 +31,21 @@ class MetricWriter:
         lines = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
         kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
         self.path.write_text("".join(ln + "\n" for ln in kept))
+        self._lines = None
 
     def write(self, step: int, values: dict) -> None:
         if not self.enabled:
             return
         record = {"step": int(step), **{k: _plain(v) for k, v in values.items()}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+        if self._remote:
+            if self._lines is None:
+                self._lines = self.path.read_text().splitlines(keepends=True) if self.path.exists() else []
+            self._lines.append(line)
+            self.path.write_text("".join(self._lines))
+        else:
+            with self.path.open("a") as f:
+                f.write(line)
         for k, v in record.items():
             if k != "step" and isinstance(v, int | float):
                 self._tb.add_scalar(k, v, step)
