@@ -238,8 +238,10 @@ def init_from(path: str, family: str, model_cfg, graphdef, state):
             "set the run's model.* to the checkpoint's"
         )
     ts = nnx.merge(graphdef, state)
-    params.set_params(ts.model, flat)  # each value lands in the sharding of the parameter it replaces
-    log(f"initialised {len(flat)} parameters from {path}")
+    # Each value lands in the sharding of the parameter it replaces. A checkpoint without some optional
+    # part (a base model without its LM head) leaves that part at its fresh initialisation.
+    missing = params.set_params(ts.model, flat, allow_missing=True)
+    log(f"initialised {len(flat)} parameters from {path}" + (f"; kept fresh: {', '.join(missing)}" if missing else ""))
     return nnx.state(ts)
 
 

@@ -152,7 +152,7 @@ class Bert(nnx.Module):
         dense = dict(use_bias=True, init_std=std, rngs=rngs)
         self.mlm_dense = layers.Dense((D,), (D,), ("embed",), (None,), **dense)
         self.mlm_norm = layers.Norm(D, **norm)
-        self.mlm_bias = layers.param(rngs, layers.zeros, (V,), ("vocab",))
+        self.mlm_bias = layers.Bias(V, ("vocab",), rngs=rngs)
         self.pooler = layers.Dense((D,), (D,), ("embed",), (None,), **dense) if cfg.pooler else None
         self.nsp = layers.Dense((D,), (2,), ("embed",), (None,), **dense) if cfg.nsp_head else None
 
@@ -198,7 +198,7 @@ class Bert(nnx.Module):
     def mlm_logits(self, hidden_BLD: Array) -> Array:
         dtype = hidden_BLD.dtype
         h = self.mlm_norm(layers.ACTIVATIONS[self.cfg.activation](self.mlm_dense(hidden_BLD)))
-        logits_BLV = layers.unembed(h, self.embed[...].astype(dtype)) + self.mlm_bias[...].astype(dtype)
+        logits_BLV = self.mlm_bias(layers.unembed(h, self.embed[...].astype(dtype)))
         return sharding.constrain(logits_BLV.astype(jnp.float32), ("batch", "length", "vocab"))
 
     def pooled(self, hidden_BLD: Array) -> Array:

@@ -261,7 +261,7 @@ class GPT(nnx.Module):
         self.final_norm = layers.Norm(D, **norm)
         if not cfg.tie_embeddings:
             self.lm_head = layers.param(rngs, layers.normal(cfg.init_std), (D, V), ("embed", "vocab"))
-        self.lm_head_bias = layers.param(rngs, layers.zeros, (V,), ("vocab",)) if cfg.lm_head_bias else None
+        self.lm_head_bias = layers.Bias(V, ("vocab",), rngs=rngs) if cfg.lm_head_bias else None
 
     def __call__(
         self,
@@ -315,5 +315,5 @@ class GPT(nnx.Module):
         else:
             logits_BLV = jnp.einsum("BLD,DV->BLV", x_BLD, self.lm_head[...].astype(dtype))
         if self.lm_head_bias is not None:
-            logits_BLV = logits_BLV + self.lm_head_bias[...].astype(dtype)
+            logits_BLV = self.lm_head_bias(logits_BLV)
         return sharding.constrain(logits_BLV.astype(jnp.float32), ("batch", "length", "vocab"))

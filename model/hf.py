@@ -197,13 +197,16 @@ def build(family: str, cfg, flat: dict[str, np.ndarray], *, seed: int = 0, mesh=
     sharded = mesh is not None and not getattr(mesh, "empty", False) and rules
     model = nnx.eval_shape(lambda: module_cls(cfg, rngs=nnx.Rngs(seed)))
     shardings = sharding.state_shardings(nnx.state(model, params.SAVED), mesh, rules) if sharded else None
-    try:
-        params.set_params(model, flat, shardings=shardings)
-    except KeyError:  # some parameters are missing: start from a real initialisation instead
+    names = set(params.param_shapes(model))
+    if set(flat) - names:
+        raise HFError(f"values for parameters a {family} model does not have: {sorted(set(flat) - names)[:4]}")
+    if names - set(flat):  # some parameters are missing: start from a real initialisation instead
         model = module_cls(cfg, rngs=nnx.Rngs(seed))
-        params.set_params(model, flat, strict=False)
+        params.set_params(model, flat, allow_missing=True)
         if sharded:
             nnx.update(model, jax.device_put(nnx.state(model, params.SAVED), shardings))
+        return model
+    params.set_params(model, flat, shardings=shardings)
     return model
 
 

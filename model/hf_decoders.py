@@ -32,7 +32,7 @@ def _head(cfg: GPTConfig, hf: str, bias: str = "") -> list:
     """The untied output projection, if any (a tied one is the embedding itself: nothing is saved)."""
     if cfg.tie_embeddings:
         return []
-    return [unembed(hf, "lm_head")] + ([tensor(bias, "lm_head_bias")] if cfg.lm_head_bias else [])
+    return [unembed(hf, "lm_head")] + ([tensor(bias, "lm_head_bias.bias")] if cfg.lm_head_bias else [])
 
 
 # ---------------------------------------------------------------------------------------------------

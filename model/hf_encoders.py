@@ -6,7 +6,7 @@ from model import bert
 from model.hf_common import Format, HFError, activation_from_hf, activation_to_hf, attention, linear, mlp, norm, tensor
 
 # The MLM head a bare base-model checkpoint (BertModel, RobertaModel) lacks: it starts from its init.
-_MLM_HEAD = ("mlm_dense.kernel", "mlm_dense.bias", "mlm_norm.scale", "mlm_norm.bias", "mlm_bias")
+_MLM_HEAD = ("mlm_dense.kernel", "mlm_dense.bias", "mlm_norm.scale", "mlm_norm.bias", "mlm_bias.bias")
 
 
 def _dims(cfg: bert.BertConfig):
@@ -86,7 +86,7 @@ def _mlm(prefix: str, dense: str, layer_norm: str, bias: str, D: int) -> list:
         linear(f"{prefix}{dense}.weight", "mlm_dense.kernel", (D,), (D,)),
         tensor(f"{prefix}{dense}.bias", "mlm_dense.bias"),
         *norm(f"{prefix}{layer_norm}", "mlm_norm"),
-        tensor(f"{prefix}{bias}", "mlm_bias"),
+        tensor(f"{prefix}{bias}", "mlm_bias.bias"),
     ]
 
 

@@ -115,6 +115,17 @@ def lookup(table: nnx.Param, ids: Array, offset: int = 0) -> Array:
     return jnp.take(table[...], ids + offset if offset else ids, axis=0)
 
 
+class Bias(nnx.Module):
+    """An additive bias of its own: an output layer's whose projection is a (tied) table elsewhere. Its
+    parameter is named ``bias`` like every other bias, so the optimizer treats it as one (no decay)."""
+
+    def __init__(self, dim: int, axes: tuple[str | None, ...], *, rngs: nnx.Rngs):
+        self.bias = param(rngs, zeros, (dim,), axes)
+
+    def __call__(self, x: Array) -> Array:
+        return x + self.bias[...].astype(x.dtype)
+
+
 class RelativePositionBias(nnx.Module):
     """T5's learned relative position bias: one scalar per (bucket of key - query offset, head), added
     to the attention logits of every layer (the table lives in the stack, not in a block)."""
@@ -255,7 +266,8 @@ class Attention(nnx.Module):
         o = self.o
         kv_BSD = x_BLD if kv_BSD is None else kv_BSD
         if window is not None:  # local attention (a per-layer input: 0 for global layers)
-            mask_B1LS = local_window_mask(x_BLD.shape[1], kv_BSD.shape[1], window) & mask_B1LS
+            local = local_window_mask(x_BLD.shape[1], kv_BSD.shape[1], window)
+            mask_B1LS = local if mask_B1LS is None else local & mask_B1LS
         q, k, v = self.query(x_BLD), self.key(kv_BSD), self.value(kv_BSD)
         if o.rotary_dim:
             kv_positions_BS = positions_BL if kv_positions_BS is None else kv_positions_BS

@@ -75,11 +75,19 @@ def _place(value: np.ndarray, current):
     return jax.numpy.asarray(value)
 
 
-def set_params(model: nnx.Module, flat: dict[str, np.ndarray], *, strict: bool = True, shardings=None) -> list[str]:
+def set_params(
+    model: nnx.Module,
+    flat: dict[str, np.ndarray],
+    *,
+    strict: bool = True,
+    allow_missing: bool = False,
+    shardings=None,
+) -> list[str]:
     """Write canonical-named arrays into ``model`` in place (shapes and names checked). The model may be
     abstract (``nnx.eval_shape``); values keep the placement of what they replace, or take
-    ``shardings`` (an nnx.State of shardings for ``nnx.state(model, SAVED)``). With ``strict=False``
-    variables without a value keep theirs; their names are returned."""
+    ``shardings`` (an nnx.State of shardings for ``nnx.state(model, SAVED)``). ``strict=False`` ignores
+    values the model has no parameter for; with ``allow_missing`` parameters without a value keep
+    theirs, and their names are returned."""
     stacks = _stacks(model)
     state = nnx.state(model, SAVED)
     targets = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
@@ -96,7 +104,7 @@ def set_params(model: nnx.Module, flat: dict[str, np.ndarray], *, strict: bool =
             names = [_key(path) if stack_path is None else _key(stack_path + path[len(stack_path) + 1 :])]
         absent = [n for n in names if n not in flat]
         if absent:
-            if strict or len(absent) != len(names):
+            if not allow_missing or len(absent) != len(names):
                 raise KeyError(f"no value for parameter {absent[0]}")
             missing.extend(names)
             continue

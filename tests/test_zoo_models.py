@@ -124,3 +124,18 @@ def test_decoders_refuse_token_types():
     model = build(gpt.GPT, gpt.GPTConfig.tiny(vocab_size=V, d_model=32, num_layers=1, num_heads=4))
     with pytest.raises(ValueError, match="no token types"):
         model(ids(1, 4), token_type_ids=jnp.zeros((1, 4), jnp.int32))
+
+
+def test_output_biases_are_not_weight_decayed():
+    """BERT's MLM bias and GPT-J's output bias are biases to the optimizer (named `bias`), like BERT's own
+    recipe, which exempts every bias and LayerNorm from weight decay."""
+    from podformer import optim
+
+    for model in (
+        nnx.eval_shape(lambda: bert.Bert(bert.BertConfig.tiny(), rngs=nnx.Rngs(0))),
+        nnx.eval_shape(lambda: gpt.GPT(gpt.GPTConfig.tiny(tie_embeddings=False, lm_head_bias=True), rngs=nnx.Rngs(0))),
+    ):
+        mask = dict(nnx.to_flat_state(optim.decay_mask(nnx.state(model, nnx.Param))))
+        decayed = {".".join(map(str, k)) for k, v in mask.items() if (v.get_value() if hasattr(v, "get_value") else v)}
+        assert not any("bias" in name or "norm" in name for name in decayed), decayed
+        assert "embed" in decayed

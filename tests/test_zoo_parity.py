@@ -93,8 +93,23 @@ def test_bert_pooler_and_next_sentence_head(reference):
     with torch.no_grad():
         out = ref(**{k: torch.tensor(v) for k, v in b.items()})
     nsp = nnx.jit(lambda m, *args: m.nsp_logits(m.encode(*args)))
-    got = nsp(model, *[jnp.asarray(b[k]) for k in ("input_ids", "attention_mask", "token_type_ids")])
+    got = nsp(model, *[jnp.asarray(b[k]) for k in zh.ENCODER_INPUTS])
     assert np.abs(np.asarray(got) - out.seq_relationship_logits.numpy()).max() < 1e-4
+
+
+def test_bare_base_model_loads_with_a_fresh_head(tmp_path, capsys):
+    """A BertModel folder (no MLM head, no 'bert.' prefix): the encoder matches, the head starts fresh."""
+    config, _ = zh.specs(transformers)["bert"]
+    torch.manual_seed(0)
+    ref = transformers.BertModel(config).eval()
+    ref.save_pretrained(tmp_path)
+    model = hf.from_pretrained(str(tmp_path))
+    assert "mlm_dense.kernel" in capsys.readouterr().err
+    b = zh.batch("bert")
+    with torch.no_grad():
+        expected = ref(**{k: torch.tensor(v) for k, v in b.items()}).last_hidden_state.numpy()
+    got = nnx.jit(lambda m, *args: m.encode(*args))(model, *[jnp.asarray(b[k]) for k in zh.ENCODER_INPUTS])
+    assert np.abs(np.asarray(got) - expected)[zh.valid("bert", b)].max() < 1e-4
 
 
 def test_sharded_folders_and_bin_files(reference, tmp_path):

@@ -7,6 +7,7 @@ import numpy as np
 V = 97  # vocabulary of every tiny reference model
 SEQ2SEQ = ("t5", "t5_v1_1", "mt5", "bart")
 ENCODERS = ("bert", "bert_mlm", "roberta", "distilbert")
+ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 def specs(T) -> dict:
