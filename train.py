@@ -46,7 +46,11 @@ def run(argv: list[str] | None = None) -> dict:
     config_cls, module_cls = models.FAMILIES[cfg.model.family]
     model_cfg = config_lib.family_config(cfg.model, config_cls)
     t = cfg.train
-    if getattr(model_cfg, "position", "") == "learned" and t.seq_len > model_cfg.max_len:
+    if (
+        hasattr(model_cfg, "max_len")
+        and getattr(model_cfg, "position", "learned") == "learned"
+        and t.seq_len > model_cfg.max_len
+    ):
         raise UserError(
             f"train.seq_len={t.seq_len} exceeds model.max_len={model_cfg.max_len}; lower one or raise the other"
         )
@@ -77,12 +81,18 @@ def run(argv: list[str] | None = None) -> dict:
     ckpt = checkpoint.Checkpointer(workdir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     writer = MetricWriter(workdir)
 
-    # Resume order: the latest complete checkpoint in this workdir -> from scratch.
+    # Resume order: the latest complete checkpoint in this workdir -> init.checkpoint (parameters only, from a
+    # podformer workdir or a Hugging Face folder; the optimizer starts fresh) -> from scratch.
     start_step, data_state = 0, None
     latest = ckpt.latest_step()
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         if latest is not None:
             meta = ckpt.restore_meta(latest)
+            if meta.get("params_only"):
+                raise UserError(
+                    f"{workdir} holds imported parameters, not a training run; pass it as "
+                    f"--config.init.checkpoint={workdir} and train into a new --workdir"
+                )
             if meta.get("tokenizer") != data.tokenizer.fingerprint:
                 raise UserError(
                     f"{workdir}: the checkpoint was trained with tokenizer {meta.get('tokenizer')}, this run has "
@@ -94,6 +104,8 @@ def run(argv: list[str] | None = None) -> dict:
             log(f"resumed from {ckpt.directory}/{latest}")
         else:
             _, state, _ = trainer.create_state(make_model, tx, mesh, rules, t.seed)
+            if cfg.init.checkpoint:
+                state = init_from(cfg.init.checkpoint, cfg.model.family, model_cfg, graphdef, state)
 
     loader = Loader(
         data.train_rows,
@@ -183,7 +195,7 @@ def run(argv: list[str] | None = None) -> dict:
             total_steps=t.steps,
             log_every=t.log_every,
             eval_every=t.eval_every,
-            evaluate=evaluate,
+            evaluate=evaluate if t.eval_steps else None,  # eval_steps=0: no evaluation
             checkpoint_every=cfg.checkpoint.every,
             save=save,
             writer=writer,
@@ -205,7 +217,7 @@ def run(argv: list[str] | None = None) -> dict:
         return result
     if last_eval:
         log(f"final eval loss {last_eval['eval_loss']:.4f} nats/token vs unigram entropy {data.unigram_entropy:.4f}")
-    if t.sample_prompt and hasattr(model_cfg, "max_len"):
+    if t.sample_prompt and cfg.data.objective == "causal_lm":
         prompt = data.tokenizer.encode(t.sample_prompt)
         with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
             ids = generate.greedy(
@@ -222,6 +234,25 @@ def run(argv: list[str] | None = None) -> dict:
             (checkpoint.epath.Path(workdir) / "sample.txt").write_text(sample)
         log(f"sample:\n{sample}")
     return result
+
+
+def init_from(path: str, family: str, model_cfg, graphdef, state):
+    """``state`` with the model parameters of ``path`` (a podformer workdir or a Hugging Face folder)."""
+    from model import hf, params
+
+    src_family, src_cfg, flat = hf.load_params(path)
+    diff = params.arch_diff(src_cfg, model_cfg) if src_family == family else [f"family: {src_family} != {family}"]
+    if diff:
+        raise UserError(
+            f"init.checkpoint {path} holds a different model than the run config ({'; '.join(diff[:3])}); "
+            "set the run's model.* to the checkpoint's"
+        )
+    ts = nnx.merge(graphdef, state)
+    # Each value lands in the sharding of the parameter it replaces. A checkpoint without some optional
+    # part (a base model without its LM head) leaves that part at its fresh initialisation.
+    missing = params.set_params(ts.model, flat, allow_missing=True)
+    log(f"initialised {len(flat)} parameters from {path}" + (f"; kept fresh: {', '.join(missing)}" if missing else ""))
+    return nnx.state(ts)
 
 
 def main() -> None:

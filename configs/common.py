@@ -32,7 +32,7 @@ def base(name: str, family: str, model) -> ml_collections.ConfigDict:
     c.train.grad_accum = 1  # micro-batches per step; batch_size must be divisible by it
     c.train.log_every = 10
     c.train.eval_every = 250  # 0: only at the end
-    c.train.eval_steps = 8  # validation batches per evaluation
+    c.train.eval_steps = 8  # validation batches per evaluation (0: no evaluation)
     c.train.seed = 0
     c.train.sample_prompt = "def"  # the run ends with a greedy continuation of this ('' to skip)
     c.train.sample_tokens = 48
@@ -77,6 +77,11 @@ def base(name: str, family: str, model) -> ml_collections.ConfigDict:
     c.data.noise_density = 0.15  # T5 span corruption
     c.data.mean_noise_span = 3.0
     c.data.bart_mask_ratio = 0.3  # BART text infilling: share of words masked, Poisson(3) spans
+
+    c.init = ml_collections.ConfigDict()
+    # Parameters to start from when the workdir has no checkpoint yet: a podformer workdir (its latest
+    # checkpoint, e.g. one `python -m model.hf import` wrote) or a Hugging Face model folder. '' = none.
+    c.init.checkpoint = ""
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every = 500

@@ -1,13 +1,15 @@
-"""GPT-2 family pretraining (causal LM).
+"""Decoder-only pretraining (causal LM): GPT-2, and the decoder family's presets (model/gpt.py PRESETS:
+GPT-3, GPT-Neo, GPT-J, GPT-NeoX, OPT, BLOOM, LLaMA, PaLM, Gopher, Chinchilla).
 
 python train.py                                   # = --config=configs/gpt.py:tiny, CPU, embedded corpus
 python train.py --config=configs/gpt.py:gpt2_small --config.mesh.fsdp=8 --workdir=gs://bucket/gpt2
+python train.py --config=configs/gpt.py:llama_7b --config.mesh.fsdp=64 --config.model.remat=full
 """
 
 from configs import common
-from model.gpt import GPTConfig
+from model.gpt import PRESETS, GPTConfig
 
-VARIANTS = ("tiny", "gpt2_small", "gpt2_medium", "gpt2_large", "gpt2_xl")
+VARIANTS = ("tiny", *PRESETS)
 
 
 def get_config(variant: str = "tiny"):
@@ -27,7 +29,8 @@ def get_config(variant: str = "tiny"):
         c.opt.warmup_steps = 40
         c.checkpoint.every = 200
     else:
-        # GPT-2 / GPT-3 small-scale recipe: 0.5M-token batches of 1024 tokens.
+        # GPT-2 / GPT-3 small-scale recipe: 0.5M-token batches of 1024 tokens (a starting point for the larger
+        # presets too, whose papers' batch sizes and learning rates are set with --config overrides).
         c.train.steps = 100_000
         c.train.batch_size = 512
         c.train.seq_len = 1024

@@ -19,7 +19,7 @@ import re
 
 import numpy as np
 
-from data import corpus, packing, rows, sources, special, store, tokenizer, tokens
+from data import corpus, hf_tokenizer, packing, rows, sources, special, store, tokenizer, tokens
 from podformer.errors import UserError
 
 OBJECTIVES = tuple(special.OBJECTIVE_FAMILY)
@@ -40,7 +40,7 @@ def _embedded(data_cfg, vocab_size: int):
     """The foundation's causal-LM path over the embedded corpus (kept byte for byte: same caches)."""
     pct = data_cfg.validation_percent
     fp = corpus.fingerprint(pct)
-    tok = tokenizer.get(data_cfg, vocab_size, corpus.NAME, fp, lambda: corpus.documents("train", pct))
+    tok = hf_tokenizer.get(data_cfg, vocab_size, corpus.NAME, fp, lambda: corpus.documents("train", pct))
     root = os.path.join(tokenizer.cache_dir(data_cfg.cache_dir), "tokens", f"{corpus.NAME}-{fp}-{tok.fingerprint}")
     kw = dict(encode_batch=tok.encode_batch, vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id)
     stores = {
@@ -97,7 +97,7 @@ def _tokenizer(data_cfg, vocab_size: int, components, family: str):
 
     name = corpus.NAME if data_cfg.source == "embedded" else names
     fp = corpus.fingerprint(data_cfg.validation_percent) if data_cfg.source == "embedded" else fp
-    return tokenizer.get(data_cfg, vocab_size, name, fp, texts, family=family)
+    return hf_tokenizer.get(data_cfg, vocab_size, name, fp, texts, family=family)
 
 
 def _store(data_cfg, src, split: str, tok, *, sentences: bool):

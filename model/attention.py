@@ -8,6 +8,7 @@ relative positions, ALiBi) are (B or 1, H, L, S) float arrays.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +44,53 @@ def make_attention_mask(
         L, S = q_segment_ids_BL.shape[1], kv_segment_ids_BS.shape[1]
         mask &= (jnp.arange(L)[:, None] + (S - L)) >= jnp.arange(S)[None, :]
     return mask[:, None, :, :]
+
+
+def local_window_mask(L: int, S: int, window: Array | int) -> Array:
+    """(1, 1, L, S): key within the last ``window`` indices of the query (GPT-Neo's local layers), by index
+    in the row like the causal mask. ``window`` may be traced (a per-layer input of a scanned stack);
+    0 means unlimited (a global layer)."""
+    distance = (jnp.arange(L)[:, None] + (S - L)) - jnp.arange(S)[None, :]
+    return ((window <= 0) | (distance < window))[None, None]
+
+
+def alibi_slopes(num_heads: int) -> Array:
+    """ALiBi's per-head slopes (Press et al. 2022): a geometric sequence from 2^(-8/n); for a head count
+    that is not a power of two, the odd entries of the next power's sequence fill the rest (BLOOM)."""
+    closest = 2 ** math.floor(math.log2(num_heads))
+    base = 2.0 ** (-(2.0 ** -(math.log2(closest) - 3)))
+    slopes = [base**i for i in range(1, closest + 1)]
+    if closest != num_heads:
+        extra = 2.0 ** (-(2.0 ** -(math.log2(2 * closest) - 3)))
+        slopes += [extra**i for i in range(1, 2 * min(closest, num_heads - closest), 2)]
+    return jnp.asarray(slopes, jnp.float32)
+
+
+def alibi_bias(num_heads: int, kv_positions_BS: Array) -> Array:
+    """(B, H, 1, S) additive ALiBi bias. It depends on the key position only: ``-slope * (q - k)`` and
+    ``slope * k`` differ by a per-row constant, which softmax ignores (BLOOM's formulation)."""
+    return alibi_slopes(num_heads)[None, :, None, None] * kv_positions_BS[:, None, None, :].astype(jnp.float32)
+
+
+def t5_relative_buckets(relative_BLS: Array, *, bidirectional: bool, num_buckets: int, max_distance: int) -> Array:
+    """T5's bucketing of ``key - query`` offsets: exact buckets for small offsets, logarithmic ones up
+    to ``max_distance``; bidirectional attention spends half the buckets on each direction."""
+    buckets = jnp.zeros_like(relative_BLS)
+    if bidirectional:
+        num_buckets //= 2
+        buckets += (relative_BLS > 0).astype(relative_BLS.dtype) * num_buckets
+        n = jnp.abs(relative_BLS)
+    else:
+        n = -jnp.minimum(relative_BLS, 0)
+    max_exact = num_buckets // 2
+    # float32 log, then truncation toward zero, exactly as the reference computes it.
+    large = max_exact + (
+        jnp.log(jnp.maximum(n, 1).astype(jnp.float32) / max_exact)
+        / math.log(max_distance / max_exact)
+        * (num_buckets - max_exact)
+    ).astype(relative_BLS.dtype)
+    large = jnp.minimum(large, num_buckets - 1)
+    return buckets + jnp.where(n < max_exact, n, large)
 
 
 def _attention_reference(q, k, v, mask, bias, scale, dropout_rate, rng):

@@ -20,7 +20,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model import sharding
-from model.attention import attention, dropout, make_attention_mask  # noqa: F401  (re-exported)
+from model.attention import (  # noqa: F401  (re-exported)
+    alibi_bias,
+    attention,
+    dropout,
+    local_window_mask,
+    make_attention_mask,
+    t5_relative_buckets,
+)
 
 Array = jax.Array
 
@@ -46,7 +53,9 @@ class BlockOptions:
     num_kv_heads: int = 0  # 0: same as num_heads (multi-head); 1: multi-query; else grouped-query
     activation: str = "gelu_tanh"
     gated_mlp: bool = False  # GLU-style MLP: act(x W_gate) * (x W_up)
-    use_bias: bool = True  # biases in the attention and MLP projections
+    qkv_bias: bool = True  # biases of the query/key/value projections (GPT-Neo, GPT-J, LLaMA: none)
+    out_bias: bool = True  # bias of the attention output projection (GPT-J, LLaMA, T5: none)
+    mlp_bias: bool = True  # biases of the MLP projections (LLaMA, PaLM, T5: none)
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_eps: float = 1e-5
     norm_bias: bool = True  # LayerNorm's additive bias (RMSNorm never has one)
@@ -58,7 +67,7 @@ class BlockOptions:
     rotary_dim: int = 0  # number of head dims that get rotary embeddings; 0 = none
     rotary_base: float = 10000.0
     rotary_interleaved: bool = False  # GPT-J rotates pairs (0,1),(2,3)..; NeoX/LLaMA rotate halves
-    attn_scale: float = 0.0  # 0: 1/sqrt(head_dim); T5 folds the scale into its init and uses 1.0
+    attn_scale: float = 0.0  # 0: 1/sqrt(head_dim); T5 folds the scale into its init, GPT-Neo has none: 1.0
     dropout: float = 0.0
     attention_dropout: float = 0.0
     init_std: float = 0.02
@@ -89,6 +98,51 @@ def normal(std: float):
 
 zeros = jax.nn.initializers.zeros
 ones = jax.nn.initializers.ones
+
+
+class Buffer(nnx.Variable):
+    """An array saved with the model but never trained (BART's ``final_logits_bias``): the optimizer
+    only updates nnx.Param, checkpoints and Hugging Face export still carry it."""
+
+
+def buffer(shape: tuple[int, ...], axes: tuple[str | None, ...]) -> Buffer:
+    return Buffer(jnp.zeros(shape, jnp.float32), out_sharding=axes, eager_sharding=False)
+
+
+def lookup(table: nnx.Param, ids: Array, offset: int = 0) -> Array:
+    """Rows of an embedding table; ``offset`` shifts learned positions (OPT, BART, RoBERTa keep the first
+    rows of their tables for padding, so position p reads row p + 2)."""
+    return jnp.take(table[...], ids + offset if offset else ids, axis=0)
+
+
+class Bias(nnx.Module):
+    """An additive bias of its own: an output layer's whose projection is a (tied) table elsewhere. Its
+    parameter is named ``bias`` like every other bias, so the optimizer treats it as one (no decay)."""
+
+    def __init__(self, dim: int, axes: tuple[str | None, ...], *, rngs: nnx.Rngs):
+        self.bias = param(rngs, zeros, (dim,), axes)
+
+    def __call__(self, x: Array) -> Array:
+        return x + self.bias[...].astype(x.dtype)
+
+
+class RelativePositionBias(nnx.Module):
+    """T5's learned relative position bias: one scalar per (bucket of key - query offset, head), added
+    to the attention logits of every layer (the table lives in the stack, not in a block)."""
+
+    def __init__(self, num_heads: int, *, num_buckets: int, max_distance: int, bidirectional: bool, rngs):
+        self.num_buckets, self.max_distance, self.bidirectional = num_buckets, max_distance, bidirectional
+        self.table = param(rngs, normal(1.0), (num_buckets, num_heads), (None, "heads"))
+
+    def __call__(self, L: int, S: int) -> Array:
+        # By index in the row: within a packed segment index offsets equal position offsets, and the
+        # segment mask hides every other key, so one (1, H, L, S) bias serves the whole batch.
+        relative_LS = jnp.arange(S)[None, :] - (jnp.arange(L)[:, None] + (S - L))
+        buckets = t5_relative_buckets(
+            relative_LS, bidirectional=self.bidirectional, num_buckets=self.num_buckets, max_distance=self.max_distance
+        )
+        bias_LSH = jnp.take(self.table[...], buckets, axis=0)
+        return jnp.transpose(bias_LSH, (2, 0, 1))[None]
 
 
 class Norm(nnx.Module):
@@ -183,7 +237,7 @@ class Attention(nnx.Module):
     def __init__(self, o: BlockOptions, *, rngs: nnx.Rngs):
         self.o = o
         D, H, G, K = o.d_model, o.num_heads, o.kv_heads, o.head_dim
-        kw = dict(use_bias=o.use_bias, init_std=o.init_std, rngs=rngs)
+        kw = dict(use_bias=o.qkv_bias, init_std=o.init_std, rngs=rngs)
         self.query = Dense((D,), (H, K), ("embed",), ("heads", "kv"), **kw)
         self.key = Dense((D,), (G, K), ("embed",), ("heads", "kv"), **kw)
         self.value = Dense((D,), (G, K), ("embed",), ("heads", "kv"), **kw)
@@ -192,7 +246,7 @@ class Attention(nnx.Module):
             (D,),
             ("heads", "kv"),
             ("embed",),
-            use_bias=o.use_bias,
+            use_bias=o.out_bias,
             init_std=o.out_init_std or o.init_std,
             rngs=rngs,
         )
@@ -206,10 +260,14 @@ class Attention(nnx.Module):
         kv_BSD: Array | None = None,
         kv_positions_BS: Array | None = None,
         bias_BHLS: Array | None = None,
+        window: Array | None = None,
         rng: Array | None = None,
     ) -> Array:
         o = self.o
         kv_BSD = x_BLD if kv_BSD is None else kv_BSD
+        if window is not None:  # local attention (a per-layer input: 0 for global layers)
+            local = local_window_mask(x_BLD.shape[1], kv_BSD.shape[1], window)
+            mask_B1LS = local if mask_B1LS is None else local & mask_B1LS
         q, k, v = self.query(x_BLD), self.key(kv_BSD), self.value(kv_BSD)
         if o.rotary_dim:
             kv_positions_BS = positions_BL if kv_positions_BS is None else kv_positions_BS
@@ -235,7 +293,7 @@ class MLP(nnx.Module):
 
     def __init__(self, o: BlockOptions, *, rngs: nnx.Rngs):
         self.act = ACTIVATIONS[o.activation]
-        kw = dict(use_bias=o.use_bias, init_std=o.init_std, rngs=rngs)
+        kw = dict(use_bias=o.mlp_bias, init_std=o.init_std, rngs=rngs)
         self.wi = Dense((o.d_model,), (o.d_ff,), ("embed",), ("mlp",), **kw)
         self.wg = Dense((o.d_model,), (o.d_ff,), ("embed",), ("mlp",), **kw) if o.gated_mlp else None
         self.wo = Dense(
@@ -243,7 +301,7 @@ class MLP(nnx.Module):
             (o.d_model,),
             ("mlp",),
             ("embed",),
-            use_bias=o.use_bias,
+            use_bias=o.mlp_bias,
             init_std=o.out_init_std or o.init_std,
             rngs=rngs,
         )
@@ -280,13 +338,16 @@ class Block(nnx.Module):
         encoded_BSD: Array | None = None,
         cross_mask_B1LS: Array | None = None,
         cross_bias_BHLS: Array | None = None,
+        window: Array | None = None,
         rng: Array | None = None,
     ) -> Array:
         o = self.o
         rngs = list(jax.random.split(rng, 6)) if rng is not None else [None] * 6
 
         def self_attn(h):
-            return self.attn(h, mask_B1LS=mask_B1LS, positions_BL=positions_BL, bias_BHLS=bias_BHLS, rng=rngs[0])
+            return self.attn(
+                h, mask_B1LS=mask_B1LS, positions_BL=positions_BL, bias_BHLS=bias_BHLS, window=window, rng=rngs[0]
+            )
 
         def cross_attn(h):
             return self.cross(h, mask_B1LS=cross_mask_B1LS, kv_BSD=encoded_BSD, bias_BHLS=cross_bias_BHLS, rng=rngs[1])

@@ -4,14 +4,27 @@ Scanned stacks keep one array with a leading layer axis (``blocks.layers.attn.qu
 unrolled stacks keep a list (``blocks.layers.3.attn.query.kernel``). Both read and write the same
 canonical names, ``blocks.3.attn.query.kernel``, so Hugging Face conversion and checkpoint layout
 changes never depend on how the layers were stacked.
+
+Also here: parameters-only checkpoints in a podformer workdir (what ``python -m model.hf import`` writes
+and what ``init.checkpoint`` reads), in the same Orbax layout ``train.py`` uses, so a training workdir
+serves as an init checkpoint too.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
+
+import jax
 import numpy as np
 from flax import nnx
 
 from model import layers
+
+# Saved with the model: trained parameters and untrained buffers (BART's final_logits_bias).
+SAVED = (nnx.Param, layers.Buffer)
+# Config fields that change how a model trains or runs, not which function it computes.
+TRAINING_FIELDS = ("dropout", "attention_dropout", "init_std", "dtype", "scan_layers", "remat", "attention_impl")
 
 
 def _stacks(model: nnx.Module) -> dict[tuple, layers.BlockStack]:
@@ -22,53 +35,193 @@ def _key(path) -> str:
     return ".".join(str(p) for p in path)
 
 
-def get_params(model: nnx.Module) -> dict[str, np.ndarray]:
-    """Canonical flat name -> numpy array (float32) for every nnx.Param of ``model``."""
+def _canonical(model: nnx.Module, read, index):
+    """Canonical flat name -> ``read(value)`` (``index(x, i)`` takes layer i of a scanned stack)."""
     stacks = _stacks(model)
-    out: dict[str, np.ndarray] = {}
-    for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        arr = np.asarray(value.get_value() if hasattr(value, "get_value") else value)
+    out = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, SAVED)):
+        x = read(var.get_value() if hasattr(var, "get_value") else var)
         stack_path = next((sp for sp in stacks if path[: len(sp)] == sp), None)
         if stack_path is None:
-            out[_key(path)] = arr
+            out[_key(path)] = x
             continue
         stack = stacks[stack_path]
         rest = path[len(stack_path) + 1 :]  # drop the 'layers' attribute
         prefix = _key(stack_path)
         if stack.scan:
             for i in range(stack.num_layers):
-                out[f"{prefix}.{i}.{_key(rest)}"] = arr[i]
+                out[f"{prefix}.{i}.{_key(rest)}"] = index(x, i)
         else:
-            out[f"{prefix}.{rest[0]}.{_key(rest[1:])}"] = arr
+            out[f"{prefix}.{rest[0]}.{_key(rest[1:])}"] = x
     return out
 
 
-def set_params(model: nnx.Module, flat: dict[str, np.ndarray], *, strict: bool = True) -> None:
-    """Write canonical-named arrays into ``model`` in place (shapes and names checked)."""
+def get_params(model: nnx.Module) -> dict[str, np.ndarray]:
+    """Canonical flat name -> numpy array (float32) for every saved variable of ``model``."""
+    return _canonical(model, lambda v: np.asarray(jax.device_get(v)), lambda a, i: a[i])
+
+
+def param_shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:
+    """Canonical flat name -> shape; works on abstract models (``nnx.eval_shape``) too."""
+    return _canonical(model, lambda v: tuple(v.shape), lambda s, i: s[1:])
+
+
+def _place(value: np.ndarray, current):
+    """``value`` placed by ``current``: a sharding, or the (possibly abstract) array it replaces and whose
+    sharding it takes; else on the default device."""
+    sharding = current if isinstance(current, jax.sharding.Sharding) else getattr(current, "sharding", None)
+    if isinstance(sharding, jax.sharding.Sharding):
+        return jax.device_put(value, sharding)
+    return jax.numpy.asarray(value)
+
+
+def set_params(
+    model: nnx.Module,
+    flat: dict[str, np.ndarray],
+    *,
+    strict: bool = True,
+    allow_missing: bool = False,
+    shardings=None,
+) -> list[str]:
+    """Write canonical-named arrays into ``model`` in place (shapes and names checked). The model may be
+    abstract (``nnx.eval_shape``); values keep the placement of what they replace, or take
+    ``shardings`` (an nnx.State of shardings for ``nnx.state(model, SAVED)``). ``strict=False`` ignores
+    values the model has no parameter for; with ``allow_missing`` parameters without a value keep
+    theirs, and their names are returned."""
     stacks = _stacks(model)
-    state = nnx.state(model, nnx.Param)
+    state = nnx.state(model, SAVED)
+    targets = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
     seen: set[str] = set()
+    missing: list[str] = []
     new_flat = []
     for path, var in nnx.to_flat_state(state):
         stack_path = next((sp for sp in stacks if path[: len(sp)] == sp), None)
-        if stack_path is not None and stacks[stack_path].scan:
+        scanned = stack_path is not None and stacks[stack_path].scan
+        if scanned:
             rest = _key(path[len(stack_path) + 1 :])
             names = [f"{_key(stack_path)}.{i}.{rest}" for i in range(stacks[stack_path].num_layers)]
-            missing = [n for n in names if n not in flat]
-            if missing:
-                raise KeyError(f"no value for parameter {missing[0]}")
-            value = np.stack([np.asarray(flat[n]) for n in names])
         else:
-            name = _key(path) if stack_path is None else _key(stack_path + path[len(stack_path) + 1 :])
-            names = [name]
-            if name not in flat:
-                raise KeyError(f"no value for parameter {name}")
-            value = np.asarray(flat[name])
+            names = [_key(path) if stack_path is None else _key(stack_path + path[len(stack_path) + 1 :])]
+        absent = [n for n in names if n not in flat]
+        if absent:
+            if not allow_missing or len(absent) != len(names):
+                raise KeyError(f"no value for parameter {absent[0]}")
+            missing.extend(names)
+            continue
+        value = np.stack([np.asarray(flat[n]) for n in names]) if scanned else np.asarray(flat[names[0]])
         if value.shape != var.shape:
             raise ValueError(f"parameter {names[0]}: expected shape {var.shape}, got {value.shape[-len(var.shape) :]}")
         seen.update(names)
-        new_flat.append((path, var.replace(value.astype(var.dtype))))
+        target = targets.get(path)
+        current = target.get_value() if target is not None else var.get_value()
+        new_flat.append((path, var.replace(_place(value.astype(var.dtype), current))))
     extra = sorted(set(flat) - seen)
     if strict and extra:
         raise KeyError(f"values given for parameters the model does not have: {extra[:5]}")
     nnx.update(model, nnx.from_flat_state(new_flat))
+    return missing
+
+
+def arch_diff(a, b) -> list[str]:
+    """Fields in which two family configs describe different functions (training-only fields ignored)."""
+    if type(a) is not type(b):
+        return [f"family config {type(a).__name__} != {type(b).__name__}"]
+
+    def norm(c, f):  # equivalent spellings of one function compare equal (0 = "the default size")
+        v = getattr(c, f)
+        if f == "head_dim":
+            return c.resolved_head_dim
+        if f == "num_decoder_layers":
+            return c.decoder_layers
+        if f == "d_ff":
+            return v or 4 * c.d_model
+        if f == "num_kv_heads":
+            return v or c.num_heads
+        if f == "rotary_dim":
+            return (v or c.resolved_head_dim) if getattr(c, "position", "") == "rotary" else 0
+        if f == "norm_bias" and getattr(c, "norm", "") == "rmsnorm":
+            return False
+        if f == "attention_layers":
+            return () if set(v) <= {"global"} else tuple(v)
+        return v
+
+    return [
+        f"{f.name}: {norm(a, f.name)!r} != {norm(b, f.name)!r}"
+        for f in dataclasses.fields(a)
+        if f.name not in TRAINING_FIELDS and norm(a, f.name) != norm(b, f.name)
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parameters in podformer workdirs
+
+
+def config_to_dict(family: str, cfg) -> dict:
+    return {"family": family, **dataclasses.asdict(cfg)}
+
+
+def config_from_dict(d: dict):
+    """(family, family config) from a checkpoint's ``config.model`` section."""
+    import model as models  # the registry imports every family
+
+    family = d.get("family")
+    if family not in models.FAMILIES:
+        raise ValueError(f"model family {family!r} is not one of {', '.join(models.FAMILIES)}")
+    config_cls = models.FAMILIES[family][0]
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    return family, config_cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in fields})
+
+
+def _manager(workdir: str):
+    import orbax.checkpoint as ocp
+
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    return ocp, ocp.CheckpointManager(directory, item_names=("state", "data", "meta"))
+
+
+def save_workdir(workdir: str, model: nnx.Module, family: str, meta: dict | None = None) -> str:
+    """A parameters-only checkpoint (step 0) in ``workdir``; ``meta`` is stored beside it."""
+    ocp, manager = _manager(workdir)
+    meta = {"params_only": True, "step": 0, "config": {"model": config_to_dict(family, model.cfg)}, **(meta or {})}
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave({"model": nnx.state(model, SAVED)}),
+        data=ocp.args.JsonSave({"step": 0}),
+        meta=ocp.args.JsonSave(meta),
+    )
+    manager.save(0, args=args, force=True)
+    manager.wait_until_finished()
+    manager.close()
+    return os.path.join(os.path.abspath(workdir), "checkpoints", "0")
+
+
+def is_workdir(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, "checkpoints"))
+
+
+def read_workdir(workdir: str, step: int | None = None) -> tuple[str, object, dict[str, np.ndarray], dict]:
+    """(family, config, canonical params, meta) of a workdir's latest (or ``step``) checkpoint: a training
+    run's or an imported one. Only the model is read, never the optimizer state."""
+    ocp, manager = _manager(workdir)
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"{workdir}: no complete checkpoint in {workdir}/checkpoints")
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    family, cfg = config_from_dict(meta["config"]["model"])
+    import model as models
+
+    abstract = nnx.eval_shape(lambda: models.FAMILIES[family][1](cfg, rngs=nnx.Rngs(0)))
+    target = {"model": nnx.state(abstract)}
+    # Restore onto the default device, whatever the mesh that saved it: values are read back to numpy.
+    device = jax.local_devices()[0]
+    restore_args = jax.tree.map(
+        lambda x: ocp.ArrayRestoreArgs(sharding=jax.sharding.SingleDeviceSharding(device)), target
+    )
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
+        ),
+    ).state
+    manager.close()
+    nnx.update(abstract, restored["model"])
+    return family, cfg, get_params(abstract), meta

@@ -10,6 +10,12 @@ is counted once, as the output projection). The first term is the forward (2N) a
 matmuls; the second the attention score and value products (QK^T and AV), also counted 1x forward +
 2x backward, over the full (not causally halved) sequence as in PaLM. Rematerialisation is not
 counted: this is model FLOPs utilisation, not hardware FLOPs.
+
+Encoders use the same formula (bidirectional attention is full anyway). For encoder-decoders a "token" is
+one position of a row pair (encoder and decoder rows of train.seq_len each): every encoder and decoder
+parameter is used once per position, and the attention term counts the encoder's self-attention and the
+decoder's self- and cross-attention, 12 * (n_enc + 2 n_dec) * n_heads * head_dim * seq_len. Local
+attention (GPT-Neo) and the causal mask are counted at full length, as PaLM does.
 """
 
 from __future__ import annotations
@@ -34,14 +40,14 @@ PEAK_FLOPS = {
     "a100": 312e12,
 }
 
-LOOKUP_ONLY = ("pos_embed", "token_type_embed")
+# Tables that are only read, never multiplied: learned positions, token types, T5's relative-bias buckets.
+LOOKUP_ONLY = ("pos_embed", "token_type_embed", "rel_bias.table")
 
 
 def matmul_params(named_sizes: dict[str, int], tied: bool) -> int:
     n = 0
     for name, size in named_sizes.items():
-        leaf = name.split(".")[-1] if "." in name else name
-        if leaf in LOOKUP_ONLY or name in LOOKUP_ONLY:
+        if any(name == k or name.endswith("." + k) for k in LOOKUP_ONLY):
             continue
         if name == "embed" and not tied:
             continue
@@ -50,9 +56,13 @@ def matmul_params(named_sizes: dict[str, int], tied: bool) -> int:
 
 
 def per_token(model_cfg, named_sizes: dict[str, int], seq_len: int) -> float:
+    # Encoders' MLM heads always project onto the tied embedding (no tie_embeddings field: tied).
     n = matmul_params(named_sizes, getattr(model_cfg, "tie_embeddings", True))
     head_dim = model_cfg.head_dim or model_cfg.d_model // model_cfg.num_heads
-    attention = 12 * model_cfg.num_layers * model_cfg.num_heads * head_dim * seq_len
+    layers = model_cfg.num_layers
+    if hasattr(model_cfg, "decoder_layers"):  # encoder-decoder: decoder layers attend twice
+        layers += 2 * model_cfg.decoder_layers
+    attention = 12 * layers * model_cfg.num_heads * head_dim * seq_len
     return 6.0 * n + attention
 
 

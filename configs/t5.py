@@ -1,0 +1,30 @@
+"""T5 (Raffel et al. 2020), T5 v1.1 and mT5, pretrained with span corruption.
+
+python train.py --config=configs/t5.py:tiny                           # CPU, embedded corpus
+python train.py --config=configs/t5.py:v1_1_base --config.mesh.fsdp=8 --workdir=gs://bucket/t5
+"""
+
+from configs import zoo
+from model.t5 import T5_PRESETS, T5Config
+
+VARIANTS = ("tiny", *T5_PRESETS)
+
+
+def get_config(variant: str = "tiny"):
+    if variant not in VARIANTS:
+        raise KeyError(f"variants of configs/t5.py: {', '.join(VARIANTS)}")
+    c = zoo.encoder_or_seq2seq(f"t5_{variant}", "t5", getattr(T5Config, variant)(), variant, "span_corruption")
+    if variant != "tiny":
+        # T5's pretraining shape: 128 sequences of 512 tokens (2^16 tokens per batch), 2^19 steps. T5 used
+        # Adafactor with an inverse-square-root schedule; podformer's AdamW at 1e-3 is the usual stand-in.
+        c.train.steps = 524_288
+        c.train.batch_size = 128
+        c.train.seq_len = 512
+        c.opt.lr = 1e-3
+        c.opt.warmup_steps = 10_000
+        c.opt.weight_decay = 0.0
+        c.checkpoint.every = 10_000
+        c.train.eval_every = 10_000
+        c.model.dtype = "bfloat16"
+        c.data.num_workers = 8
+    return c

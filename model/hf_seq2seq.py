@@ -1,0 +1,202 @@
+"""transformers encoder-decoder formats (T5 v1.0 / v1.1, mT5, BART) <-> model.t5."""
+
+from __future__ import annotations
+
+from model import t5
+from model.hf_common import (
+    Format,
+    HFError,
+    activation_from_hf,
+    activation_to_hf,
+    attention,
+    mlp,
+    norm,
+    tensor,
+    tied,
+    unembed,
+)
+
+# ---------------------------------------------------------------------------------------------------
+# T5 and mT5
+
+
+def _t5_common(hf: dict, sd: dict) -> dict:
+    proj = hf.get("feed_forward_proj", "relu").split("-")
+    gated = proj[0] == "gated"
+    # transformers maps 'gated-gelu' to the tanh GELU ('gelu_new'); any other name is taken as written.
+    act = "gelu_new" if hf.get("feed_forward_proj") == "gated-gelu" else proj[-1]
+    return dict(
+        vocab_size=hf["vocab_size"],
+        d_model=hf["d_model"],
+        num_layers=hf["num_layers"],
+        num_decoder_layers=hf.get("num_decoder_layers") or hf["num_layers"],
+        num_heads=hf["num_heads"],
+        head_dim=hf["d_kv"],
+        d_ff=hf["d_ff"],
+        activation=activation_from_hf(act, "feed_forward_proj"),
+        gated_mlp=gated,
+        norm_eps=hf.get("layer_norm_epsilon", 1e-6),
+        relative_buckets=hf.get("relative_attention_num_buckets", 32),
+        relative_max_distance=hf.get("relative_attention_max_distance", 128),
+        tie_embeddings=tied(hf, sd, "lm_head.weight", "shared.weight", True),
+        dropout=hf.get("dropout_rate", 0.1),
+        init_std=hf.get("initializer_factor", 1.0) * 0.02,
+    )
+
+
+def t5_config(hf: dict, sd: dict) -> t5.T5Config:
+    c = _t5_common(hf, sd)
+    # The d_model**-0.5 rescale before the LM head is T5 v1.0's (whose head is the tied embedding);
+    # transformers 5 records it as scale_decoder_outputs, earlier versions inferred it from
+    # tie_word_embeddings (false in the v1.1 checkpoints).
+    scale = hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True) is not False)
+    return t5.T5Config(**c, scale_output=bool(scale))
+
+
+def mt5_config(hf: dict, sd: dict) -> t5.T5Config:
+    return t5.T5Config(**_t5_common(hf, sd), scale_output=False)  # transformers' mT5 never rescales
+
+
+def t5_to_hf(cfg: t5.T5Config) -> dict:
+    if cfg.position != "relative" or cfg.norm != "rmsnorm" or cfg.norm_position != "pre" or cfg.use_bias:
+        raise HFError("T5 is pre-RMSNorm with relative positions and no biases")
+    if cfg.embed_norm or not cfg.final_norm or cfg.scale_embeddings or cfg.logits_bias or cfg.attn_scale != 1.0:
+        raise HFError("T5 has a final norm and no embedding norm, embedding scale, logits bias or attention scale")
+    act = activation_to_hf(cfg.activation)
+    if cfg.gated_mlp:
+        proj = "gated-gelu" if cfg.activation == "gelu_tanh" else f"gated-{act}"
+    else:
+        proj = act
+    return dict(
+        vocab_size=cfg.vocab_size,
+        d_model=cfg.d_model,
+        num_layers=cfg.num_layers,
+        num_decoder_layers=cfg.decoder_layers,
+        num_heads=cfg.num_heads,
+        d_kv=cfg.resolved_head_dim,
+        d_ff=cfg.d_ff,
+        feed_forward_proj=proj,
+        layer_norm_epsilon=cfg.norm_eps,
+        relative_attention_num_buckets=cfg.relative_buckets,
+        relative_attention_max_distance=cfg.relative_max_distance,
+        tie_word_embeddings=cfg.tie_embeddings,
+        scale_decoder_outputs=cfg.scale_output,
+    )
+
+
+def mt5_to_hf(cfg: t5.T5Config) -> dict:
+    if cfg.scale_output:
+        raise HFError("transformers' mT5 never rescales the decoder output")
+    out = t5_to_hf(cfg)
+    del out["scale_decoder_outputs"]
+    return out
+
+
+def _t5_stack(cfg: t5.T5Config, side: str, num_layers: int) -> list:
+    D, H, K, F = cfg.d_model, cfg.num_heads, cfg.resolved_head_dim, cfg.d_ff
+    qkvo = ("q", "k", "v", "o")
+    ff = {"wg": "wi_0", "wi": "wi_1", "wo": "wo"} if cfg.gated_mlp else {"wi": "wi", "wo": "wo"}
+    rules = [tensor(f"{side}.block.0.layer.0.SelfAttention.relative_attention_bias.weight", f"{side}.rel_bias.table")]
+    rules += norm(f"{side}.final_layer_norm", f"{side}.final_norm", bias=False)
+    for i in range(num_layers):
+        h, b = f"{side}.block.{i}.layer.", f"{side}.blocks.{i}."
+        rules += attention(h + "0.SelfAttention", b + "attn", qkvo, (D, H, H, K), qkv_bias=False, out_bias=False)
+        rules += norm(h + "0.layer_norm", b + "attn_norm", bias=False)
+        j = 1
+        if side == "decoder":
+            rules += attention(h + "1.EncDecAttention", b + "cross", qkvo, (D, H, H, K), qkv_bias=False, out_bias=False)
+            rules += norm(h + "1.layer_norm", b + "cross_norm", bias=False)
+            j = 2
+        rules += mlp(f"{h}{j}.DenseReluDense", b + "mlp", ff, D, F, bias=False)
+        rules += norm(f"{h}{j}.layer_norm", b + "mlp_norm", bias=False)
+    return rules
+
+
+def t5_rules(cfg: t5.T5Config) -> list:
+    rules = [tensor("shared.weight", "embed")] + ([] if cfg.tie_embeddings else [unembed("lm_head.weight", "lm_head")])
+    return rules + _t5_stack(cfg, "encoder", cfg.num_layers) + _t5_stack(cfg, "decoder", cfg.decoder_layers)
+
+
+# ---------------------------------------------------------------------------------------------------
+# BART
+
+
+def bart_config(hf: dict, sd: dict) -> t5.BartConfig:
+    for a, b in (("encoder_attention_heads", "decoder_attention_heads"), ("encoder_ffn_dim", "decoder_ffn_dim")):
+        if hf.get(a) != hf.get(b):
+            raise HFError(f"BART with {a}={hf.get(a)} != {b}={hf.get(b)} is not supported")
+    if hf.get("normalize_before") or hf.get("add_final_layer_norm"):
+        raise HFError("pre-LayerNorm BART variants (normalize_before / add_final_layer_norm) are not supported")
+    return t5.BartConfig(
+        vocab_size=hf["vocab_size"],
+        d_model=hf["d_model"],
+        num_layers=hf["encoder_layers"],
+        num_decoder_layers=hf["decoder_layers"],
+        num_heads=hf["encoder_attention_heads"],
+        d_ff=hf["encoder_ffn_dim"],
+        activation=activation_from_hf(hf.get("activation_function", "gelu"), "activation_function"),
+        max_len=hf["max_position_embeddings"],
+        scale_embeddings=bool(hf.get("scale_embedding", False)),
+        logits_bias="final_logits_bias" in sd,
+        dropout=hf.get("dropout", 0.1),
+        attention_dropout=hf.get("attention_dropout", 0.0),
+        init_std=hf.get("init_std", 0.02),
+    )
+
+
+def bart_to_hf(cfg: t5.T5Config) -> dict:
+    if cfg.position != "learned" or cfg.pos_offset != 2 or cfg.norm != "layernorm" or cfg.norm_position != "post":
+        raise HFError("BART is post-LayerNorm with learned positions offset by 2")
+    if not cfg.use_bias or not cfg.embed_norm or cfg.final_norm or not cfg.tie_embeddings or cfg.attn_scale:
+        raise HFError("BART has biases, an embedding LayerNorm, no final norm, a tied head and 1/sqrt(K) scaling")
+    return dict(
+        vocab_size=cfg.vocab_size,
+        d_model=cfg.d_model,
+        encoder_layers=cfg.num_layers,
+        decoder_layers=cfg.decoder_layers,
+        encoder_attention_heads=cfg.num_heads,
+        decoder_attention_heads=cfg.num_heads,
+        encoder_ffn_dim=cfg.d_ff,
+        decoder_ffn_dim=cfg.d_ff,
+        activation_function=activation_to_hf(cfg.activation),
+        max_position_embeddings=cfg.max_len,
+        scale_embedding=cfg.scale_embeddings,
+        tie_word_embeddings=True,
+    )
+
+
+def _bart_stack(cfg: t5.T5Config, side: str, num_layers: int) -> list:
+    D, H, K, F = cfg.d_model, cfg.num_heads, cfg.resolved_head_dim, cfg.d_ff
+    p = f"model.{side}."
+    rules = [tensor(p + "embed_positions.weight", f"{side}.pos_embed")]
+    rules += norm(p + "layernorm_embedding", f"{side}.embed_norm")
+    names = ("q_proj", "k_proj", "v_proj", "out_proj")
+    for i in range(num_layers):
+        h, b = f"{p}layers.{i}.", f"{side}.blocks.{i}."
+        rules += attention(h + "self_attn", b + "attn", names, (D, H, H, K), qkv_bias=True, out_bias=True)
+        rules += norm(h + "self_attn_layer_norm", b + "attn_norm")
+        if side == "decoder":
+            rules += attention(h + "encoder_attn", b + "cross", names, (D, H, H, K), qkv_bias=True, out_bias=True)
+            rules += norm(h + "encoder_attn_layer_norm", b + "cross_norm")
+        rules += mlp(h[:-1], b + "mlp", {"wi": "fc1", "wo": "fc2"}, D, F, bias=True)
+        rules += norm(h + "final_layer_norm", b + "mlp_norm")
+    return rules
+
+
+def bart_rules(cfg: t5.T5Config) -> list:
+    V = cfg.vocab_size
+    rules = [tensor("model.shared.weight", "embed")]
+    if cfg.logits_bias:
+        rules.append(tensor("final_logits_bias", "logits_bias", (V,), (1, V)))
+    return rules + _bart_stack(cfg, "encoder", cfg.num_layers) + _bart_stack(cfg, "decoder", cfg.decoder_layers)
+
+
+# Tied copies of the shared embedding.
+_T5_IGNORE = (r"^(encoder|decoder)\.embed_tokens\.weight$", r"^lm_head\.weight$")
+_BART_IGNORE = (r"^model\.(encoder|decoder)\.embed_tokens\.weight$", r"^lm_head\.weight$")
+
+FORMATS = [
+    Format("t5", "t5", t5_config, t5_to_hf, t5_rules, "T5ForConditionalGeneration", "", _T5_IGNORE),
+    Format("mt5", "t5", mt5_config, mt5_to_hf, t5_rules, "MT5ForConditionalGeneration", "", _T5_IGNORE),
+    Format("bart", "bart", bart_config, bart_to_hf, bart_rules, "BartForConditionalGeneration", "model.", _BART_IGNORE),
+]
