@@ -16,7 +16,18 @@ from flax import nnx
 
 from data import pipeline
 from data.loader import Loader
-from podformer import checkpoint, distributed, generate, hostmem, loop, optim, preemption, profiling, trainer
+from podformer import (
+    checkpoint,
+    distillation,
+    distributed,
+    generate,
+    hostmem,
+    loop,
+    optim,
+    preemption,
+    profiling,
+    trainer,
+)
 from podformer import config as config_lib
 from podformer import flops as flops_lib
 from podformer import mesh as mesh_lib
@@ -55,6 +66,9 @@ def run(argv: list[str] | None = None) -> dict:
             f"train.seq_len={t.seq_len} exceeds model.max_len={model_cfg.max_len}; lower one or raise the other"
         )
 
+    teacher = distillation.load(cfg, model_cfg) if cfg.data.objective == "distill" else None
+    make_teacher = teacher.make if teacher is not None else None
+
     if flags["compile_only"]:
         from podformer import aot
 
@@ -76,7 +90,7 @@ def run(argv: list[str] | None = None) -> dict:
 
     tx = optim.make_optimizer(cfg.opt, t.steps)
     schedule = optim.schedule(cfg.opt, t.steps)
-    graphdef, abstract = trainer.abstract_state(make_model, tx, t.seed)
+    graphdef, abstract = trainer.abstract_state(make_model, tx, t.seed, make_teacher)
     shardings = trainer.state_shardings(abstract, mesh, rules)
     ckpt = checkpoint.Checkpointer(workdir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     writer = MetricWriter(workdir)
@@ -103,9 +117,11 @@ def run(argv: list[str] | None = None) -> dict:
             writer.truncate_after(latest)
             log(f"resumed from {ckpt.directory}/{latest}")
         else:
-            _, state, _ = trainer.create_state(make_model, tx, mesh, rules, t.seed)
+            _, state, _ = trainer.create_state(make_model, tx, mesh, rules, t.seed, make_teacher)
             if cfg.init.checkpoint:
                 state = init_from(cfg.init.checkpoint, cfg.model.family, model_cfg, graphdef, state)
+            if teacher is not None:
+                state = distillation.place(teacher, graphdef, state)
 
     loader = Loader(
         data.train_rows,
@@ -119,7 +135,7 @@ def run(argv: list[str] | None = None) -> dict:
     if data_state is not None:
         loader.set_state(data_state)
 
-    loss = LOSSES[cfg.data.objective]
+    loss = teacher.loss if teacher is not None else LOSSES[cfg.data.objective]
     example = loader.host_batch(0)
     batch_shard = trainer.batch_shardings(example, mesh, rules, t.batch_size)
     abstract_batch = {
@@ -173,8 +189,7 @@ def run(argv: list[str] | None = None) -> dict:
                     sums[k] = sums.get(k, 0.0) + float(v)
                 for k, v in out["denominators"].items():
                     denoms[k] = denoms.get(k, 0.0) + float(v)
-        n = max(next(iter(denoms.values())), 1.0)
-        result = {f"eval_{k}": v / n for k, v in sums.items()}
+        result = {f"eval_{k}": v for k, v in loss.reduce(sums, denoms).items()}
         result["eval_perplexity"] = float(np.exp(min(result["eval_loss"], 50.0)))
         writer.write(step, result)
         log(f"step {step}: eval loss {result['eval_loss']:.4f} (perplexity {result['eval_perplexity']:.2f})")

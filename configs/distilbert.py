@@ -1,7 +1,10 @@
-"""DistilBERT (Sanh et al. 2019): the architecture, pretrained with masked LM (distillation from a teacher
-is --config.data.objective=distill).
+"""DistilBERT (Sanh et al. 2019): a 6-layer student distilled from a BERT teacher (soft targets at
+temperature 2, masked LM, cosine on hidden states; the student starts from every other teacher layer).
 
-python train.py --config=configs/distilbert.py:tiny                   # CPU, embedded corpus
+python train.py --config=configs/bert.py:tiny                         # the teacher: runs/bert_tiny
+python train.py --config=configs/distilbert.py:tiny                   # distils it, CPU, embedded corpus
+python train.py --config=configs/distilbert.py:base --config.distill.teacher=PATH   # a BERT-base workdir/HF folder
+(--config.data.objective=mlm trains the architecture without a teacher.)
 """
 
 from configs import zoo
@@ -14,7 +17,7 @@ def get_config(variant: str = "tiny"):
     if variant not in VARIANTS:
         raise KeyError(f"variants of configs/distilbert.py: {', '.join(VARIANTS)}")
     model = getattr(DistilBertConfig, variant)()
-    c = zoo.encoder_or_seq2seq(f"distilbert_{variant}", "distilbert", model, variant, "mlm")
+    c = zoo.encoder_or_seq2seq(f"distilbert_{variant}", "distilbert", model, variant, "distill")
     if variant != "tiny":
         # DistilBERT's recipe: 4k-sequence batches of 512 tokens, lr 5e-4, Adam eps 1e-6.
         c.train.steps = 100_000

@@ -19,6 +19,18 @@ class Loss:
     fn: Callable
     # batch -> {name: scalar}: the normalisers, computed once over the whole global batch.
     denominators: Callable
+    # Evaluation: (sums, denominators) -> metrics, where ``sums`` are ``fn``'s metrics computed with every
+    # denominator 1 and added over batches. None: each metric over the (single) denominator. Losses with
+    # several denominators say which metric takes which, and rebuild composite metrics from their parts.
+    reduce_fn: Callable | None = None
+
+    def reduce(self, sums: dict, denominators: dict) -> dict:
+        if self.reduce_fn is not None:
+            return self.reduce_fn(sums, {k: max(v, 1.0) for k, v in denominators.items()})
+        if len(denominators) != 1:
+            raise ValueError(f"a loss with denominators {sorted(denominators)} needs a reduce_fn")
+        n = max(next(iter(denominators.values())), 1.0)
+        return {k: v / n for k, v in sums.items()}
 
 
 def token_cross_entropy(logits_BLV, targets_BL, weights_BL):

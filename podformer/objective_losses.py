@@ -61,6 +61,19 @@ def _encoder_call(model, batch, rng):
     )
 
 
+def _encoder_outputs(model, batch, rng, prefix: str = "") -> dict:
+    """MLM logits and last hidden states of a BERT-family encoder (model/bert.py)."""
+    hidden = model.encode(
+        batch["inputs"],
+        segment_ids=batch["segment_ids"],
+        positions=batch["positions"],
+        token_type_ids=batch.get("token_types"),
+        rng=rng,
+    )
+    out = {f"{prefix}logits": model.mlm_logits(hidden), f"{prefix}hidden": hidden}
+    return jax.lax.stop_gradient(out) if prefix else out
+
+
 def _mlm(model, batch, rng, denom):
     out = _encoder_call(model, batch, rng)
     ce, correct = token_cross_entropy(out["logits"], batch["targets"], batch["loss_weights"])
@@ -73,6 +86,15 @@ def _mlm(model, batch, rng, denom):
     return metrics["loss"], metrics
 
 
+def _mlm_reduce(sums, denom):
+    out = {"mlm_loss": sums["mlm_loss"] / denom["tokens"], "accuracy": sums["accuracy"] / denom["tokens"]}
+    out["loss"] = out["mlm_loss"]
+    if "nsp_loss" in sums:
+        out.update(nsp_loss=sums["nsp_loss"] / denom["rows"], nsp_accuracy=sums["nsp_accuracy"] / denom["rows"])
+        out["loss"] = out["mlm_loss"] + out["nsp_loss"]
+    return out
+
+
 def _mlm_denominators(batch):
     d = {"tokens": jnp.sum(batch["loss_weights"])}
     if "next_sentence_labels" in batch:
@@ -80,7 +102,7 @@ def _mlm_denominators(batch):
     return d
 
 
-mlm = Loss(_mlm, _mlm_denominators)
+mlm = Loss(_mlm, _mlm_denominators, _mlm_reduce)
 
 
 def _seq2seq(model, batch, rng, denom):
@@ -117,8 +139,11 @@ def make_distillation(temperature: float = 2.0, alpha_ce: float = 5.0, alpha_mlm
     """DistilBERT's loss, ``alpha_ce * soft + alpha_mlm * mlm + alpha_cos * cosine`` (the paper's
     released weights 5/2/1 at temperature 2), each term a per-token mean over the global batch."""
 
-    def fn(model, batch, rng, denom):
-        out = _encoder_call(model, batch, rng)
+    def fn(model, batch, rng, denom, teacher=None):
+        if teacher is None:  # a model that returns its teacher's outputs itself
+            out = _encoder_call(model, batch, rng)
+        else:  # a student and its frozen teacher (podformer/trainer.py TrainState.teacher)
+            out = {**_encoder_outputs(model, batch, rng), **_encoder_outputs(teacher, batch, None, "teacher_")}
         soft, ce, cos, correct = distillation_terms(out, batch, temperature=temperature)
         n_real, n_masked = jnp.maximum(denom["real"], 1.0), jnp.maximum(denom["tokens"], 1.0)
         loss = alpha_ce * soft / n_real + alpha_mlm * ce / n_masked + alpha_cos * cos / n_real
@@ -136,7 +161,17 @@ def make_distillation(temperature: float = 2.0, alpha_ce: float = 5.0, alpha_mlm
             "real": jnp.sum((batch["segment_ids"] > 0).astype(jnp.float32)),
         }
 
-    return Loss(fn, denominators)
+    def reduce(sums, denom):
+        out = {
+            "soft_loss": sums["soft_loss"] / denom["real"],
+            "mlm_loss": sums["mlm_loss"] / denom["tokens"],
+            "cosine_loss": sums["cosine_loss"] / denom["real"],
+            "accuracy": sums["accuracy"] / denom["tokens"],
+        }
+        out["loss"] = alpha_ce * out["soft_loss"] + alpha_mlm * out["mlm_loss"] + alpha_cos * out["cosine_loss"]
+        return out
+
+    return Loss(fn, denominators, reduce)
 
 
 LOSSES = {

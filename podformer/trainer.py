@@ -16,27 +16,39 @@ from podformer.losses import Loss
 
 
 class TrainState(nnx.Module):
-    """The model and its optimizer; ``opt.step`` is the number of updates applied."""
+    """The model and its optimizer; ``opt.step`` is the number of updates applied. A distillation run
+    also holds its ``teacher``: sharded and checkpointed with the rest, never differentiated or updated
+    (the optimizer and the gradients cover ``model`` only)."""
 
-    def __init__(self, model: nnx.Module, tx: optax.GradientTransformation):
+    def __init__(self, model: nnx.Module, tx: optax.GradientTransformation, teacher: nnx.Module | None = None):
         self.model = model
         self.opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+        if teacher is not None:
+            self.teacher = teacher
 
 
-def abstract_state(make_model: Callable[[nnx.Rngs], nnx.Module], tx, seed: int):
+MakeModel = Callable[[nnx.Rngs], nnx.Module]
+
+
+def _train_state(make_model: MakeModel, tx, seed: int, make_teacher: MakeModel | None) -> TrainState:
+    teacher = make_teacher(nnx.Rngs(seed + 1)) if make_teacher is not None else None
+    return TrainState(make_model(nnx.Rngs(seed)), tx, teacher)
+
+
+def abstract_state(make_model: MakeModel, tx, seed: int, make_teacher: MakeModel | None = None):
     """(graphdef, abstract state) with no memory allocated."""
-    return nnx.split(nnx.eval_shape(lambda: TrainState(make_model(nnx.Rngs(seed)), tx)))
+    return nnx.split(nnx.eval_shape(lambda: _train_state(make_model, tx, seed, make_teacher)))
 
 
-def create_state(make_model, tx, mesh, rules, seed: int):
+def create_state(make_model, tx, mesh, rules, seed: int, make_teacher: MakeModel | None = None):
     """The train state initialised directly into its shardings (never materialised replicated first).
     Returns (graphdef, state, state_shardings)."""
-    graphdef, abstract = abstract_state(make_model, tx, seed)
+    graphdef, abstract = abstract_state(make_model, tx, seed, make_teacher)
     shardings = sharding.state_shardings(abstract, mesh, rules)
 
     @functools.partial(jax.jit, out_shardings=shardings)
     def init():
-        return nnx.split(TrainState(make_model(nnx.Rngs(seed)), tx))[1]
+        return nnx.split(_train_state(make_model, tx, seed, make_teacher))[1]
 
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         state = init()
@@ -79,10 +91,11 @@ def train_step(state, batch, *, graphdef, loss: Loss, accum: int, rng_key, mesh,
     rng = jax.random.fold_in(rng_key, step)  # dropout randomness depends only on (seed, step): exact resume
     denom = loss.denominators(batch)
     model_def, params, rest = nnx.split(ts.model, nnx.Param, ...)
+    extra = _teacher(ts)
 
     def grad_of(mb, mb_rng):
         def f(p):
-            return loss.fn(nnx.merge(model_def, p, rest), mb, mb_rng, denom)
+            return loss.fn(nnx.merge(model_def, p, rest), mb, mb_rng, denom, **extra)
 
         (_, metrics), grads = jax.value_and_grad(f, has_aux=True)(params)
         return grads, metrics
@@ -107,12 +120,17 @@ def train_step(state, batch, *, graphdef, loss: Loss, accum: int, rng_key, mesh,
     return nnx.state(ts), metrics
 
 
+def _teacher(ts: TrainState) -> dict:
+    """The loss's extra argument in a distillation run: the (frozen) teacher."""
+    return {"teacher": ts.teacher} if hasattr(ts, "teacher") else {}
+
+
 def eval_step(state, batch, *, graphdef, loss: Loss):
     """Sums (not means) of each metric and its denominator, so batches aggregate exactly."""
     ts = nnx.merge(graphdef, state)
     denom = loss.denominators(batch)
     ones = jax.tree.map(jnp.ones_like, denom)
-    _, metrics = loss.fn(ts.model, batch, None, ones)
+    _, metrics = loss.fn(ts.model, batch, None, ones, **_teacher(ts))
     return {"sums": metrics, "denominators": denom}
 
 

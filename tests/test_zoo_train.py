@@ -88,17 +88,23 @@ def test_tiny_config_trains_and_the_loss_falls(family, corpus, tmp_path):
         hf.export_workdir(workdir, out)
         a, b = hf.read_safetensors(f"{init}/model.safetensors"), hf.read_safetensors(f"{out}/model.safetensors")
         assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
-    elif family == "distilbert":  # from a podformer workdir that `python -m model.hf import` wrote
-        init = str(tmp_path / "imported")
-        assert hf.main(["import", _hf_folder("distilbert", str(tmp_path / "hf")), init]) == 0
+    elif family == "distilbert":  # distilled from a BERT teacher: a podformer workdir `model.hf import` wrote
+        teacher = str(tmp_path / "teacher")
+        assert hf.main(["import", _hf_folder("bert", str(tmp_path / "hf")), teacher]) == 0
+        with pytest.raises(UserError, match="distill.teacher=.*no such workdir"):
+            train.run([*args, f"--config.distill.teacher={tmp_path}/none", f"--workdir={workdir}"])
+        args.append(f"--config.distill.teacher={teacher}")
         with pytest.raises(UserError, match="holds imported parameters"):  # it is not a run to resume
-            train.run([*args, f"--workdir={init}"])
+            train.run([*args, f"--workdir={teacher}"])
     train.run([*args, *([f"--config.init.checkpoint={init}"] if init else []), f"--workdir={workdir}"])
 
     losses = train_losses(workdir)
     assert sorted(losses) == list(range(1, STEPS + 1))
     first, last = np.mean([losses[s] for s in (1, 2, 3)]), np.mean([losses[s] for s in range(STEPS - 2, STEPS + 1)])
     assert last < first - 0.3, losses
+    if family == "distilbert":  # the teacher comes back from the checkpoint on resume
+        train.run([*args, f"--config.train.steps={STEPS + 2}", f"--workdir={workdir}"])
+        assert sorted(train_losses(workdir)) == list(range(1, STEPS + 3))
 
 
 def test_init_checkpoint_of_another_model_is_refused(tmp_path):
