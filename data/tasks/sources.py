@@ -222,7 +222,7 @@ def _read_tfds(task_type: str, dataset: str, split: str, data_dir: str, text_fie
     if base == "glue/mnli":  # MNLI has two validation/test sets; plain "validation" means the matched one
         split = re.sub(r"^(validation|test)(?=$|\[)", r"\1_matched", split)
     source = data_sources.Tfds(dataset, data_dir)._source(split)
-    features = source.dataset_info.features
+    features = _tfds_features(dataset, data_dir)  # from the builder: a data source need not carry its info
     fmap = field_map(task_type, text_fields, TFDS_FIELDS.get(base))
     inputs, target = FIELDS[task_type]
     missing = [f for k, f in fmap.items() if f not in features and k in (*inputs, target) and k != "text_pair"]
@@ -283,7 +283,7 @@ def _text(value) -> str:
 
 
 def _tfds_value(value):
-    if isinstance(value, np.ndarray) and value.ndim == 1:
+    if isinstance(value, (list, tuple)) or (isinstance(value, np.ndarray) and value.ndim == 1):
         return [_text(v) for v in value]
     return _text(value)
 
