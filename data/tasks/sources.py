@@ -469,6 +469,7 @@ def _answers(value, where: str, field: str, csv_file: bool, context: str) -> dic
 
 def _check_labels(task_type: str, rows: list[tuple[int, dict]], names: list[str], path: str, given: bool) -> None:
     """Labels (classification: replaced by their index) and tags must be in the label set."""
+    names = [str(n) for n in names]  # a config may list integer labels; file labels are compared as text
     index = {n: i for i, n in enumerate(names)}
     shown = ", ".join(names[:_MAX_NAMES]) + (", ..." if len(names) > _MAX_NAMES else "")
     origin = "the task's labels" if given else "the label set of the training file"
