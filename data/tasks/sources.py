@@ -89,8 +89,7 @@ def field_map(task_type: str, text_fields=None, defaults: Mapping[str, str] | No
     """{canonical field: source field} for a task type, from text_fields (sequence, 'a,b' string or dict)."""
     _check_type(task_type)
     inputs, target = FIELDS[task_type]
-    fmap = dict.fromkeys((*inputs, target))
-    fmap = {k: k for k in fmap} | dict(defaults or {})
+    fmap = {k: k for k in (*inputs, target)} | dict(defaults or {})
     if isinstance(text_fields, str):
         text_fields = [f.strip() for f in text_fields.split(",") if f.strip()]
     if isinstance(text_fields, Mapping):
@@ -103,8 +102,8 @@ def field_map(task_type: str, text_fields=None, defaults: Mapping[str, str] | No
         if len(text_fields) > len(names):
             raise UserError(f"text_fields {list(text_fields)}: {task_type} takes at most {', '.join(names)}")
         fmap |= dict(zip(names, text_fields, strict=False))
-        if len(text_fields) == 1 and "text_pair" in fmap and "text_pair" not in (defaults or {}):
-            fmap.pop("text_pair")  # one text field given: a single-text task
+        if len(text_fields) == 1:
+            fmap.pop("text_pair", None)  # one text field given: a single-text task
     return fmap
 
 
