@@ -27,6 +27,12 @@ setup(
         "tensorboardX>=2.6",
         "tqdm>=4.66",
         "etils[epath]>=1.10",
+        # Fine-tuning metrics (podformer/task_metrics.py): the reference implementations themselves.
+        "scikit-learn>=1.4,<2",
+        "scipy>=1.11,<2",
+        "seqeval>=1.2.2,<2",
+        "sacrebleu>=2.4,<3",
+        "rouge-score>=0.1.2,<0.2",
     ],
     extras_require={
         "files": ["pyarrow>=14"],  # .parquet corpora (data.source=files)

@@ -96,6 +96,11 @@ class HFTokenizer:
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """``encode(text)`` and each token's (start, end) character span in ``text``, whitespace trimmed."""
+        enc = self.tok.encode(text, add_special_tokens=False)
+        return enc.ids, sp_tokenizer.trim_offsets(text, enc.offsets)
+
     def encode_batch(self, texts: Sequence[str], num_threads: int = 0) -> list[list[int]]:
         # The tokenizers library parallelises batches itself (RAYON_NUM_THREADS), so num_threads is unused.
         return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]

@@ -73,8 +73,41 @@ class SentencePieceTokenizer:
     def encode_batch(self, texts: Sequence[str], num_threads: int = 0) -> list[list[int]]:
         return self.sp.encode(list(texts), num_threads=num_threads or os.cpu_count() or 1)
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """``encode(text)`` and each token's (start, end) character span in ``text`` (see trim_offsets)."""
+        pieces = self.sp.encode_as_proto(text).pieces
+        # SentencePiece reports UTF-8 byte offsets into the original (un-normalised) text.
+        return [p.id for p in pieces], trim_offsets(text, byte_to_char_spans(text, [(p.begin, p.end) for p in pieces]))
+
     def decode(self, ids: Sequence[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
+
+
+def byte_to_char_spans(text: str, spans: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """UTF-8 byte spans of ``text`` as character spans; a span edge inside a character widens to cover it
+    (byte-fallback pieces of one character share its span)."""
+    import bisect
+
+    starts, n = [], 0
+    for ch in text:
+        starts.append(n)
+        n += len(ch.encode("utf-8"))
+    starts.append(n)
+    return [(bisect.bisect_right(starts, b) - 1, bisect.bisect_left(starts, e)) for b, e in spans]
+
+
+def trim_offsets(text: str, spans: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Spans without their leading/trailing whitespace (SentencePiece's ``▁`` and byte-level BPE's ``Ġ``
+    carry the space before a word), as Hugging Face's ``trim_offsets``; all-space tokens keep theirs."""
+    out = []
+    for b, e in spans:
+        tb, te = b, e
+        while tb < te and text[tb].isspace():
+            tb += 1
+        while te > tb and text[te - 1].isspace():
+            te -= 1
+        out.append((tb, te) if tb < te else (b, e))
+    return out
 
 
 def _training_chunks(texts: Iterable[str], max_chunks: int, seed: int = 0) -> list[str]:
