@@ -199,6 +199,8 @@ def run(argv: list[str] | None = None) -> dict:
         meta = {"step": step, "config": config_lib.to_dict(cfg), "tokenizer": data.tokenizer.fingerprint}
         ckpt.save(step, state, loader.get_state(), meta, force=final)
 
+    if t.eval_at_start and start_step == 0 and t.eval_steps:  # the untrained model's loss, for reference
+        evaluate(state, 0)
     watcher = preemption.Watcher()  # SIGTERM -> every process saves at one agreed step, then exit 75
     watcher.start(start_step)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):

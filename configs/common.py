@@ -33,6 +33,7 @@ def base(name: str, family: str, model) -> ml_collections.ConfigDict:
     c.train.log_every = 10
     c.train.eval_every = 250  # 0: only at the end
     c.train.eval_steps = 8  # validation batches per evaluation (0: no evaluation)
+    c.train.eval_at_start = False  # also evaluate the model before the first step
     c.train.seed = 0
     c.train.sample_prompt = "def"  # the run ends with a greedy continuation of this ('' to skip)
     c.train.sample_tokens = 48
