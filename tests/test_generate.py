@@ -109,9 +109,6 @@ TOKENS = {"gpt2": (54, 0, None), "t5": (91, 0, 0), "bart": (31, 1, 2)}
 T = 10  # new tokens
 
 
-_REFERENCES = {}  # name -> (transformers model, folder), for the memoised reference outputs
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     torch = pytest.importorskip("torch")
@@ -128,7 +125,7 @@ def reference(tmp_path_factory):
                 if name == "bart":
                     ref.final_logits_bias.mul_(0.1)
             ref.save_pretrained(path)
-            cache[name] = _REFERENCES[name] = ref, path
+            cache[name] = ref, path
         return cache[name]
 
     return get
@@ -143,38 +140,42 @@ def _inputs(name):
     return ids, mask
 
 
-@functools.cache
-def _reference_generate(name, num_beams, length_penalty):
+@pytest.fixture(scope="module")
+def reference_output(reference):
+    """(name, num_beams, length_penalty) -> transformers' generated ids, shaped like generate()'s output."""
     import torch
 
-    ref, ids, mask = _REFERENCES[name][0], *_inputs(name)
+    @functools.cache
+    def run(name, num_beams, length_penalty):
+        ref, ids, mask = reference(name)[0], *_inputs(name)
+        eos, pad, start = TOKENS[name]
+        kw = dict(max_new_tokens=T, num_beams=num_beams, length_penalty=length_penalty, early_stopping=False)
+        # use_cache=False: the reference recomputes every step in full (its T5 cache also assumes as many
+        # decoder layers as encoder layers). BART's config forces eos at the last step; generate() has no
+        # such option.
+        kw.update(do_sample=False, eos_token_id=eos, pad_token_id=pad, use_cache=False, forced_eos_token_id=None)
+        if start is not None:
+            kw["decoder_start_token_id"] = start
+        with torch.no_grad():
+            out = ref.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), **kw).numpy()
+        out = out[:, ids.shape[1] :] if start is None else out[:, 1:]  # drop the prompt / the start token
+        out = np.pad(out, ((0, 0), (0, T - out.shape[1])), constant_values=pad)  # stops when all rows are done
+        # Its beam search fills finished rows with eos when pad_token_id is 0 (`pad_token_id or eos` in
+        # _beam_search); generate() pads after the first eos whatever the pad id.
+        return np.where(np.cumsum(out == eos, axis=1) - (out == eos) > 0, pad, out)
 
-    eos, pad, start = TOKENS[name]
-    kw = dict(max_new_tokens=T, num_beams=num_beams, length_penalty=length_penalty, early_stopping=False)
-    # use_cache=False: the reference recomputes every step in full (its T5 cache also assumes as many
-    # decoder layers as encoder layers). BART's config forces eos at the last step; generate() has no
-    # such option.
-    kw.update(do_sample=False, eos_token_id=eos, pad_token_id=pad, use_cache=False, forced_eos_token_id=None)
-    if start is not None:
-        kw["decoder_start_token_id"] = start
-    with torch.no_grad():
-        out = ref.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), **kw).numpy()
-    out = out[:, ids.shape[1] :] if start is None else out[:, 1:]  # drop the prompt / the start token
-    out = np.pad(out, ((0, 0), (0, T - out.shape[1])), constant_values=pad)  # stops when all rows are done
-    # Its beam search fills finished rows with eos when pad_token_id is 0 (`pad_token_id or eos` in
-    # _beam_search); generate() pads after the first eos whatever the pad id.
-    return np.where(np.cumsum(out == eos, axis=1) - (out == eos) > 0, pad, out)
+    return run
 
 
 @pytest.mark.parametrize(
     "name,num_beams,length_penalty",
     [("gpt2", 1, 1.0), ("gpt2", 3, 0.5), ("t5", 1, 1.0), ("t5", 3, 2.0), ("bart", 1, 1.0), ("bart", 3, 0.5)],
 )
-def test_generate_equals_transformers(name, num_beams, length_penalty, reference):
+def test_generate_equals_transformers(name, num_beams, length_penalty, reference, reference_output):
     _, path = reference(name)
     ids, mask = _inputs(name)
     eos, pad, start = TOKENS[name]
-    expected = _reference_generate(name, num_beams, length_penalty)
+    expected = reference_output(name, num_beams, length_penalty)
     # Layer stacks: scanned, and unrolled for one encoder-decoder (the decoder-only unrolled cache is
     # covered by test_cached_decoder_logits_equal_full_forward).
     model = hf.from_pretrained(path, scan_layers=not (name == "t5" and num_beams == 1))
@@ -200,7 +201,7 @@ def test_generate_equals_transformers(name, num_beams, length_penalty, reference
     if num_beams == 1:
         assert finished.any() and not finished.all(), got
     else:
-        greedy = _reference_generate(name, 1, 1.0)
+        greedy = reference_output(name, 1, 1.0)
         assert not np.array_equal(expected, greedy), "beam search found the greedy answer: a weak test"
 
 
