@@ -93,6 +93,7 @@ def run(argv: list[str] | None = None) -> dict:
     train_rows = None
     if cfg.mode == "train":
         train_examples = task.read(cfg.task.train_split, cfg.task.max_train_examples)
+        task.read(cfg.task.validation_split, cfg.task.max_eval_examples)  # its errors before any compilation
         train_rows = tasks.rows(task, train_examples, tok, lay, seq_len, training=True)
         n_train = len(train_rows["label_weights" if "label_weights" in train_rows else next(iter(train_rows))])
         log(f"task: {task.type} on {cfg.task.source}: {len(train_examples)} train examples ({n_train} rows)")

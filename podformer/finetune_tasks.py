@@ -34,6 +34,7 @@ class Task:
     label_names: list[str] | None
     glue: str | None  # GLUE task name (official metrics), else None
     version_2: bool  # SQuAD 2.0: questions may have no answer
+    _cache: dict = dataclasses.field(default_factory=dict)
 
     @property
     def metric(self) -> str:
@@ -54,6 +55,11 @@ class Task:
         return len(self.label_names or ())
 
     def read(self, split: str, limit: int = 0) -> list[dict]:
+        if (split, limit) not in self._cache:
+            self._cache[split, limit] = self._read(split, limit)
+        return self._cache[split, limit]
+
+    def _read(self, split: str, limit: int) -> list[dict]:
         c = self.cfg
         if c.source == "embedded":
             examples = embedded.examples(split)
