@@ -46,11 +46,13 @@ def make_attention_mask(
     return mask[:, None, :, :]
 
 
-def local_window_mask(L: int, S: int, window: Array | int) -> Array:
+def local_window_mask(L: int, S: int, window: Array | int, q_offset: Array | int | None = None) -> Array:
     """(1, 1, L, S): key within the last ``window`` indices of the query (GPT-Neo's local layers), by index
     in the row like the causal mask. ``window`` may be traced (a per-layer input of a scanned stack);
-    0 means unlimited (a global layer)."""
-    distance = (jnp.arange(L)[:, None] + (S - L)) - jnp.arange(S)[None, :]
+    0 means unlimited (a global layer). Query i sits at index ``q_offset + i`` (default S - L: the last
+    L keys; a decoding cache passes its write index)."""
+    q_offset = S - L if q_offset is None else q_offset
+    distance = (jnp.arange(L)[:, None] + q_offset) - jnp.arange(S)[None, :]
     return ((window <= 0) | (distance < window))[None, None]
 
 

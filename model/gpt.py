@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model import layers, sharding
+from model.kv_cache import KVCache
 from model.layers import Array
 
 POSITIONS = ("learned", "rotary", "alibi", "none")
@@ -274,17 +275,30 @@ class GPT(nnx.Module):
         inputs_embeds: Array | None = None,
         rng: Array | None = None,
         return_hidden: bool = False,
-    ) -> Array:
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> Array | tuple[Array, KVCache]:
         """Logits (B, L, V) in float32. ``attention_mask`` is the Hugging Face padding mask (1 = token);
         ``segment_ids``/``positions`` describe packed rows (segment 0 = padding); ``inputs_embeds``
         replaces the token-embedding lookup (B, L, D). Decoders have no token types: ``token_type_ids``
         is accepted for a uniform signature and must be None. ``return_hidden``: the final-normed hidden
-        states instead, for losses fused with the output projection (model/lm_head.py)."""
+        states instead, for losses fused with the output projection (model/lm_head.py).
+
+        Decoding: with a ``cache`` (``init_cache``) the L tokens are appended after the cached ones and
+        (logits, cache) is returned. Each call's ``attention_mask`` marks its padding (a prompt is
+        left-padded; default all tokens); positions count real tokens, as transformers' generate does.
+        ``last_only``: logits of the last position only (B, 1, V)."""
         if token_type_ids is not None:
             raise ValueError("decoder-only models have no token types; pass token_type_ids=None")
         cfg = self.cfg
         dtype = layers.DTYPES[cfg.dtype]
         B, L = input_ids.shape
+        if cache is not None:
+            if segment_ids is not None:
+                raise ValueError("a decoding cache takes attention_mask (left padding), not packed segment_ids")
+            valid = jnp.ones((B, L), bool) if attention_mask is None else attention_mask
+            cache = cache.append(valid, positions)
+            positions = cache.new_positions(L)
         if segment_ids is None:
             segment_ids = jnp.ones((B, L), jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
         if positions is None:
@@ -302,18 +316,45 @@ class GPT(nnx.Module):
         x_BLD = layers.dropout(x_BLD.astype(dtype), cfg.dropout, rng_embed)
         x_BLD = sharding.constrain(x_BLD, ("batch", "length", None))
 
-        mask = layers.make_attention_mask(segment_ids, segment_ids, causal=True)
-        bias = layers.alibi_bias(cfg.num_heads, positions) if cfg.position == "alibi" else None
+        if cache is None:
+            mask = layers.make_attention_mask(segment_ids, segment_ids, causal=True)
+            kv_positions = positions
+        else:
+            mask, kv_positions = cache.self_mask(L), cache.positions_BM
+        bias = layers.alibi_bias(cfg.num_heads, kv_positions) if cfg.position == "alibi" else None
         per_layer = {}
         if "local" in cfg.attention_layers:
             windows = [cfg.window_size if kind == "local" else 0 for kind in cfg.attention_layers]
             per_layer["window"] = jnp.asarray(windows, jnp.int32)
-        x_BLD = self.blocks(
-            x_BLD, mask_B1LS=mask, positions_BL=positions, bias_BHLS=bias, per_layer=per_layer, rng=rng_blocks
-        )
+        kw = dict(mask_B1LS=mask, positions_BL=positions, bias_BHLS=bias, per_layer=per_layer, rng=rng_blocks)
+        if cache is None:
+            x_BLD = self.blocks(x_BLD, **kw)
+        else:
+            x_BLD, cache = self.blocks(x_BLD, cache=cache, **kw)
+            cache = cache.advance(L)
+        if last_only:
+            x_BLD = x_BLD[:, -1:]
         x_BLD = self.final_norm(x_BLD)
         if return_hidden:
-            return x_BLD
+            return x_BLD if cache is None else (x_BLD, cache)
+        logits_BLV = self._logits(x_BLD)
+        return logits_BLV if cache is None else (logits_BLV, cache)
+
+    def init_cache(self, batch: int, slots: int) -> KVCache:
+        """An empty decoding cache for ``batch`` rows of up to ``slots`` tokens (prompt + generated)."""
+        cfg = self.cfg
+        return KVCache.create(
+            layers=cfg.num_layers,
+            batch=batch,
+            slots=slots,
+            kv_heads=cfg.num_kv_heads or cfg.num_heads,
+            head_dim=cfg.resolved_head_dim,
+            dtype=layers.DTYPES[cfg.dtype],
+        )
+
+    def _logits(self, x_BLD: Array) -> Array:
+        cfg = self.cfg
+        dtype = layers.DTYPES[cfg.dtype]
         if cfg.tie_embeddings:
             logits_BLV = layers.unembed(x_BLD, self.embed[...].astype(dtype))
         else:

@@ -28,6 +28,7 @@ from model.attention import (  # noqa: F401  (re-exported)
     make_attention_mask,
     t5_relative_buckets,
 )
+from model.kv_cache import KVCache
 
 Array = jax.Array
 
@@ -134,10 +135,12 @@ class RelativePositionBias(nnx.Module):
         self.num_buckets, self.max_distance, self.bidirectional = num_buckets, max_distance, bidirectional
         self.table = param(rngs, normal(1.0), (num_buckets, num_heads), (None, "heads"))
 
-    def __call__(self, L: int, S: int) -> Array:
+    def __call__(self, L: int, S: int, q_offset: Array | int | None = None) -> Array:
         # By index in the row: within a packed segment index offsets equal position offsets, and the
-        # segment mask hides every other key, so one (1, H, L, S) bias serves the whole batch.
-        relative_LS = jnp.arange(S)[None, :] - (jnp.arange(L)[:, None] + (S - L))
+        # segment mask hides every other key, so one (1, H, L, S) bias serves the whole batch. Query i
+        # sits at index q_offset + i (default: the last L of S; a decoding cache passes its write index).
+        q_offset = S - L if q_offset is None else q_offset
+        relative_LS = jnp.arange(S)[None, :] - (jnp.arange(L)[:, None] + q_offset)
         buckets = t5_relative_buckets(
             relative_LS, bidirectional=self.bidirectional, num_buckets=self.num_buckets, max_distance=self.max_distance
         )
@@ -262,17 +265,33 @@ class Attention(nnx.Module):
         bias_BHLS: Array | None = None,
         window: Array | None = None,
         rng: Array | None = None,
-    ) -> Array:
+        cache: KVCache | None = None,
+        layer: Array | int = 0,
+        cross: bool = False,
+    ) -> Array | tuple[Array, KVCache]:
+        """The attention output; with a decoding ``cache``, (output, cache): the new keys/values are
+        written into this ``layer``'s slots and the queries attend over every slot (``mask_B1LS`` is
+        then (B, 1, L, M)). Cached cross-attention (``cross``) projects ``kv_BSD`` once, at prefill;
+        later steps pass kv_BSD=None and read the stored keys/values."""
         o = self.o
-        kv_BSD = x_BLD if kv_BSD is None else kv_BSD
-        if window is not None:  # local attention (a per-layer input: 0 for global layers)
-            local = local_window_mask(x_BLD.shape[1], kv_BSD.shape[1], window)
-            mask_B1LS = local if mask_B1LS is None else local & mask_B1LS
-        q, k, v = self.query(x_BLD), self.key(kv_BSD), self.value(kv_BSD)
+        q = self.query(x_BLD)
         if o.rotary_dim:
-            kv_positions_BS = positions_BL if kv_positions_BS is None else kv_positions_BS
             q = rotary(q, positions_BL, o.rotary_dim, o.rotary_base, o.rotary_interleaved)
-            k = rotary(k, kv_positions_BS, o.rotary_dim, o.rotary_base, o.rotary_interleaved)
+        if cache is not None and cross and kv_BSD is None:
+            k, v = cache.read(layer, cross=True)
+        else:
+            kv_BSD = x_BLD if kv_BSD is None else kv_BSD
+            k, v = self.key(kv_BSD), self.value(kv_BSD)
+            if o.rotary_dim:
+                kv_positions_BS = positions_BL if kv_positions_BS is None else kv_positions_BS
+                k = rotary(k, kv_positions_BS, o.rotary_dim, o.rotary_base, o.rotary_interleaved)
+            if cache is not None:
+                cache = cache.write(layer, k, v, cross=cross)
+                k, v = cache.read(layer, cross=cross)
+        if window is not None:  # local attention (a per-layer input: 0 for global layers)
+            q_offset = None if cache is None else cache.index
+            local = local_window_mask(x_BLD.shape[1], k.shape[1], window, q_offset)
+            mask_B1LS = local if mask_B1LS is None else local & mask_B1LS
         scale = o.attn_scale or 1.0 / math.sqrt(o.head_dim)
         out = attention(
             q,
@@ -281,11 +300,13 @@ class Attention(nnx.Module):
             mask_B1LS=mask_B1LS,
             bias_BHLS=bias_BHLS,
             scale=scale,
-            impl=o.attention_impl,
+            # The Pallas kernel tiles queries in blocks of 128; a decoding step has one.
+            impl="xla" if cache is not None and o.attention_impl == "flash" else o.attention_impl,
             dropout_rate=o.attention_dropout,
             rng=rng,
         )
-        return self.out(out)
+        out = self.out(out)
+        return out if cache is None else (out, cache)
 
 
 class MLP(nnx.Module):
@@ -340,23 +361,44 @@ class Block(nnx.Module):
         cross_bias_BHLS: Array | None = None,
         window: Array | None = None,
         rng: Array | None = None,
-    ) -> Array:
+        cache: KVCache | None = None,
+        layer: Array | int = 0,
+    ) -> Array | tuple[Array, KVCache]:
+        """The block's output; with a decoding ``cache`` (see Attention), (output, cache)."""
         o = self.o
         rngs = list(jax.random.split(rng, 6)) if rng is not None else [None] * 6
+        caches = [cache]  # threaded through the attention calls below
+
+        def cached(attn, h, cross=False, **kw):
+            if cache is None:
+                return attn(h, **kw)
+            out, caches[0] = attn(h, cache=caches[0], layer=layer, cross=cross, **kw)
+            return out
 
         def self_attn(h):
-            return self.attn(
-                h, mask_B1LS=mask_B1LS, positions_BL=positions_BL, bias_BHLS=bias_BHLS, window=window, rng=rngs[0]
+            return cached(
+                self.attn,
+                h,
+                mask_B1LS=mask_B1LS,
+                positions_BL=positions_BL,
+                bias_BHLS=bias_BHLS,
+                window=window,
+                rng=rngs[0],
             )
 
         def cross_attn(h):
-            return self.cross(h, mask_B1LS=cross_mask_B1LS, kv_BSD=encoded_BSD, bias_BHLS=cross_bias_BHLS, rng=rngs[1])
+            kw = dict(mask_B1LS=cross_mask_B1LS, kv_BSD=encoded_BSD, bias_BHLS=cross_bias_BHLS, rng=rngs[1])
+            return cached(self.cross, h, cross=True, **kw)
+
+        def result(x):
+            x = sharding.constrain(x, ("batch", "length", None))
+            return x if cache is None else (x, caches[0])
 
         if o.parallel_block:
             h = self.attn_norm(x_BLD)
             h_mlp = h if self.mlp_norm is None else self.mlp_norm(x_BLD)
             y = dropout(self_attn(h), o.dropout, rngs[2]) + dropout(self.mlp(h_mlp), o.dropout, rngs[3])
-            return sharding.constrain(x_BLD + y, ("batch", "length", None))
+            return result(x_BLD + y)
 
         sublayers = [(self.attn_norm, self_attn)]
         if o.cross_attention:
@@ -367,7 +409,7 @@ class Block(nnx.Module):
                 x_BLD = x_BLD + dropout(fn(norm(x_BLD)), o.dropout, rngs[2 + i])
             else:  # post-LN (original Transformer, BERT, BART)
                 x_BLD = norm(x_BLD + dropout(fn(x_BLD), o.dropout, rngs[2 + i]))
-        return sharding.constrain(x_BLD, ("batch", "length", None))
+        return result(x_BLD)
 
 
 REMAT_POLICIES = {
@@ -413,14 +455,26 @@ class BlockStack(nnx.Module):
         else:
             self.layers = nnx.List([make_block(rngs) for _ in range(num_layers)])
 
-    def __call__(self, x: Array, *, rng: Array | None = None, per_layer: dict | None = None, **kwargs) -> Array:
+    def __call__(
+        self,
+        x: Array,
+        *,
+        rng: Array | None = None,
+        per_layer: dict | None = None,
+        cache: KVCache | None = None,
+        **kwargs,
+    ) -> Array | tuple[Array, KVCache]:
+        """The stack's output; with a decoding ``cache``, (output, cache). The cache rides in the scan's
+        carry, not its inputs/outputs, so each layer's write is an in-place update of the one buffer."""
         per_layer = per_layer or {}
         rngs = jax.random.split(rng, self.num_layers) if rng is not None else None
         policy = _remat_policy(self.remat)
 
         def make_apply(graphdef):
-            def apply(layer_params, x, layer_rng, layer_kwargs):
-                return nnx.merge(graphdef, layer_params)(x, rng=layer_rng, **kwargs, **layer_kwargs)
+            def apply(layer_params, x, layer_rng, layer_kwargs, cache, layer):
+                extra = {} if cache is None else dict(cache=cache, layer=layer)
+                out = nnx.merge(graphdef, layer_params)(x, rng=layer_rng, **kwargs, **layer_kwargs, **extra)
+                return (out, None) if cache is None else out
 
             return apply if self.remat == "none" else jax.checkpoint(apply, policy=policy)
 
@@ -428,14 +482,17 @@ class BlockStack(nnx.Module):
             for i, block in enumerate(self.layers):
                 graphdef, layer_params = nnx.split(block)
                 layer_rng = None if rngs is None else rngs[i]
-                x = make_apply(graphdef)(layer_params, x, layer_rng, {k: v[i] for k, v in per_layer.items()})
-            return x
+                layer_kwargs = {k: v[i] for k, v in per_layer.items()}
+                x, cache = make_apply(graphdef)(layer_params, x, layer_rng, layer_kwargs, cache, i)
+            return x if cache is None else (x, cache)
 
         graphdef, params = nnx.split(self.layers)
         apply = make_apply(graphdef)
 
-        def body(x, xs):
-            return apply(*xs[:1], x, *xs[1:]), None
+        def body(carry, xs):
+            layer_params, layer_rng, layer_kwargs, layer = xs
+            return apply(layer_params, *carry[:1], layer_rng, layer_kwargs, *carry[1:], layer), None
 
-        x, _ = jax.lax.scan(body, x, (params, rngs, per_layer))
-        return x
+        layer_ids = jnp.arange(self.num_layers, dtype=jnp.int32)
+        (x, cache), _ = jax.lax.scan(body, (x, cache), (params, rngs, per_layer, layer_ids))
+        return x if cache is None else (x, cache)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model import layers, sharding
+from model.kv_cache import KVCache
 from model.layers import Array
 
 
@@ -209,7 +210,11 @@ class Stack(nnx.Module):
         encoded_BSD: Array | None = None,
         encoder_segment_ids_BS: Array | None = None,
         rng: Array | None = None,
-    ) -> Array:
+        cache: KVCache | None = None,
+    ) -> Array | tuple[Array, KVCache]:
+        """Hidden states (B, L, D); with a decoding ``cache`` (decoder only), (hidden, cache): the L
+        tokens follow the cached ones (decoder rows have no padding: positions are slot indices), and
+        ``encoded_BSD`` is given at the first call only (its cross-attention keys/values are cached)."""
         cfg = self.cfg
         dtype = layers.DTYPES[cfg.dtype]
         rng_embed, rng_blocks, rng_out = jax.random.split(rng, 3) if rng is not None else (None, None, None)
@@ -224,18 +229,26 @@ class Stack(nnx.Module):
         x_BLD = sharding.constrain(x_BLD, ("batch", "length", None))
 
         L = ids_BL.shape[1]
-        mask = layers.make_attention_mask(segment_ids_BL, segment_ids_BL, causal=self.decoder)
-        bias = None if self.rel_bias is None else self.rel_bias(L, L)
+        if cache is None:
+            mask = layers.make_attention_mask(segment_ids_BL, segment_ids_BL, causal=self.decoder)
+            bias = None if self.rel_bias is None else self.rel_bias(L, L)
+        else:
+            mask = cache.self_mask(L)
+            bias = None if self.rel_bias is None else self.rel_bias(L, cache.slots, q_offset=cache.index)
         kwargs = {}
         if self.decoder:
             kwargs = dict(
                 encoded_BSD=encoded_BSD,
                 cross_mask_B1LS=layers.make_attention_mask(segment_ids_BL, encoder_segment_ids_BS, causal=False),
             )
+        if cache is not None:
+            kwargs["cache"] = cache
         x_BLD = self.blocks(x_BLD, mask_B1LS=mask, positions_BL=positions_BL, bias_BHLS=bias, rng=rng_blocks, **kwargs)
+        if cache is not None:
+            x_BLD, cache = x_BLD
         if self.final_norm is not None:
             x_BLD = layers.dropout(self.final_norm(x_BLD), cfg.dropout, rng_out)
-        return x_BLD
+        return x_BLD if cache is None else (x_BLD, cache.advance(L))
 
 
 def _segments_and_positions(ids: Array, mask: Array | None, segment_ids: Array | None, positions: Array | None):
@@ -285,9 +298,20 @@ class T5(nnx.Module):
         segment_ids: Array | None = None,
         positions: Array | None = None,
         rng: Array | None = None,
-    ) -> Array:
-        """LM logits (B, L, V) in float32 for the decoder inputs, given the encoder's output."""
-        cfg = self.cfg
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> Array | tuple[Array, KVCache]:
+        """LM logits (B, L, V) in float32 for the decoder inputs, given the encoder's output.
+
+        Decoding: with a ``cache`` (``init_cache``), the L tokens follow the cached ones and (logits,
+        cache) is returned; pass ``encoded_BSD`` at the first call and None afterwards (its
+        cross-attention keys/values are cached then). ``last_only``: the last position's logits only."""
+        if cache is not None:
+            if decoder_attention_mask is not None or segment_ids is not None:
+                raise ValueError("cached decoding takes unpadded decoder rows: no decoder mask or segments")
+            B, L = decoder_input_ids.shape
+            positions = cache.index + jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+            cache = cache.append(jnp.ones((B, L), bool), positions)
         seg, pos = _segments_and_positions(decoder_input_ids, decoder_attention_mask, segment_ids, positions)
         x_BLD = self.decoder(
             decoder_input_ids,
@@ -297,7 +321,30 @@ class T5(nnx.Module):
             encoded_BSD=encoded_BSD,
             encoder_segment_ids_BS=encoder_segment_ids,
             rng=rng,
+            cache=cache,
         )
+        if cache is not None:
+            x_BLD, cache = x_BLD
+        if last_only:
+            x_BLD = x_BLD[:, -1:]
+        logits_BLV = self._logits(x_BLD)
+        return logits_BLV if cache is None else (logits_BLV, cache)
+
+    def init_cache(self, batch: int, slots: int, source_len: int) -> KVCache:
+        """An empty decoder cache: ``slots`` decoder tokens, cross-attention over ``source_len`` encoder ones."""
+        cfg = self.cfg
+        return KVCache.create(
+            layers=cfg.decoder_layers,
+            batch=batch,
+            slots=slots,
+            kv_heads=cfg.num_heads,
+            head_dim=cfg.resolved_head_dim,
+            dtype=layers.DTYPES[cfg.dtype],
+            source_len=source_len,
+        )
+
+    def _logits(self, x_BLD: Array) -> Array:
+        cfg = self.cfg
         dtype = x_BLD.dtype
         if cfg.scale_output:
             x_BLD = x_BLD * (cfg.d_model**-0.5)

@@ -1,4 +1,11 @@
-"""Greedy decoding for causal models (a fixed-size buffer: one compiled forward for every step)."""
+"""Text generation with a KV cache: greedy and beam search for decoders and encoder-decoders.
+
+One jitted function per shape: prefill (the prompt, or the encoder and the start token), then a
+``jax.lax.while_loop`` whose body runs one cached decoding step. Beam search is transformers'
+``generate(num_beams=N, length_penalty=..., early_stopping=False)`` step for step (GenerationMixin.
+_beam_search, transformers 5): the top 2N continuations per item, finished hypotheses scored
+``sum logprob / generated_length ** length_penalty``, and its stopping heuristic.
+"""
 
 from __future__ import annotations
 
@@ -9,25 +16,225 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from model import gpt, t5
+from podformer.errors import UserError
+
+Array = jax.Array
+NEG = -1.0e9  # transformers' "impossible" score; float32 arithmetic on it must match theirs
+
+
+def generate(
+    model: gpt.GPT | t5.T5,
+    input_ids,
+    attention_mask,
+    *,
+    max_new_tokens: int,
+    eos_id: int | None,
+    pad_id: int,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
+    decoder_start_id: int | None = None,
+) -> np.ndarray:
+    """Generated ids (B, max_new_tokens) int32: no prompt, no start token; after the first eos, pad_id.
+
+    Decoder-only: ``input_ids`` is the prompt, LEFT-padded (``attention_mask`` 0 = padding).
+    Encoder-decoder: the encoder inputs (any padding); the decoder starts from ``decoder_start_id``
+    (T5: the pad id; BART: the eos id). ``eos_id=None``: generate exactly max_new_tokens."""
+    ids = np.asarray(input_ids, np.int32)
+    mask = np.asarray(attention_mask, np.int32)
+    if ids.ndim != 2 or mask.shape != ids.shape:
+        raise UserError(f"generate: input_ids {ids.shape} and attention_mask {mask.shape} must both be (batch, length)")
+    if max_new_tokens < 1 or num_beams < 1:
+        raise UserError(f"generate: max_new_tokens={max_new_tokens} and num_beams={num_beams} must be >= 1")
+    if not mask.any(axis=1).all():
+        raise UserError("generate: a row of attention_mask is all padding; every input needs at least one token")
+    seq2seq = isinstance(model, t5.T5)
+    if seq2seq:
+        if decoder_start_id is None:
+            raise UserError("generate: an encoder-decoder needs decoder_start_id (T5: the pad id; BART: the eos id)")
+        longest = max_new_tokens  # decoder positions 0 .. max_new_tokens - 1 are fed
+    elif isinstance(model, gpt.GPT):
+        if (np.diff(mask, axis=1) < 0).any():
+            raise UserError("generate: decoder-only prompts must be left-padded (attention_mask 0s before 1s)")
+        longest = int(mask.sum(axis=1).max()) + max_new_tokens - 1
+    else:
+        raise UserError(f"generate: {type(model).__name__} is not a generative model (a GPT or T5/BART)")
+    if model.cfg.position == "learned" and longest > model.cfg.max_len:
+        raise UserError(
+            f"generate: prompt + max_new_tokens needs {longest} positions and the model has {model.cfg.max_len}; "
+            "shorten the prompt or max_new_tokens"
+        )
+    graphdef, state = nnx.split(model)
+    # length ** length_penalty in float64, then float32: transformers divides by a Python float.
+    denom = np.asarray([1.0] + [float(n) ** length_penalty for n in range(1, max_new_tokens + 1)], np.float32)
+    out = _generate(
+        graphdef,
+        state,
+        jnp.asarray(ids),
+        jnp.asarray(mask),
+        jnp.int32(-1 if eos_id is None else eos_id),
+        jnp.int32(pad_id),
+        jnp.int32(0 if decoder_start_id is None else decoder_start_id),
+        jnp.asarray(denom),
+        seq2seq=seq2seq,
+        max_new_tokens=max_new_tokens,
+        num_beams=num_beams,
+    )
+    out = np.asarray(out)
+    if eos_id is not None:  # pad after the first eos (a no-op for what the loops produce; cheap insurance)
+        after_eos = np.cumsum(out == eos_id, axis=1) - (out == eos_id) > 0
+        out = np.where(after_eos, pad_id, out).astype(np.int32)
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "seq2seq", "max_new_tokens", "num_beams"))
+def _generate(graphdef, state, ids, mask, eos_id, pad_id, start_id, denom, *, seq2seq, max_new_tokens, num_beams):
+    model = nnx.merge(graphdef, state)
+    B, S = ids.shape
+    T, rows = max_new_tokens, B * num_beams
+    if seq2seq:
+        encoded = jnp.repeat(model.encode(ids, mask), num_beams, axis=0)
+        enc_mask = jnp.repeat(mask, num_beams, axis=0)
+        cache = model.init_cache(rows, T, S)  # the start token and T - 1 generated ones are fed
+        start = jnp.full((rows, 1), start_id, jnp.int32)
+        logits, cache = model.decode(start, encoded, enc_mask, cache=cache, last_only=True)
+
+        def step(m, tokens_B, cache):
+            return m.decode(tokens_B[:, None], None, enc_mask, cache=cache, last_only=True)
+    else:
+        ids, mask = jnp.repeat(ids, num_beams, axis=0), jnp.repeat(mask, num_beams, axis=0)
+        cache = model.init_cache(rows, S + T - 1)  # the last token is never fed back
+        logits, cache = model(ids, mask, cache=cache, last_only=True)
+
+        def step(m, tokens_B, cache):
+            return m(tokens_B[:, None], cache=cache, last_only=True)
+
+    # The model is rebuilt inside the loop body from the (closed-over) state: NNX modules must not
+    # cross into a transform's trace as Python objects.
+    def run_step(tokens_B, cache):
+        logits, cache = step(nnx.merge(graphdef, state), tokens_B, cache)
+        return logits[:, 0].astype(jnp.float32), cache
+
+    logits = logits[:, 0].astype(jnp.float32)
+    if num_beams == 1:
+        return _greedy_loop(run_step, logits, cache, T, eos_id, pad_id)
+    return _beam_loop(run_step, logits, cache, B, num_beams, T, eos_id, pad_id, denom)
+
+
+# Both loops pick token t from the logits at hand, then (while the loop goes on) feed it through one
+# cached step: the prefill's logits give token 0 outside the loop, so no step is ever wasted.
+
+
+def _greedy_loop(run_step, logits, cache, T, eos_id, pad_id):
+    """transformers' greedy search: argmax; once a row has produced eos it emits pad."""
+    B = logits.shape[0]
+
+    def pick(c, logits):
+        tok = jnp.where(c["done"], pad_id, jnp.argmax(logits, axis=-1).astype(jnp.int32))
+        out = jax.lax.dynamic_update_slice(c["out"], tok[:, None], (0, c["t"]))
+        return dict(c, t=c["t"] + 1, out=out, done=c["done"] | (tok == eos_id), tokens=tok)
+
+    def cond(c):
+        return (c["t"] < T) & ~jnp.all(c["done"])
+
+    def body(c):
+        logits, cache = run_step(c["tokens"], c["cache"])
+        return pick(dict(c, cache=cache), logits)
+
+    init = dict(t=jnp.int32(0), out=jnp.full((B, T), pad_id, jnp.int32), done=jnp.zeros((B,), bool))
+    init = pick(dict(init, cache=cache, tokens=jnp.zeros((B,), jnp.int32)), logits)
+    return jax.lax.while_loop(cond, body, init)["out"]
+
+
+def _gather(x, idx):
+    """x (B, K, ...) -> (B, len(idx[b]), ...) picked per row, like transformers' _gather_beams."""
+    return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def _beam_loop(run_step, logits, cache, B, N, T, eos_id, pad_id, denom):
+    """transformers' _beam_search (early_stopping=False) with static shapes: N running beams, the N best
+    finished hypotheses, and the per-item flag "a running beam may still beat the worst finished one"."""
+    V = logits.shape[-1]
+    K = 2 * N  # one eos token: keep 2N candidates so N of them can keep running
+    top_n = jnp.arange(K) < N
+
+    def pick(c, logits):
+        t = c["t"]
+        logp = jax.nn.log_softmax(logits, axis=-1).reshape(B, N, V) + c["running_scores"][:, :, None]
+        topk_lp, topk_idx = jax.lax.top_k(logp.reshape(B, N * V), K)
+        src, tok = topk_idx // V, (topk_idx % V).astype(jnp.int32)
+        topk_seq = _gather(c["running_seq"], src)
+        topk_seq = jax.lax.dynamic_update_slice(topk_seq, tok[:, :, None], (0, 0, t))
+        hits = (tok == eos_id) | (t + 1 >= T)
+
+        # Running beams for the next step: the best N candidates that did not finish.
+        running_lp = topk_lp + hits.astype(jnp.float32) * NEG
+        _, keep = jax.lax.top_k(running_lp, N)
+        running_seq = _gather(topk_seq, keep)
+        running_scores = _gather(running_lp, keep)
+        parent = _gather(src, keep)
+
+        # Finished hypotheses: candidates among the top N that just finished compete with the kept ones.
+        did = hits & top_n[None]
+        scores = topk_lp / denom[t + 1]
+        scores = scores + (~c["open"]).astype(jnp.float32)[:, None] * NEG
+        scores = scores + (~did).astype(jnp.float32) * NEG
+        merged_scores = jnp.concatenate([c["scores"], scores], axis=1)
+        _, best = jax.lax.top_k(merged_scores, N)
+        seqs = _gather(jnp.concatenate([c["seqs"], topk_seq], axis=1), best)
+        fin_scores = _gather(merged_scores, best)
+        finished = _gather(jnp.concatenate([c["finished"], did], axis=1), best)
+
+        # Can a running beam still beat the worst finished hypothesis? (Scored at the current length.)
+        best_running = running_scores[:, :1] / denom[t + 1]
+        worst = jnp.where(finished, jnp.min(fin_scores, axis=1, keepdims=True), NEG)
+        still_open = c["open"] & jnp.any(best_running > worst, axis=-1)
+        return dict(
+            c,
+            t=t + 1,
+            stop=~jnp.any(still_open) | jnp.all(hits),
+            running_seq=running_seq,
+            running_scores=running_scores,
+            seqs=seqs,
+            scores=fin_scores,
+            finished=finished,
+            open=still_open,
+            tokens=_gather(tok, keep).reshape(-1),
+            rows=(jnp.arange(B)[:, None] * N + parent).reshape(-1),
+        )
+
+    def cond(c):
+        return ~c["stop"]
+
+    def body(c):
+        logits, cache = run_step(c["tokens"], c["cache"].reorder(c["rows"]))
+        return pick(dict(c, cache=cache), logits)
+
+    fill = jnp.full((B, N, T), pad_id, jnp.int32)
+    init = dict(
+        t=jnp.int32(0),
+        cache=cache,
+        running_seq=fill,
+        # Only the first beam starts live, so the first step does not pick the same token N times.
+        running_scores=jnp.zeros((B, N), jnp.float32).at[:, 1:].set(NEG),
+        seqs=fill,
+        scores=jnp.full((B, N), NEG, jnp.float32),
+        finished=jnp.zeros((B, N), bool),
+        open=jnp.ones((B,), bool),
+    )
+    return jax.lax.while_loop(cond, body, pick(init, logits))["seqs"][:, 0]
+
 
 def greedy(graphdef, state, prompt_ids: list[int], max_new_tokens: int, max_len: int, eos_id: int | None = None):
-    """Continue ``prompt_ids`` greedily; ``state`` is a TrainState's state (the model is read from it)."""
+    """Continue ``prompt_ids`` greedily (train.py's sample); ``state`` is a TrainState's state (the model
+    is read from it). Returns the new tokens, up to and including eos."""
     prompt_ids = list(prompt_ids)[-(max_len - 1) :] or [0]
-    total = min(max_len, len(prompt_ids) + max_new_tokens)
-    buf = np.zeros((1, total), np.int32)
-    buf[0, : len(prompt_ids)] = prompt_ids
-
-    @functools.partial(jax.jit, donate_argnums=())
-    def next_token(state, buf, t):
-        model = nnx.merge(graphdef, state).model
-        logits = model(buf)  # causal: positions >= t do not affect position t-1
-        return jnp.argmax(logits[0, t - 1]).astype(jnp.int32)
-
-    out = []
-    for t in range(len(prompt_ids), total):
-        tok = int(next_token(state, jnp.asarray(buf), t))
-        buf[0, t] = tok
-        out.append(tok)
-        if eos_id is not None and tok == eos_id:
-            break
+    n = min(max_new_tokens, max_len - len(prompt_ids))
+    if n <= 0:
+        return []
+    model = nnx.merge(graphdef, state).model
+    ids = np.asarray([prompt_ids], np.int32)
+    out = generate(model, ids, np.ones_like(ids), max_new_tokens=n, eos_id=eos_id, pad_id=0)[0].tolist()
+    if eos_id is not None and eos_id in out:
+        out = out[: out.index(eos_id) + 1]
     return out
