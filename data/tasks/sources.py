@@ -89,8 +89,7 @@ def field_map(task_type: str, text_fields=None, defaults: Mapping[str, str] | No
     """{canonical field: source field} for a task type, from text_fields (sequence, 'a,b' string or dict)."""
     _check_type(task_type)
     inputs, target = FIELDS[task_type]
-    fmap = dict.fromkeys((*inputs, target))
-    fmap = {k: k for k in fmap} | dict(defaults or {})
+    fmap = {k: k for k in (*inputs, target)} | dict(defaults or {})
     if isinstance(text_fields, str):
         text_fields = [f.strip() for f in text_fields.split(",") if f.strip()]
     if isinstance(text_fields, Mapping):
@@ -103,8 +102,8 @@ def field_map(task_type: str, text_fields=None, defaults: Mapping[str, str] | No
         if len(text_fields) > len(names):
             raise UserError(f"text_fields {list(text_fields)}: {task_type} takes at most {', '.join(names)}")
         fmap |= dict(zip(names, text_fields, strict=False))
-        if len(text_fields) == 1 and "text_pair" in fmap and "text_pair" not in (defaults or {}):
-            fmap.pop("text_pair")  # one text field given: a single-text task
+        if len(text_fields) == 1:
+            fmap.pop("text_pair", None)  # one text field given: a single-text task
     return fmap
 
 
@@ -469,6 +468,7 @@ def _answers(value, where: str, field: str, csv_file: bool, context: str) -> dic
 
 def _check_labels(task_type: str, rows: list[tuple[int, dict]], names: list[str], path: str, given: bool) -> None:
     """Labels (classification: replaced by their index) and tags must be in the label set."""
+    names = [str(n) for n in names]  # a config may list integer labels; file labels are compared as text
     index = {n: i for i, n in enumerate(names)}
     shown = ", ".join(names[:_MAX_NAMES]) + (", ..." if len(names) > _MAX_NAMES else "")
     origin = "the task's labels" if given else "the label set of the training file"
