@@ -50,6 +50,18 @@ def _embedded(data_cfg, vocab_size: int):
     return tok, stores, f"embedded corpus: Python {corpus.root()} ({stores['train'].num_tokens:,} train tokens)"
 
 
+def tokenizer_for(data_cfg, vocab_size: int):
+    """The tokenizer ``build`` uses for this data section, without reading or tokenizing any split:
+    fine-tuning (finetune.py) reuses the tokenizer of the run that pretrained its checkpoint."""
+    if data_cfg.source == "embedded" and data_cfg.objective == "causal_lm":
+        pct = data_cfg.validation_percent
+        return hf_tokenizer.get(
+            data_cfg, vocab_size, corpus.NAME, corpus.fingerprint(pct), lambda: corpus.documents("train", pct)
+        )
+    family = special.OBJECTIVE_FAMILY[data_cfg.objective]
+    return _tokenizer(data_cfg, vocab_size, _components(data_cfg), family)
+
+
 def _components(data_cfg) -> list[tuple[object, float]]:
     kw = dict(
         data_dir=data_cfg.tfds_data_dir,

@@ -27,9 +27,15 @@ def check_workdir(workdir: str) -> epath.Path:
 
 
 class Checkpointer:
-    def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
+    def __init__(self, workdir: str, *, keep: int, async_save: bool = True, best: tuple[str, str] | None = None):
+        """``best=(metric, 'max'|'min')``: keep the ``keep`` best checkpoints by that metric (passed to
+        ``save``) instead of the latest ones; saves without metrics (a preemption's) are always kept."""
         self.directory = epath.Path(workdir) / "checkpoints"
+        best_kw = {}
+        if best is not None:
+            best_kw = dict(best_fn=lambda m, name=best[0]: float(m[name]), best_mode=best[1])
         options = ocp.CheckpointManagerOptions(
+            **best_kw,
             max_to_keep=keep,
             create=True,
             # A save killed half-way leaves `<step>.orbax-checkpoint-tmp`; it is never listed as a step
@@ -45,11 +51,15 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
-    def save(self, step: int, state, data_state: dict, meta: dict, *, force: bool = False) -> bool:
+    def save(self, step: int, state, data_state: dict, meta: dict, *, force: bool = False, metrics=None) -> bool:
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)
         )
-        return self.manager.save(step, args=args, force=force)
+        return self.manager.save(step, args=args, force=force, metrics=metrics)
+
+    def best_step(self) -> int | None:
+        """The best step by the ``best`` metric (None without metrics)."""
+        return self.manager.best_step()
 
     def restore(self, step: int, abstract_state) -> tuple:
         """(state, data_state, meta) of ``step``, the state placed into ``abstract_state``'s shardings."""

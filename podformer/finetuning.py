@@ -1,0 +1,267 @@
+"""Fine-tuning pieces finetune.py composes: which model and tokenizer to start from, task losses,
+layer-wise learning-rate decay, and the jitted prediction step."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from model.heads import KINDS
+from podformer.errors import UserError
+from podformer.losses import LOSSES, Loss
+
+# task type -> the head it trains
+HEAD_OF = {"classification": "sequence", "regression": "sequence", "qa": "span", "tagging": "token"}
+HEAD_OF.update(text2text="lm", sft="lm")
+# task type -> the model kinds it fine-tunes (model/heads.py KINDS)
+KINDS_OF = {
+    "classification": ("encoder", "decoder", "seq2seq"),
+    "regression": ("encoder", "decoder", "seq2seq"),
+    "qa": ("encoder", "decoder"),
+    "tagging": ("encoder", "decoder"),
+    "text2text": ("seq2seq",),
+    "sft": ("decoder",),
+}
+_ADVICE = {
+    "text2text": "use a T5 or BART checkpoint (or task.type=sft for a decoder)",
+    "sft": "use a decoder (gpt family)",
+}
+TRAINING_FIELDS = ("dropout", "attention_dropout", "dtype", "scan_layers", "remat", "attention_impl")
+
+
+def check_family(task_type: str, family: str, where: str) -> None:
+    kind = KINDS[family]
+    if kind not in KINDS_OF[task_type]:
+        advice = _ADVICE.get(task_type, f"use an {' or '.join(KINDS_OF[task_type])} checkpoint")
+        raise UserError(
+            f"{where} holds a {family} model (an {kind}); task.type={task_type} cannot fine-tune it: {advice}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Where the model and tokenizer come from
+
+
+@dataclasses.dataclass
+class Start:
+    family: str
+    model_cfg: object  # the family dataclass the run builds
+    flat: dict | None  # canonical parameters to load into the backbone (None: fresh or resumed)
+    meta: dict  # the init checkpoint's metadata (podformer workdirs), else {}
+    description: str
+
+
+def resolve_start(cfg, config_lib, model_registry, resumed_model: dict | None) -> Start:
+    """The model to build. Resume order: this workdir's checkpoint (its saved model) -> init.checkpoint
+    (its architecture; the run config's training fields such as dropout apply) -> the run config's model."""
+    from model import hf, params
+
+    if resumed_model is not None:
+        family, model_cfg = params.config_from_dict(resumed_model)
+        return Start(family, model_cfg, None, {}, "resumed")
+    path = cfg.init.checkpoint
+    if path and not os.path.exists(path):
+        if not cfg.init.missing_ok:
+            raise UserError(f"init.checkpoint {path} does not exist; pass a podformer workdir or a Hugging Face folder")
+        path = ""
+        print(f"podformer: no checkpoint at {cfg.init.checkpoint}: fine-tuning a fresh, untrained model", flush=True)
+    if not path:
+        config_cls = model_registry.FAMILIES[cfg.model.family][0]
+        return Start(cfg.model.family, config_lib.family_config(cfg.model, config_cls), None, {}, "a fresh model")
+    try:
+        if params.is_workdir(path):
+            family, src_cfg, flat, meta = params.read_workdir(path)
+        else:
+            family, src_cfg, flat = hf.load_params(path)
+            meta = {}
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise UserError(f"init.checkpoint {path}: {e}") from None
+    overrides = {f: cfg.model[f] for f in TRAINING_FIELDS if f in cfg.model and hasattr(src_cfg, f)}
+    return Start(family, dataclasses.replace(src_cfg, **overrides), flat, meta, path)
+
+
+# The objective each family's tiny pretraining config uses: its tokenizer (with that family's special tokens)
+# is the one a fresh model of the family gets.
+PRETRAIN_OBJECTIVE = {"gpt": "causal_lm", "bert": "mlm", "distilbert": "mlm", "roberta": "roberta"}
+PRETRAIN_OBJECTIVE.update(t5="span_corruption", bart="bart")
+
+
+def _fresh_data_section(family: str):
+    """The data section of the family's tiny pretraining config (embedded corpus), whose tokenizer is
+    trained on first use and cached, for fine-tuning a model that has no checkpoint."""
+    import model as models
+    from configs import common
+
+    data = common.base("fresh", family, models.FAMILIES[family][0]()).data
+    data.objective = PRETRAIN_OBJECTIVE[family]
+    return data
+
+
+def resolve_tokenizer(cfg, start: Start, workdir: str, resumed: bool):
+    """The tokenizer: data.tokenizer if set; a resumed run's own copy (<workdir>/tokenizer); the init
+    checkpoint's (a Hugging Face folder's files, an imported workdir's tokenizer/, or the tokenizer the
+    pretraining run built, checked against its fingerprint); else the family's embedded-corpus one."""
+    from data import hf_tokenizer, pipeline
+
+    if cfg.data.tokenizer:
+        return hf_tokenizer.load(cfg.data.tokenizer)
+    own = os.path.join(workdir, "tokenizer")
+    if resumed and os.path.isdir(own):
+        return hf_tokenizer.load(own)
+    path = cfg.init.checkpoint if start.flat is not None else ""
+    if path:
+        for folder in (path, os.path.join(path, "tokenizer")):
+            if os.path.isdir(folder) and any(os.path.isfile(os.path.join(folder, n)) for n in _TOKENIZER_NAMES):
+                return hf_tokenizer.load(folder)
+        data = start.meta.get("config", {}).get("data")
+        if not data:
+            raise UserError(f"init.checkpoint {path} has no tokenizer; set data.tokenizer to the model's tokenizer")
+        tok = pipeline.tokenizer_for(ml_collections.ConfigDict(data), start.model_cfg.vocab_size)
+        if start.meta.get("tokenizer") and tok.fingerprint != start.meta["tokenizer"]:
+            raise UserError(
+                f"init.checkpoint {path} was trained with tokenizer {start.meta['tokenizer']}, rebuilt "
+                f"{tok.fingerprint}; set data.tokenizer to the one it used"
+            )
+        return tok
+    return pipeline.tokenizer_for(_fresh_data_section(start.family), start.model_cfg.vocab_size)
+
+
+_TOKENIZER_NAMES = ("tokenizer.json", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model")
+
+
+def save_tokenizer(tok, workdir: str) -> None:
+    """A copy of the tokenizer in <workdir>/tokenizer, so eval/predict and resumes find the same one."""
+    dest = os.path.join(workdir, "tokenizer")
+    if jax.process_index() != 0 or os.path.isdir(dest) or not getattr(tok, "path", ""):
+        return
+    os.makedirs(dest, exist_ok=True)
+    if tok.path.endswith(".json"):
+        folder = os.path.dirname(tok.path)
+        for name in ("tokenizer.json", "special_tokens_map.json", "tokenizer_config.json"):
+            if os.path.isfile(os.path.join(folder, name)):
+                shutil.copy(os.path.join(folder, name), os.path.join(dest, name))
+    else:
+        shutil.copy(tok.path, os.path.join(dest, "tokenizer.model"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Losses: each returns metrics normalised by global-batch denominators (podformer/losses.py)
+
+
+def _classification(model, batch, rng, denom):
+    logits = model(batch, rng)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    w = batch["label_weights"]
+    ce = -jnp.take_along_axis(logp, batch["labels"][:, None], axis=-1)[:, 0]
+    correct = (jnp.argmax(logits, axis=-1) == batch["labels"]).astype(jnp.float32)
+    n = jnp.maximum(denom["rows"], 1.0)
+    return jnp.sum(ce * w) / n, {"loss": jnp.sum(ce * w) / n, "accuracy": jnp.sum(correct * w) / n}
+
+
+def _regression(model, batch, rng, denom):
+    pred = model(batch, rng)[:, 0]
+    se = jnp.square(pred - batch["labels"]) * batch["label_weights"]
+    n = jnp.maximum(denom["rows"], 1.0)
+    return jnp.sum(se) / n, {"loss": jnp.sum(se) / n}
+
+
+def _span(model, batch, rng, denom):
+    logits = model(batch, rng)  # (B, L, 2)
+    mask = batch["segment_ids"] > 0
+    w = batch["label_weights"]
+    total = 0.0
+    for i, key in enumerate(("start_positions", "end_positions")):
+        logp = jax.nn.log_softmax(jnp.where(mask, logits[..., i], -1e9), axis=-1)
+        total = total + jnp.sum(-jnp.take_along_axis(logp, batch[key][:, None], axis=-1)[:, 0] * w)
+    n = jnp.maximum(denom["rows"], 1.0)
+    return total / (2 * n), {"loss": total / (2 * n)}
+
+
+def _token(model, batch, rng, denom):
+    logits = model(batch, rng)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    w = batch["label_weights"]
+    ce = -jnp.take_along_axis(logp, batch["labels"][..., None], axis=-1)[..., 0]
+    correct = (jnp.argmax(logits, axis=-1) == batch["labels"]).astype(jnp.float32)
+    n = jnp.maximum(denom["tokens"], 1.0)
+    return jnp.sum(ce * w) / n, {"loss": jnp.sum(ce * w) / n, "accuracy": jnp.sum(correct * w) / n}
+
+
+def _on_backbone(loss: Loss) -> Loss:
+    return Loss(lambda model, batch, rng, denom: loss.fn(model.backbone, batch, rng, denom), loss.denominators)
+
+
+def _rows(batch):
+    return {"rows": jnp.sum(batch["label_weights"])}
+
+
+TASK_LOSSES = {
+    "classification": Loss(_classification, _rows),
+    "regression": Loss(_regression, _rows),
+    "qa": Loss(_span, _rows),
+    "tagging": Loss(_token, lambda batch: {"tokens": jnp.sum(batch["label_weights"])}),
+    "text2text": _on_backbone(LOSSES["span_corruption"]),  # the encoder-decoder LM loss on decoder_* keys
+    "sft": _on_backbone(LOSSES["causal_lm"]),  # loss_weights: the completion only
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Layer-wise learning-rate decay (ELECTRA, Clark et al. 2020; BEiT): layer i of N trains at lr * decay^(N - i),
+# the embeddings at lr * decay^(N + 1), the head and final norms at lr.
+
+_EMBEDDINGS = ("embed", "pos_embed", "token_type_embed", "embed_norm", "rel_bias")
+
+
+def _name(entry):
+    for attr in ("key", "name", "idx"):
+        if hasattr(entry, attr):
+            return getattr(entry, attr)
+    return None
+
+
+def layer_decay(decay: float, num_layers: int):
+    """``factor(path, update)`` for optim.make_optimizer's ``lr_factor``."""
+
+    def factor(path, u):
+        names = [_name(p) for p in path]
+        if "backbone" not in names:
+            return 1.0
+        if "layers" in names:
+            nxt = names[names.index("layers") + 1] if names.index("layers") + 1 < len(names) else None
+            if isinstance(nxt, int) or (isinstance(nxt, str) and nxt.isdigit()):
+                return decay ** (num_layers - int(nxt))
+            n = u.shape[0]  # a scanned stack: one factor per layer along the leading axis
+            f = decay ** (num_layers - jnp.arange(n, dtype=jnp.float32))
+            return f.reshape((n,) + (1,) * (u.ndim - 1)).astype(u.dtype)
+        if any(n in _EMBEDDINGS for n in names if isinstance(n, str)):
+            return decay ** (num_layers + 1)
+        return 1.0
+
+    return factor
+
+
+# ---------------------------------------------------------------------------------------------------
+# Prediction
+
+
+def jit_predict(graphdef, state_shardings, batch_shard, mesh, output: str):
+    """``predict(state, batch)`` -> the head's outputs, replicated on every device (so every process
+    reads all of them): class logits, span logits or per-token class ids."""
+
+    def predict(state, batch):
+        model = nnx.merge(graphdef, state).model
+        out = model(batch)
+        if output == "token":
+            out = jnp.argmax(out, axis=-1).astype(jnp.int32)
+        return out
+
+    return jax.jit(
+        predict, in_shardings=(state_shardings, batch_shard), out_shardings=NamedSharding(mesh, PartitionSpec())
+    )
