@@ -279,6 +279,7 @@ def _train(cfg, task, evaluator, ckpt, writer, profiler, state, graphdef, shardi
             peak_flops=peak,
             should_stop=lambda s: watcher(s) or early["stop"],
             profiler=profiler,
+            num_devices=mesh.size,
         )
     watcher.close()
     ckpt.wait()

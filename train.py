@@ -78,7 +78,7 @@ def run(argv: list[str] | None = None) -> dict:
     mesh_lib.check_batch(mesh, t.batch_size, t.grad_accum)
     rules = tuple(tuple(r) for r in cfg.mesh.rules)
     log(
-        f"podformer: {cfg.config_spec} -> {workdir}; mesh {dict(mesh.shape)} over {jax.device_count()} "
+        f"podformer: {cfg.config_spec} -> {workdir}; mesh {dict(mesh.shape)} over {mesh.size} "
         f"{jax.devices()[0].platform} devices, {jax.process_count()} process(es)"
     )
 
@@ -221,6 +221,7 @@ def run(argv: list[str] | None = None) -> dict:
             peak_flops=peak,
             should_stop=watcher,
             profiler=profiler,
+            num_devices=mesh.size,
         )
     watcher.close()
     ckpt.close()

@@ -93,6 +93,7 @@ def base(name: str, family: str, model) -> ml_collections.ConfigDict:
     c.mesh.data = -1  # -1: the devices that fsdp x tensor leave
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
+    c.mesh.devices = 0  # 0: every device; N: only the first N (single process)
     c.mesh.rules = RULES
 
     c.metrics = ml_collections.ConfigDict()

@@ -30,12 +30,13 @@ def run(
     peak_flops: float,
     should_stop: Callable[[int], bool] = lambda step: False,
     profiler=None,
+    num_devices: int | None = None,
 ):
     """Run steps ``start_step+1 .. total_steps``. Returns (state, last step, last eval metrics).
 
     Step N's metrics are fetched after step N+1 is dispatched, so the host never waits for the device
     except at logging points. ``should_stop(step)`` (e.g. preemption) ends the loop after a save."""
-    num_devices = jax.device_count()
+    num_devices = num_devices or jax.device_count()  # the mesh's, for MFU
     progress = Progress(total_steps, start_step)
     pending: list[tuple[int, dict]] = []
     window: list[dict] = []

@@ -35,7 +35,15 @@ def resolve_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
 
 
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
-    devices = devices if devices is not None else jax.devices()
+    if devices is None:
+        devices = jax.devices()
+        count = int(mesh_cfg.get("devices", 0))
+        if count:  # the first N devices only: debugging on part of a host, tests on fake devices
+            if jax.process_count() > 1:
+                raise UserError("mesh.devices uses part of one host; with several processes leave it 0 (all devices)")
+            if not 0 < count <= len(devices):
+                raise UserError(f"mesh.devices={count}, but this host has {len(devices)} devices; 0 uses them all")
+            devices = devices[:count]
     shape = resolve_shape(mesh_cfg, len(devices))
     # Auto axis types: shardings come from the logical rules and with_sharding_constraint, and XLA's
     # partitioner propagates the rest (jax.make_mesh's default is Explicit).

@@ -3,8 +3,11 @@
 import os
 import sys
 
-# Must happen before anything imports jax: tests that shard use 8 fake CPU devices.
+# Must happen before anything imports jax: tests that shard use 8 fake CPU devices. The tests' models are
+# tiny and most of their time is XLA compiling them: LLVM's optimisation level 0 halves that (the default
+# run, which trains for minutes, runs at the full level; see tests/helpers.py).
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] += " " + "--xla_backend_optimization_level=0"
 os.environ["PODFORMER_NO_PROGRESS"] = "1"
 # With the [aot] extra installed, libtpu makes every JAX process look for a TPU first; tests run on CPU.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

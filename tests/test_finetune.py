@@ -21,7 +21,7 @@ WORDS = "the a of to and in is was for on good bad great awful fine poor red blu
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<s>", "</s>"]
 V = 256  # vocabulary of every tiny model here (the tokenizer has fewer)
 TINY = ["--config.train.batch_size=8", "--config.train.eval_batch_size=8", "--config.train.seq_len=48"]
-TINY += ["--config.train.log_every=2", "--config.opt.warmup_steps=2"]
+TINY += ["--config.train.log_every=2", "--config.opt.warmup_steps=2", "--config.mesh.devices=1"]
 
 
 def _tokenizer_files(folder, texts):
