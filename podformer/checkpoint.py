@@ -43,7 +43,16 @@ class Checkpointer:
             cleanup_tmp_directories=True,
             enable_async_checkpointing=async_save,
         )
+        self._remove_unfinished_saves()
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "meta"))
+
+    def _remove_unfinished_saves(self) -> None:
+        """Orbax's own cleanup may run in a background thread; this one is done before anything reads."""
+        if jax.process_index() != 0 or not self.directory.exists():
+            return
+        for path in self.directory.iterdir():
+            if ".orbax-checkpoint-tmp" in path.name:
+                path.rmtree() if path.is_dir() else path.unlink()
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()

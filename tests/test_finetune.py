@@ -15,6 +15,7 @@ import tensorflow_datasets as tfds
 import finetune
 import train
 from data.tasks import embedded
+from model import hf
 from tests.helpers import SMALL
 
 WORDS = "the a of to and in is was for on good bad great awful fine poor red blue green cat dog paris london".split()
@@ -102,6 +103,11 @@ def ckpts(tmp_path_factory):
         model.save_pretrained(str(folder))
         _tokenizer_files(str(folder), texts)
         out[name] = str(folder)
+    for name in ("t5", "gpt2"):  # podformer workdirs of these too, as `python -m model.hf import` writes them
+        workdir = root / f"podformer_{name}"
+        assert hf.main(["import", out[name], str(workdir)]) == 0
+        _tokenizer_files(str(workdir / "tokenizer"), texts)
+        out[f"podformer_{name}"] = str(workdir)
     return out
 
 
@@ -249,11 +255,12 @@ def test_conll_on_mock_data_and_local_tagging_jsonl(ckpts, tmp_path):
 
 @pytest.mark.slow
 def test_text2text_on_mock_data_and_jsonl_from_t5_and_bart_folders(ckpts, tmp_path):
-    """Summarisation (mock xsum) from a T5 folder with beam search; a local inputs/targets file from a BART
-    folder with greedy decoding, then predicted; ROUGE/BLEU/exact match reported."""
+    """Summarisation (mock xsum) from a podformer T5 workdir with beam search; a local inputs/targets file
+    from a BART folder with greedy decoding, then predicted; ROUGE/BLEU/exact match reported."""
     cfg = "configs/finetune/text2text.py:tiny"
     with tfds.testing.mock_data(num_examples=8):
-        result = _run(cfg, ckpts["t5"], tmp_path / "mock", "--config.train.steps=2", "--config.task.num_beams=2")
+        args = ["--config.train.steps=2", "--config.task.num_beams=2"]
+        result = _run(cfg, ckpts["podformer_t5"], tmp_path / "mock", *args)
     assert {"rougeL", "bleu", "exact_match", "loss"} <= set(result["validation"])
     rows = [{"inputs": f"the {w} cat", "targets": w} for w in WORDS[:8]]
     path = _write_jsonl(tmp_path / "pairs.jsonl", rows)
@@ -266,12 +273,20 @@ def test_text2text_on_mock_data_and_jsonl_from_t5_and_bart_folders(ckpts, tmp_pa
 
 @pytest.mark.slow
 def test_sft_from_a_gpt2_folder_loss_on_completions(ckpts, tmp_path):
-    """Prompt/completion JSONL on a GPT-2 folder: the completion loss falls, completions are generated."""
+    """Prompt/completion JSONL on a GPT-2 folder: the completion loss falls, completions are generated; the
+    same from a podformer GPT-2 workdir, then its eval and predict modes."""
     rows = [{"prompt": f"colour of {w}:", "completion": " red"} for w in WORDS[:16]]
     path = _write_jsonl(tmp_path / "sft.jsonl", rows)
-    result = _run("configs/finetune/sft.py:tiny", ckpts["gpt2"], tmp_path, f"--config.task.source={path}",
+    cfg, src = "configs/finetune/sft.py:tiny", f"--config.task.source={path}"
+    result = _run(cfg, ckpts["gpt2"], tmp_path, src,
                   "--config.train.steps=20", "--config.train.eval_every=10", "--config.opt.lr=3e-3")  # fmt: skip
     evals = [x for x in map(json.loads, open(tmp_path / "metrics.jsonl")) if "eval_loss" in x]
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
     assert {"rougeL", "exact_match"} <= set(result["validation"])
     assert len(_predictions(str(tmp_path))) == 16
+    pod = tmp_path / "from_podformer"
+    _run(cfg, ckpts["podformer_gpt2"], pod, src, "--config.train.steps=2")
+    scored = _run(cfg, "", pod, src, "--config.mode=eval")
+    assert {"rougeL", "exact_match"} <= set(scored["validation"])
+    _run(cfg, "", pod, src, "--config.mode=predict")
+    assert len(_predictions(str(pod))) == 16
