@@ -191,29 +191,10 @@ def _train(cfg, task, evaluator, ckpt, writer, profiler, state, graphdef, shardi
     loader = Loader(features.Rows(model_keys), global_batch=t.batch_size, mesh=mesh, rules=rules, seed=t.seed)
     if data_state is not None:
         loader.set_state(data_state)
-    example = loader.host_batch(0)
-    batch_shard = trainer.batch_shardings(example, mesh, rules, t.batch_size)
-    abstract_batch = {
-        k: jax.ShapeDtypeStruct((t.batch_size,) + v.shape[1:], v.dtype, sharding=batch_shard[k])
-        for k, v in example.items()
-    }
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        step_fn = (
-            trainer.jit_train_step(
-                graphdef,
-                shardings,
-                batch_shard,
-                loss=finetuning.TASK_LOSSES[task.type],
-                accum=t.grad_accum,
-                seed=t.seed,
-                mesh=mesh,
-                rules=rules,
-                global_batch=t.batch_size,
-                schedule=optim.schedule(cfg.opt, steps),
-            )
-            .lower(trainer.with_shardings(state, shardings), abstract_batch)
-            .compile()
-        )
+    step_fn, _ = trainer.compile_train_step(
+        graphdef, state, shardings, loader.host_batch(0), loss=finetuning.TASK_LOSSES[task.type], train_cfg=t,
+        mesh=mesh, rules=rules, schedule=optim.schedule(cfg.opt, steps),
+    )  # fmt: skip
     sizes = {k: int(np.prod(s)) for k, s in trainer.named_param_shapes(state).items()}
     flops_per_token = flops_lib.per_token(model_cfg, sizes, t.seq_len)
     peak, _ = flops_lib.peak_per_device(cfg.metrics.peak_tflops)

@@ -136,29 +136,11 @@ def run(argv: list[str] | None = None) -> dict:
         loader.set_state(data_state)
 
     loss = teacher.loss if teacher is not None else LOSSES[cfg.data.objective]
-    example = loader.host_batch(0)
-    batch_shard = trainer.batch_shardings(example, mesh, rules, t.batch_size)
-    abstract_batch = {
-        k: jax.ShapeDtypeStruct((t.batch_size,) + v.shape[1:], v.dtype, sharding=batch_shard[k])
-        for k, v in example.items()
-    }
+    step_fn, batch_shard = trainer.compile_train_step(
+        graphdef, abstract, shardings, loader.host_batch(0), loss=loss, train_cfg=t, mesh=mesh, rules=rules,
+        schedule=schedule,
+    )  # fmt: skip
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        step_fn = (
-            trainer.jit_train_step(
-                graphdef,
-                shardings,
-                batch_shard,
-                loss=loss,
-                accum=t.grad_accum,
-                seed=t.seed,
-                mesh=mesh,
-                rules=rules,
-                global_batch=t.batch_size,
-                schedule=schedule,
-            )
-            .lower(trainer.with_shardings(abstract, shardings), abstract_batch)
-            .compile()
-        )
         eval_fn = trainer.jit_eval_step(graphdef, shardings, batch_shard, loss=loss)
     mem = step_fn.memory_analysis()
     if mem is not None:

@@ -161,3 +161,28 @@ def jit_eval_step(graphdef, state_shardings, batch_shard, *, loss):
     return jax.jit(
         functools.partial(eval_step, graphdef=graphdef, loss=loss), in_shardings=(state_shardings, batch_shard)
     )
+
+
+def compile_train_step(graphdef, abstract, shardings, example: dict, *, loss, train_cfg, mesh, rules, schedule):
+    """The train step compiled ahead of the loop for the layout of ``example`` (one host batch), so its
+    memory is known before the first step. Returns (compiled step, batch shardings)."""
+    t = train_cfg
+    batch_shard = batch_shardings(example, mesh, rules, t.batch_size)
+    abstract_batch = {
+        k: jax.ShapeDtypeStruct((t.batch_size,) + v.shape[1:], v.dtype, sharding=batch_shard[k])
+        for k, v in example.items()
+    }
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        step = jit_train_step(
+            graphdef,
+            shardings,
+            batch_shard,
+            loss=loss,
+            accum=t.grad_accum,
+            seed=t.seed,
+            mesh=mesh,
+            rules=rules,
+            global_batch=t.batch_size,
+            schedule=schedule,
+        )
+        return step.lower(with_shardings(abstract, shardings), abstract_batch).compile(), batch_shard
