@@ -14,7 +14,30 @@ def encoder_or_seq2seq(name: str, family: str, model, variant: str, objective: s
         distill(c, "runs/bert_tiny" if variant == "tiny" else "")
     if variant == "tiny":
         tiny(c)
+    else:
+        paper_data(c, family)
     return c
+
+
+# The TFDS datasets closest to what each paper pretrained on (read through tfds.data_source; a TPU VM
+# points data.tfds_data_dir at gs://.../tensorflow_datasets). BERT's BooksCorpus and the RoBERTa/BART
+# 160 GB mix (books, CC-News, OpenWebText, Stories) are not in TFDS: add them as local files through
+# data.source=mixture, e.g. 'tfds:wikipedia/20230601.en=0.7, files:/data/books/*.txt=0.3'.
+PAPER_DATA = {
+    "bert": ("wikipedia/20230601.en", "train[:99%]", "train[99%:]"),  # + BooksCorpus in the paper
+    "distilbert": ("wikipedia/20230601.en", "train[:99%]", "train[99%:]"),  # BERT's data
+    "roberta": ("c4/en:3.1.0", "train", "validation"),  # web text, as most of RoBERTa's 160 GB
+    "bart": ("c4/en:3.1.0", "train", "validation"),  # RoBERTa's data in the paper
+    "t5": ("c4/en:3.1.0", "train", "validation"),  # the paper's own C4
+}
+
+
+def paper_data(c, family: str) -> None:
+    name, train, validation = PAPER_DATA[family]
+    c.data.source = "tfds"
+    c.data.tfds_name = name
+    c.data.train_split = train
+    c.data.validation_split = validation
 
 
 def distill(c, teacher: str) -> None:

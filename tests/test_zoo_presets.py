@@ -77,3 +77,21 @@ def test_flops_per_token_for_encoders_and_encoder_decoders():
     # Untied: the input embedding is a lookup; the decoder layers attend twice (self and cross).
     expected = 6 * (100 + 13) + 12 * (2 + 2 * 3) * s2s.num_heads * s2s.head_dim * L
     assert flops.per_token(s2s, sizes, L) == expected
+
+
+def test_full_size_configs_read_their_papers_datasets():
+    """The tiny variants train on the embedded corpus; the full-size ones on the TFDS dataset closest to
+    their paper's (BERT: Wikipedia; T5: C4; RoBERTa/BART: C4 for their web-text mix)."""
+    from configs import bart, bert, distilbert, roberta, t5
+
+    expected = {
+        (bert, "base_uncased"): "wikipedia/20230601.en",
+        (distilbert, "base"): "wikipedia/20230601.en",
+        (roberta, "base"): "c4/en:3.1.0",
+        (bart, "base"): "c4/en:3.1.0",
+        (t5, "small"): "c4/en:3.1.0",
+    }
+    for (module, variant), name in expected.items():
+        c = module.get_config(variant)
+        assert (c.data.source, c.data.tfds_name) == ("tfds", name), (module.__name__, variant)
+        assert module.get_config("tiny").data.source == "embedded"
