@@ -68,15 +68,15 @@ SHAPES = [
     Shape(
         "encoder-bert-base",
         "encoder",
-        "configs/bert.py:base_uncased",
-        _o(train__seq_len=512, train__batch_size=32, model__dtype="bfloat16"),
+        "configs/bert.py:base_uncased",  # the embedded corpus, not the config's Wikipedia: runs offline
+        _o(train__seq_len=512, train__batch_size=32, model__dtype="bfloat16", data__source="embedded"),
         accelerator=True,
     ),
     Shape(
         "encoder-decoder-t5-base",
         "encoder-decoder",
-        "configs/t5.py:v1_1_base",
-        _o(train__seq_len=512, train__batch_size=32, model__dtype="bfloat16"),
+        "configs/t5.py:v1_1_base",  # the embedded corpus, not the config's C4: runs offline
+        _o(train__seq_len=512, train__batch_size=32, model__dtype="bfloat16", data__source="embedded"),
         accelerator=True,
     ),
 ]
