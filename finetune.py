@@ -21,7 +21,7 @@ from flax import nnx
 
 from data.loader import Loader
 from data.tasks import features
-from podformer import checkpoint, distributed, finetuning, hostmem, loop, optim, preemption, profiling, trainer
+from podformer import checkpoint, cli, distributed, finetuning, hostmem, loop, optim, preemption, profiling, trainer
 from podformer import config as config_lib
 from podformer import finetune_tasks as tasks
 from podformer import flops as flops_lib
@@ -274,13 +274,7 @@ def _train(cfg, task, evaluator, ckpt, writer, profiler, state, graphdef, shardi
 
 
 def main() -> None:
-    try:
-        result = run()
-    except UserError as e:
-        print(f"podformer: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    if result.get("preempted"):
-        sys.exit(preemption.EXIT_CODE)
+    cli.main(run)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from data import pipeline
 from data.loader import Loader
 from podformer import (
     checkpoint,
+    cli,
     distillation,
     distributed,
     generate,
@@ -256,13 +257,7 @@ def init_from(path: str, family: str, model_cfg, graphdef, state):
 
 
 def main() -> None:
-    try:
-        result = run()
-    except UserError as e:
-        print(f"podformer: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    if result.get("preempted"):
-        sys.exit(preemption.EXIT_CODE)
+    cli.main(run)
 
 
 if __name__ == "__main__":
