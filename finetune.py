@@ -196,7 +196,7 @@ def _train(cfg, task, evaluator, ckpt, writer, profiler, state, graphdef, shardi
         mesh=mesh, rules=rules, schedule=optim.schedule(cfg.opt, steps),
     )  # fmt: skip
     sizes = {k: int(np.prod(s)) for k, s in trainer.named_param_shapes(state).items()}
-    flops_per_token = flops_lib.per_token(model_cfg, sizes, t.seq_len)
+    flops_per_token = flops_lib.per_token(model_cfg, sizes, t.seq_len, flops_lib.decoder_len(loader.host_batch(0)))
     peak, _ = flops_lib.peak_per_device(cfg.metrics.peak_tflops)
     log(f"model: {sum(sizes.values()):,} parameters; {steps} steps of {t.batch_size}")
 

@@ -151,7 +151,7 @@ def run(argv: list[str] | None = None) -> dict:
         )
 
     sizes = {k: int(np.prod(shape)) for k, shape in trainer.named_param_shapes(abstract).items()}
-    flops_per_token = flops_lib.per_token(model_cfg, sizes, t.seq_len)
+    flops_per_token = flops_lib.per_token(model_cfg, sizes, t.seq_len, flops_lib.decoder_len(loader.host_batch(0)))
     peak, peak_source = flops_lib.peak_per_device(cfg.metrics.peak_tflops)
     log(
         f"model: {sum(sizes.values()):,} parameters, {flops_per_token / 1e6:.1f} MFLOPs/token; "

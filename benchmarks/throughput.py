@@ -155,7 +155,9 @@ class Bench:
         _, abstract = trainer.abstract_state(make, tx, 0)
         self.sizes = {k: int(np.prod(s)) for k, s in trainer.named_param_shapes(abstract).items()}
         try:
-            self.flops_per_token = flops_lib.per_token(self.model_cfg, self.sizes, t.seq_len)
+            self.flops_per_token = flops_lib.per_token(
+                self.model_cfg, self.sizes, t.seq_len, flops_lib.decoder_len(example)
+            )
         except AttributeError:  # a family podformer/flops.py does not know
             self.flops_per_token = float("nan")
         self.tokens_per_step = t.batch_size * t.seq_len
@@ -201,7 +203,7 @@ class TorchWorker:
         self.proc.stdin.write(f"{n}\n")
         self.proc.stdin.flush()
         times = json.loads(self.proc.stdout.readline())["times"]
-        return statistics.median(times)
+        return sum(times) / len(times)  # the mean, as podformer's steps are timed (the whole run / n)
 
     def close(self):
         self.proc.stdin.close()

@@ -12,10 +12,13 @@ matmuls; the second the attention score and value products (QK^T and AV), also c
 counted: this is model FLOPs utilisation, not hardware FLOPs.
 
 Encoders use the same formula (bidirectional attention is full anyway). For encoder-decoders a "token" is
-one position of a row pair (encoder and decoder rows of train.seq_len each): every encoder and decoder
-parameter is used once per position, and the attention term counts the encoder's self-attention and the
-decoder's self- and cross-attention, 12 * (n_enc + 2 n_dec) * n_heads * head_dim * seq_len. Local
-attention (GPT-Neo) and the causal mask are counted at full length, as PaLM does.
+one encoder position (tokens/s counts encoder rows of train.seq_len), and the FLOPs of a row pair are
+spread over it: encoder parameters run on L_enc positions, decoder parameters (and the output
+projection) on L_dec, which span corruption makes much shorter than L_enc (T5: 114 targets for 568
+inputs); the attention terms are the encoder's self-attention (L_enc x L_enc), the decoder's
+self-attention (L_dec x L_dec) and its cross-attention (L_dec x L_enc), each 12 * n_heads * head_dim
+per layer and query-key pair. Local attention (GPT-Neo) and the causal mask are counted at full
+length, as PaLM does.
 """
 
 from __future__ import annotations
@@ -55,15 +58,28 @@ def matmul_params(named_sizes: dict[str, int], tied: bool) -> int:
     return n
 
 
-def per_token(model_cfg, named_sizes: dict[str, int], seq_len: int) -> float:
+def per_token(model_cfg, named_sizes: dict[str, int], seq_len: int, decoder_len: int | None = None) -> float:
+    """Training FLOPs per token; for an encoder-decoder per encoder position, with ``decoder_len`` the
+    decoder rows' length (default ``seq_len``)."""
     # Encoders' MLM heads always project onto the tied embedding (no tie_embeddings field: tied).
-    n = matmul_params(named_sizes, getattr(model_cfg, "tie_embeddings", True))
+    tied = getattr(model_cfg, "tie_embeddings", True)
     head_dim = model_cfg.head_dim or model_cfg.d_model // model_cfg.num_heads
-    layers = model_cfg.num_layers
-    if hasattr(model_cfg, "decoder_layers"):  # encoder-decoder: decoder layers attend twice
-        layers += 2 * model_cfg.decoder_layers
-    attention = 12 * layers * model_cfg.num_heads * head_dim * seq_len
-    return 6.0 * n + attention
+    per_pair = 12 * model_cfg.num_heads * head_dim  # one query-key pair, one layer
+    if not hasattr(model_cfg, "decoder_layers"):
+        n = matmul_params(named_sizes, tied)
+        return 6.0 * n + per_pair * model_cfg.num_layers * seq_len
+    L_e, L_d = seq_len, decoder_len or seq_len
+    enc = {k: v for k, v in named_sizes.items() if k.startswith("encoder.")}
+    dec = {k: v for k, v in named_sizes.items() if k not in enc}  # decoder, embedding / output projection
+    n_enc, n_dec = matmul_params(enc, tied), matmul_params(dec, tied)
+    attention = per_pair * (model_cfg.num_layers * L_e * L_e + model_cfg.decoder_layers * (L_d * L_d + L_d * L_e))
+    return (6.0 * (n_enc * L_e + n_dec * L_d) + attention) / L_e
+
+
+def decoder_len(batch: dict) -> int | None:
+    """The decoder rows' length of an encoder-decoder batch (None for other batches)."""
+    d = batch.get("decoder_targets")
+    return None if d is None else int(d.shape[1])
 
 
 def known_peak(device) -> float | None:

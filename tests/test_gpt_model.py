@@ -101,3 +101,35 @@ def test_scanned_and_unrolled_layouts_share_canonical_names():
     ids = jnp.asarray(np.random.RandomState(0).randint(0, 64, (2, 9)))
     np.testing.assert_allclose(scanned(ids), unrolled(ids), atol=1e-5)
     assert sorted(params.get_params(scanned)) == sorted(params.get_params(unrolled))
+
+
+@pytest.mark.parametrize("kind,bias", [("layernorm", True), ("layernorm", False), ("rmsnorm", False)])
+def test_norm_backward_equals_autodiff_of_the_formula(kind, bias):
+    """Norm has a hand-written backward (model/layers.py _norm); it must equal autodiff of the plain
+    formula for the input, the scale and the bias."""
+    from model import layers
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((3, 5, 32)) * 2 + 0.5, jnp.float32)
+    scale = jnp.asarray(rng.standard_normal(32), jnp.float32)
+    b = jnp.asarray(rng.standard_normal(32), jnp.float32) if bias else None
+    probe = jnp.asarray(rng.standard_normal((3, 5, 32)), jnp.float32)  # a non-uniform cotangent
+
+    def reference(x, scale, b):
+        if kind == "layernorm":
+            x = x - jnp.mean(x, axis=-1, keepdims=True)
+        y = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-5) * scale
+        return y if b is None else y + b
+
+    def fused(x, scale, b):
+        return layers._norm(x, scale, b, 1e-5, kind == "layernorm")
+
+    def loss(f):
+        return lambda *a: jnp.sum(jnp.tanh(f(*a)) * probe)
+
+    argnums = (0, 1, 2) if bias else (0, 1)
+    want = jax.grad(loss(reference), argnums=argnums)(x, scale, b)
+    got = jax.grad(loss(fused), argnums=argnums)(x, scale, b)
+    np.testing.assert_allclose(fused(x, scale, b), reference(x, scale, b), atol=2e-6)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, atol=2e-6, rtol=1e-5)

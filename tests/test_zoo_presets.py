@@ -77,6 +77,13 @@ def test_flops_per_token_for_encoders_and_encoder_decoders():
     # Untied: the input embedding is a lookup; the decoder layers attend twice (self and cross).
     expected = 6 * (100 + 13) + 12 * (2 + 2 * 3) * s2s.num_heads * s2s.head_dim * L
     assert flops.per_token(s2s, sizes, L) == expected
+    # Span corruption: decoder rows of 32 for encoder rows of 128. The encoder's matmuls run on 128
+    # positions, the decoder's and the output projection on 32; per encoder position.
+    D = 32
+    attention = 12 * s2s.num_heads * s2s.head_dim * (2 * L * L + 3 * (D * D + D * L))
+    assert flops.per_token(s2s, sizes, L, decoder_len=D) == (6 * (100 * D + 13 * D) + attention) / L
+    sizes["encoder.blocks.0.mlp.wi.kernel"] = 17
+    assert flops.per_token(s2s, sizes, L, decoder_len=D) == (6 * (17 * L + 113 * D) + attention) / L
 
 
 def test_full_size_configs_read_their_papers_datasets():
