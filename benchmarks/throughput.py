@@ -30,6 +30,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -304,6 +305,61 @@ def print_row(r: dict) -> None:
     print(line, flush=True)
 
 
+# Figures that get a median over runs (--runs): each run is a fresh process pair.
+PER_RUN = (
+    "step_time_s",
+    "tokens_per_sec",
+    "model_tflops_per_device",
+    "pipeline_step_time_s",
+    "pipeline_over_synthetic",
+    "mfu",
+    "matmul_ceiling_flops",
+    "speedup_vs_torch",
+    "compile_s",
+)
+
+
+def combine_runs(reports: list[dict]) -> list[dict]:
+    """Per shape: the first run's fixed fields (config, sizes, memory), each figure's median over the
+    runs, and every run's own figures and rounds under ``runs``."""
+    shapes = []
+    for i, first in enumerate(reports[0]["shapes"]):
+        runs = [r["shapes"][i] for r in reports]
+        if "skipped" in first:
+            shapes.append(first)
+            continue
+        merged = {k: v for k, v in first.items() if k != "rounds"}
+        for k in PER_RUN:
+            if k in first:
+                merged[k] = statistics.median(r[k] for r in runs)
+        if "torch" in first:
+            merged["torch"] = {
+                **first["torch"],
+                "step_time_s": statistics.median(r["torch"]["step_time_s"] for r in runs),
+                "tokens_per_sec": statistics.median(r["torch"]["tokens_per_sec"] for r in runs),
+            }
+        merged["runs"] = [{**{k: r[k] for k in PER_RUN if k in r}, "rounds": r["rounds"]} for r in runs]
+        shapes.append(merged)
+    return shapes
+
+
+def run_in_fresh_processes(args, extra: list[str]) -> list[dict]:
+    """``args.runs`` runs of this script, one after another, each in its own process (and PyTorch's
+    in its own): the same code differs by up to ~20% in step time between processes on a CPU (memory
+    placement), so one process pair is one draw and the medians over runs are what to compare."""
+    reports = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.runs):
+            out = os.path.join(tmp, f"run{i}.json")
+            argv = ["--shapes", args.shapes, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+            argv += ["--rounds", str(args.rounds), "--out", out, *(["--torch"] if args.torch else []), *extra]
+            print(f"run {i + 1} of {args.runs} (a fresh process):", flush=True)
+            subprocess.run([sys.executable, os.path.abspath(__file__), *argv], check=True)
+            with open(out) as f:
+                reports.append(json.load(f))
+    return reports
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default="", help="comma-separated names from benchmarks/shapes.py; default: the suite")
@@ -311,8 +367,22 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians over rounds are reported")
     p.add_argument("--torch", action="store_true", help="also time benchmarks/torch_reference.py (decoder-cpu)")
+    p.add_argument("--runs", type=int, default=1, help="repeat in fresh processes; medians over runs are reported")
     p.add_argument("--out", default=os.path.join(HERE, "results", "throughput.json"))
     args, extra = p.parse_known_args()
+    if args.runs > 1:
+        reports = run_in_fresh_processes(args, extra)
+        report = {**reports[0], "command": " ".join(sys.argv), "runs": args.runs, "shapes": combine_runs(reports)}
+        report["machine"]["load_average_at_end"] = reports[-1]["machine"].get("load_average_at_end")
+        print(f"medians over {args.runs} runs:")
+        for r in report["shapes"]:
+            if "skipped" not in r:
+                print_row(r)
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {args.out}")
+        return
     on_accelerator = jax.devices()[0].platform != "cpu"
     names = [s for s in args.shapes.split(",") if s] or [s.name for s in SHAPES if s.accelerator == on_accelerator]
     unknown = [n for n in names if n not in BY_NAME]

@@ -96,6 +96,23 @@ def test_benchmark_suite_writes_json(tmp_path):
     json.dumps(r)
 
 
+def test_benchmark_runs_combine_into_medians_over_processes():
+    """--runs=N: each figure is the median over the N process runs; every run's figures are kept."""
+    from benchmarks import throughput
+
+    def report(step, speedup, torch_tps):
+        shape = {"shape": "decoder-cpu", "config": "c", "step_time_s": step, "mfu": 0.5 / step, "rounds": [step]}
+        shape.update(speedup_vs_torch=speedup, torch={"threads": 2, "step_time_s": 1.0, "tokens_per_sec": torch_tps})
+        return {"shapes": [shape, {"shape": "encoder-tpu", "skipped": "no TPU"}]}
+
+    merged = throughput.combine_runs([report(1.0, 1.2, 100.0), report(3.0, 0.8, 300.0), report(2.0, 1.0, 200.0)])
+    decoder, skipped = merged
+    assert decoder["step_time_s"] == 2.0 and decoder["speedup_vs_torch"] == 1.0 and decoder["mfu"] == 0.25
+    assert decoder["torch"]["tokens_per_sec"] == 200.0 and decoder["torch"]["threads"] == 2
+    assert [r["step_time_s"] for r in decoder["runs"]] == [1.0, 3.0, 2.0] and "rounds" not in decoder
+    assert skipped == {"shape": "encoder-tpu", "skipped": "no TPU"}
+
+
 def test_gpu_h200_script_is_a_1p3b_decoder_and_refuses_cpu():
     proc = subprocess.run(
         [sys.executable, "benchmarks/gpu_h200.py"], cwd=REPO, env=env(), capture_output=True, text=True, timeout=120
