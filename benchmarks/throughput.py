@@ -133,24 +133,10 @@ class Bench:
         example = synthetic(layout, self.model_cfg.vocab_size)
         t0 = time.perf_counter()
         graphdef, self.state, shardings = trainer.create_state(make, tx, self.mesh, self.rules, t.seed)
-        bshard = trainer.batch_shardings(example, self.mesh, self.rules, t.batch_size)
-        with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
-            self.step_fn = (
-                trainer.jit_train_step(
-                    graphdef,
-                    shardings,
-                    bshard,
-                    loss=LOSSES[cfg.data.objective],
-                    accum=t.grad_accum,
-                    seed=0,
-                    mesh=self.mesh,
-                    rules=self.rules,
-                    global_batch=t.batch_size,
-                    schedule=optim.schedule(cfg.opt, t.steps),
-                )
-                .lower(self.state, example)
-                .compile()
-            )
+        self.step_fn, bshard = trainer.compile_train_step(
+            graphdef, self.state, shardings, example, loss=LOSSES[cfg.data.objective], train_cfg=t, mesh=self.mesh,
+            rules=self.rules, schedule=optim.schedule(cfg.opt, t.steps),
+        )  # fmt: skip
         self.compile_s = time.perf_counter() - t0
         self.batch = {k: jax.device_put(v, bshard[k]) for k, v in example.items()}
         _, abstract = trainer.abstract_state(make, tx, 0)

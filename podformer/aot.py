@@ -15,9 +15,7 @@ import dataclasses
 import os
 import re
 
-import jax
 import numpy as np
-from flax import nnx
 
 from model import attention
 from podformer import mesh as mesh_lib
@@ -147,28 +145,15 @@ def compile_train_step(spec: str, *, cfg, make_model, tx, schedule, loss, exampl
     graphdef, abstract = trainer.abstract_state(make_model, tx, t.seed)
     shardings = trainer.state_shardings(abstract, mesh, rules)
     example = {k: np.zeros((t.batch_size,) + np.shape(v), np.asarray(v).dtype) for k, v in example_row.items()}
-    batch_shard = trainer.batch_shardings(example, mesh, rules, t.batch_size)
-    abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_shard[k]) for k, v in example.items()}
     log(
         f"compiling the train step for {spec} ({len(devices)} x {devices[0].device_kind}, {processes} hosts); "
         f"mesh {dict(mesh.shape)}"
     )
-    # Built outside the mesh context: it makes the dropout key eagerly, on this host's device.
-    step_fn = trainer.jit_train_step(
-        graphdef,
-        shardings,
-        batch_shard,
-        loss=loss,
-        accum=t.grad_accum,
-        seed=t.seed,
-        mesh=mesh,
-        rules=rules,
-        global_batch=t.batch_size,
-        schedule=schedule,
-    )
     # Pallas attention kernels are traced for the TPU, not refused for this host's CPU.
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules), attention.pallas_mode(target="tpu"):
-        compiled = step_fn.lower(trainer.with_shardings(abstract, shardings), abstract_batch).compile()
+    compiled, _ = trainer.compile_train_step(
+        graphdef, abstract, shardings, example, loss=loss, train_cfg=t, mesh=mesh, rules=rules, schedule=schedule,
+        trace_context=attention.pallas_mode(target="tpu"),
+    )  # fmt: skip
     return memory_report(compiled, gen, spec, len(devices))
 
 

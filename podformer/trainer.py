@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 
@@ -85,10 +86,12 @@ def _split_microbatches(batch: dict, accum: int, mesh, rules, global_batch: int)
     return {k: split(v) for k, v in batch.items()}
 
 
-def train_step(state, batch, *, graphdef, loss: Loss, accum: int, rng_key, mesh, rules, global_batch, schedule):
+def train_step(state, batch, *, graphdef, loss: Loss, accum: int, seed: int, mesh, rules, global_batch, schedule):
     ts = nnx.merge(graphdef, state)
     step = ts.opt.step[...]
-    rng = jax.random.fold_in(rng_key, step)  # dropout randomness depends only on (seed, step): exact resume
+    # Dropout randomness depends only on (seed, step): exact resume. The key is made inside the trace, so
+    # the step can be built for any mesh (podformer/aot.py: TPU topologies this host has no device of).
+    rng = jax.random.fold_in(jax.random.key(seed), step)
     denom = loss.denominators(batch)
     model_def, params, rest = nnx.split(ts.model, nnx.Param, ...)
     extra = _teacher(ts)
@@ -146,7 +149,7 @@ def jit_train_step(graphdef, state_shardings, batch_shard, *, loss, accum, seed,
         graphdef=graphdef,
         loss=loss,
         accum=accum,
-        rng_key=jax.random.key(seed),
+        seed=seed,
         mesh=mesh,
         rules=rules,
         global_batch=global_batch,
@@ -163,16 +166,20 @@ def jit_eval_step(graphdef, state_shardings, batch_shard, *, loss):
     )
 
 
-def compile_train_step(graphdef, abstract, shardings, example: dict, *, loss, train_cfg, mesh, rules, schedule):
-    """The train step compiled ahead of the loop for the layout of ``example`` (one host batch), so its
-    memory is known before the first step. Returns (compiled step, batch shardings)."""
+def compile_train_step(
+    graphdef, abstract, shardings, example: dict, *, loss, train_cfg, mesh, rules, schedule, trace_context=None
+):
+    """The train step compiled ahead of the loop for the layout of ``example`` (one host batch, or the
+    global one), so its memory is known before the first step. ``trace_context`` is entered around
+    tracing and compiling too (podformer/aot.py: Pallas kernels traced for a TPU). Returns (compiled
+    step, batch shardings)."""
     t = train_cfg
     batch_shard = batch_shardings(example, mesh, rules, t.batch_size)
     abstract_batch = {
         k: jax.ShapeDtypeStruct((t.batch_size,) + v.shape[1:], v.dtype, sharding=batch_shard[k])
         for k, v in example.items()
     }
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules), trace_context or contextlib.nullcontext():
         step = jit_train_step(
             graphdef,
             shardings,

@@ -156,7 +156,7 @@ def test_distillation_step_trains_the_student_and_never_the_teacher():
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         step = jax.jit(
             lambda s, b: trainer.train_step(
-                s, b, graphdef=graphdef, loss=LOSSES["distill"], accum=1, rng_key=jax.random.key(0), mesh=mesh,
+                s, b, graphdef=graphdef, loss=LOSSES["distill"], accum=1, seed=0, mesh=mesh,
                 rules=rules, global_batch=B, schedule=lambda _: 0.0,
             )
         )  # fmt: skip
