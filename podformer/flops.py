@@ -14,7 +14,7 @@ counted: this is model FLOPs utilisation, not hardware FLOPs.
 Encoders use the same formula (bidirectional attention is full anyway). For encoder-decoders a "token" is
 one encoder position (tokens/s counts encoder rows of train.seq_len), and the FLOPs of a row pair are
 spread over it: encoder parameters run on L_enc positions, decoder parameters (and the output
-projection) on L_dec, which span corruption makes much shorter than L_enc (T5: 114 targets for 568
+projection) on L_dec, which span corruption makes much shorter than L_enc (T5: 114 targets for 512
 inputs); the attention terms are the encoder's self-attention (L_enc x L_enc), the decoder's
 self-attention (L_dec x L_dec) and its cross-attention (L_dec x L_enc), each 12 * n_heads * head_dim
 per layer and query-key pair. Local attention (GPT-Neo) and the causal mask are counted at full
