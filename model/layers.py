@@ -30,6 +30,7 @@ from model.attention import (  # noqa: F401  (re-exported)
     t5_relative_buckets,
 )
 from model.kv_cache import KVCache
+from podformer import host_blas
 
 Array = jax.Array
 
@@ -224,7 +225,11 @@ class Dense(nnx.Module):
 
     def __call__(self, x: Array) -> Array:
         k = self.kernel[...].astype(x.dtype)
-        y = jax.lax.dot_general(x, k, (((tuple(range(x.ndim - self.n_in, x.ndim))), tuple(range(self.n_in))), ((), ())))
+        if host_blas.enabled(x, k):
+            y = host_blas.contract(x, k, self.n_in)
+        else:
+            contracting = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
+            y = jax.lax.dot_general(x, k, (contracting, ((), ())))
         if self.bias is not None:
             y = y + self.bias[...].astype(x.dtype)
         return y
@@ -233,6 +238,9 @@ class Dense(nnx.Module):
 @jax.custom_vjp
 def unembed(x_BLD: Array, w_VD: Array) -> Array:
     """Output projection onto a (V, D) embedding table: logits_BLV = x_BLD @ w_VD^T."""
+    if host_blas.enabled(x_BLD, w_VD):
+        B, L, D = x_BLD.shape
+        return host_blas.matmul(x_BLD.reshape(B * L, D), w_VD, transpose_b=True).reshape(B, L, -1)
     return jnp.einsum("BLD,VD->BLV", x_BLD, w_VD)
 
 
@@ -245,6 +253,11 @@ def _unembed_bwd(res, g_BLV):
     # gradient in its natural row-major layout. Left to autodiff, XLA's CPU backend materialises it a
     # second time, transposed (a 2048x32000 float32 copy per step at the benchmark shape).
     x_BLD, w_VD = res
+    if host_blas.enabled(x_BLD, w_VD, g_BLV):
+        B, L, D = x_BLD.shape
+        g_MV, x_MD = g_BLV.reshape(B * L, -1), x_BLD.reshape(B * L, D)
+        dx = host_blas.matmul(g_MV, w_VD).reshape(B, L, D)
+        return dx, host_blas.matmul(g_MV, x_MD, transpose_a=True)
     dx = jnp.einsum("BLV,VD->BLD", g_BLV, w_VD)
     dw_DV = jnp.einsum("BLD,BLV->DV", x_BLD, g_BLV)
     return dx, dw_DV.T.astype(w_VD.dtype)
@@ -353,7 +366,10 @@ class Attention(nnx.Module):
         parameters stay three Dense layers (checkpoints, Hugging Face mappings)."""
         dense = (self.query, self.key, self.value)
         w = jnp.stack([d.kernel[...] for d in dense], axis=1).astype(x_BLD.dtype)
-        y = jnp.einsum("BLD,DTHK->BLTHK", x_BLD, w)
+        if host_blas.enabled(x_BLD, w):
+            y = host_blas.contract(x_BLD, w, 1)
+        else:
+            y = jnp.einsum("BLD,DTHK->BLTHK", x_BLD, w)
         if self.o.qkv_bias:
             y = y + jnp.stack([d.bias[...] for d in dense]).astype(x_BLD.dtype)
         return y[:, :, 0], y[:, :, 1], y[:, :, 2]

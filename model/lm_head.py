@@ -15,6 +15,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from podformer import host_blas
+
 Array = jax.Array
 
 # Largest logits chunk (float32 bytes) formed at once. Smaller chunks cost speed on XLA:CPU (every chunk
@@ -42,7 +44,11 @@ def num_chunks(batch: int, length: int, vocab: int, budget: int = CHUNK_BYTES) -
 
 def _chunk_stats(x_BcD, w_VD, b_V, t_Bc):
     """Per chunk: exp(logits - row max), its sum, the token cross-entropies, correct predictions."""
-    logits = jnp.einsum("BcD,VD->BcV", x_BcD, w_VD, preferred_element_type=jnp.float32)
+    if host_blas.enabled(x_BcD, w_VD):
+        B, c, D = x_BcD.shape
+        logits = host_blas.matmul(x_BcD.reshape(B * c, D), w_VD, transpose_b=True).reshape(B, c, -1)
+    else:
+        logits = jnp.einsum("BcD,VD->BcV", x_BcD, w_VD, preferred_element_type=jnp.float32)
     if b_V is not None:
         logits = logits + b_V.astype(jnp.float32)
     row_max = jnp.max(logits, axis=-1)
@@ -88,10 +94,16 @@ def _fused_fwd(x_BLD, w_VD, b_V, targets_BL, weights_BL, chunks):
         # d(sum_i wt_i * ce_i) / d logits = wt * (softmax - one_hot(target)).
         g = e * (wt / s)[..., None] - jax.nn.one_hot(t, V, dtype=jnp.float32) * wt[..., None]
         g = g.astype(x.dtype)  # bf16 compute: the two gradient matmuls take bf16 inputs, accumulate f32
-        dx = jnp.einsum("BcV,VD->BcD", g, w_VD, preferred_element_type=jnp.float32).astype(x.dtype)
-        # (D, V), not (V, D): both operands then contract over their leading (token) axes in the layout
-        # they already have; the (V, D) form makes XLA:CPU transpose the vocabulary-sized g first.
-        dw_DV = dw_DV + jnp.einsum("BcD,BcV->DV", x, g, preferred_element_type=jnp.float32)
+        if host_blas.enabled(x, w_VD):
+            B, c, D = x.shape
+            g_MV, x_MD = g.reshape(B * c, V), x.reshape(B * c, D)
+            dx = host_blas.matmul(g_MV, w_VD).reshape(B, c, D)
+            dw_DV = dw_DV + host_blas.matmul(x_MD, g_MV, transpose_a=True)
+        else:
+            dx = jnp.einsum("BcV,VD->BcD", g, w_VD, preferred_element_type=jnp.float32).astype(x.dtype)
+            # (D, V), not (V, D): both operands then contract over their leading (token) axes in the layout
+            # they already have; the (V, D) form makes XLA:CPU transpose the vocabulary-sized g first.
+            dw_DV = dw_DV + jnp.einsum("BcD,BcV->DV", x, g, preferred_element_type=jnp.float32)
         db_V = None if db_V is None else db_V + jnp.sum(g.astype(jnp.float32), axis=(0, 1))
         return (dw_DV, db_V), (ce, correct, dx)
 

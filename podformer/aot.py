@@ -18,8 +18,8 @@ import re
 import numpy as np
 
 from model import attention
+from podformer import host_blas, trainer
 from podformer import mesh as mesh_lib
-from podformer import trainer
 from podformer.errors import UserError
 from podformer.metrics import log
 
@@ -149,11 +149,13 @@ def compile_train_step(spec: str, *, cfg, make_model, tx, schedule, loss, exampl
         f"compiling the train step for {spec} ({len(devices)} x {devices[0].device_kind}, {processes} hosts); "
         f"mesh {dict(mesh.shape)}"
     )
-    # Pallas attention kernels are traced for the TPU, not refused for this host's CPU.
-    compiled, _ = trainer.compile_train_step(
-        graphdef, abstract, shardings, example, loss=loss, train_cfg=t, mesh=mesh, rules=rules, schedule=schedule,
-        trace_context=attention.pallas_mode(target="tpu"),
-    )  # fmt: skip
+    # Pallas attention kernels are traced for the TPU, not refused for this host's CPU; matmuls stay XLA
+    # dots, never this host's BLAS (podformer/host_blas.py).
+    with host_blas.disabled():
+        compiled, _ = trainer.compile_train_step(
+            graphdef, abstract, shardings, example, loss=loss, train_cfg=t, mesh=mesh, rules=rules,
+            schedule=schedule, trace_context=attention.pallas_mode(target="tpu"),
+        )  # fmt: skip
     return memory_report(compiled, gen, spec, len(devices))
 
 

@@ -1,0 +1,140 @@
+// float32 GEMM on the host CPU through a CBLAS sgemm, as an XLA FFI custom call (podformer/host_blas.py).
+//
+// C = op(A) @ op(B), op = identity or transpose, all operands row-major and dense. The BLAS is the one
+// numpy already loaded (OpenBLAS); its sgemm address arrives as an attribute, so this file links to
+// nothing but the XLA FFI headers that jaxlib ships.
+//
+// Threading: the GEMM is cut into as many parts as XLA's intra-op pool has threads, along the larger
+// output dimension, and each part runs a single-threaded sgemm (the BLAS's own thread count is set to 1
+// for the calling thread). The BLAS's own threads would compete with XLA's pool for the same cores:
+// XLA runs independent ops concurrently and its idle workers spin, and each side then runs at half
+// speed. Parts are claimed from a shared counter, by the caller too, so the call never waits for a part
+// that no thread has started (two GEMMs on a 2-thread pool, each waiting for its helper, would deadlock).
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;  // CBLAS enum values
+
+using Sgemm64 = void (*)(int, int, int, int64_t, int64_t, int64_t, float, const float*, int64_t, const float*,
+                         int64_t, float, float*, int64_t);
+using Sgemm32 = void (*)(int, int, int, int32_t, int32_t, int32_t, float, const float*, int32_t, const float*,
+                         int32_t, float, float*, int32_t);
+using SetLocalThreads = int (*)(int);
+
+// Below this many multiply-adds a GEMM runs as one part: scheduling would cost more than it saves.
+constexpr int64_t kMinPartMacs = int64_t{1} << 21;
+
+struct Gemm {
+  int64_t fn, set_threads;
+  bool ilp64, ta, tb;
+  const float *a, *b;
+  float* c;
+  int64_t m, n, k, lda, ldb;
+
+  // Rows [lo, hi) of C when split along m, columns [lo, hi) when split along n.
+  void Run(bool split_m, int64_t lo, int64_t hi) const {
+    const float* ap = a;
+    const float* bp = b;
+    float* cp = c;
+    int64_t rows = m, cols = n;
+    if (split_m) {
+      ap = ta ? a + lo : a + lo * lda;
+      cp = c + lo * n;
+      rows = hi - lo;
+    } else {
+      bp = tb ? b + lo * ldb : b + lo;
+      cp = c + lo;
+      cols = hi - lo;
+    }
+    int saved = set_threads ? reinterpret_cast<SetLocalThreads>(set_threads)(1) : 0;
+    int opa = ta ? kTrans : kNoTrans, opb = tb ? kTrans : kNoTrans;
+    if (ilp64) {
+      reinterpret_cast<Sgemm64>(fn)(kRowMajor, opa, opb, rows, cols, k, 1.0f, ap, lda, bp, ldb, 0.0f, cp, n);
+    } else {
+      reinterpret_cast<Sgemm32>(fn)(kRowMajor, opa, opb, static_cast<int32_t>(rows), static_cast<int32_t>(cols),
+                                    static_cast<int32_t>(k), 1.0f, ap, static_cast<int32_t>(lda), bp,
+                                    static_cast<int32_t>(ldb), 0.0f, cp, static_cast<int32_t>(n));
+    }
+    if (set_threads && saved > 0) reinterpret_cast<SetLocalThreads>(set_threads)(saved);
+  }
+};
+
+ffi::Error HostGemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+                        ffi::ResultBuffer<ffi::F32> c, int64_t fn, int64_t set_threads, bool ilp64, bool transpose_a,
+                        bool transpose_b) {
+  auto ad = a.dimensions();
+  auto bd = b.dimensions();
+  if (ad.size() != 2 || bd.size() != 2) return ffi::Error::InvalidArgument("host_gemm takes rank-2 operands");
+  Gemm g{fn, set_threads, ilp64, transpose_a, transpose_b, a.typed_data(), b.typed_data(), c->typed_data()};
+  g.m = transpose_a ? ad[1] : ad[0];
+  g.k = transpose_a ? ad[0] : ad[1];
+  g.n = transpose_b ? bd[0] : bd[1];
+  g.lda = ad[1];
+  g.ldb = bd[1];
+  if ((transpose_b ? bd[1] : bd[0]) != g.k) return ffi::Error::InvalidArgument("host_gemm: contracting dims differ");
+  if (g.m == 0 || g.n == 0) return ffi::Error::Success();
+  if (g.k == 0) {  // a BLAS may return without writing C
+    std::memset(g.c, 0, sizeof(float) * g.m * g.n);
+    return ffi::Error::Success();
+  }
+  if (!ilp64 && (g.m > INT32_MAX || g.n > INT32_MAX || g.k > INT32_MAX || g.lda > INT32_MAX || g.ldb > INT32_MAX))
+    return ffi::Error::InvalidArgument("host_gemm: dimension too large for a 32-bit BLAS");
+
+  // Split the larger output dimension: each part re-packs the whole of the other operand, so the
+  // smaller one is the one packed twice.
+  bool split_m = g.m >= g.n;
+  int64_t extent = split_m ? g.m : g.n;
+  int64_t parts = set_threads ? pool.num_threads() : 1;  // without a per-thread setting the BLAS threads itself
+  parts = std::min(parts, g.m * g.n * g.k / kMinPartMacs);
+  parts = std::min(parts, extent / 16);
+  if (parts <= 1) {
+    g.Run(split_m, 0, extent);
+    return ffi::Error::Success();
+  }
+  struct State {
+    std::atomic<int64_t> next{0}, done{0};
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto state = std::make_shared<State>();
+  auto work = [state, g, split_m, extent, parts] {
+    for (int64_t p; (p = state->next.fetch_add(1)) < parts;) {
+      g.Run(split_m, extent * p / parts, extent * (p + 1) / parts);
+      if (state->done.fetch_add(1) + 1 == parts) {
+        std::lock_guard<std::mutex> lock(state->mu);
+        state->cv.notify_all();
+      }
+    }
+  };
+  for (int64_t p = 1; p < parts; ++p) pool.Schedule([work] { work(); });
+  work();
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->done.load() == parts; });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(HostGemm, HostGemmImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("fn")
+                                  .Attr<int64_t>("set_threads")
+                                  .Attr<bool>("ilp64")
+                                  .Attr<bool>("transpose_a")
+                                  .Attr<bool>("transpose_b"));

@@ -1,0 +1,121 @@
+"""The CPU matmuls on the host BLAS (podformer/host_blas.py) against numpy and against XLA's own dot:
+every transposition, shapes that split over threads, gradients, a whole GPT step, and where it must
+stay off (bf16, multi-device meshes, programs compiled for a TPU)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import AxisType
+
+from model import lm_head
+from model.gpt import GPT, GPTConfig
+from podformer import host_blas
+from podformer.losses import causal_lm
+
+pytestmark = pytest.mark.skipif(
+    host_blas._library() is None, reason="no OpenBLAS-style numpy or no C++ compiler on this host"
+)
+
+SHAPES = [(1, 1, 1), (5, 7, 3), (300, 513, 129), (257, 64, 1000), (4, 0, 3), (0, 5, 2)]  # (m, k, n)
+
+
+@pytest.mark.parametrize("transpose_a", [False, True])
+@pytest.mark.parametrize("transpose_b", [False, True])
+@pytest.mark.parametrize("m,k,n", SHAPES, ids=lambda s: str(s))
+def test_matmul_equals_numpy(m, k, n, transpose_a, transpose_b):
+    # (300, 513, 129) and (257, 64, 1000) are big enough to be cut into parts, along m and along n.
+    rng = np.random.default_rng(m * 7 + n)
+    a = rng.standard_normal((k, m) if transpose_a else (m, k), dtype=np.float32)
+    b = rng.standard_normal((n, k) if transpose_b else (k, n), dtype=np.float32)
+    want = (a.T if transpose_a else a).astype(np.float64) @ (b.T if transpose_b else b).astype(np.float64)
+    got = jax.jit(lambda a, b: host_blas.matmul(a, b, transpose_a=transpose_a, transpose_b=transpose_b))(a, b)
+    assert got.shape == (m, n) and got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4 * max(1, k) ** 0.5)
+
+
+def test_concurrent_calls_do_not_deadlock():
+    """Two independent GEMMs XLA may run at once on its 2-thread pool, each splitting over the pool."""
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((512, 512), dtype=np.float32) for _ in range(2))
+    x, y = jax.jit(lambda a, b: (host_blas.matmul(a, b), host_blas.matmul(b, a, transpose_a=True)))(a, b)
+    np.testing.assert_allclose(np.asarray(x), a @ b, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(np.asarray(y), b.T @ a, rtol=1e-4, atol=1e-3)
+
+
+def test_dense_gradients_equal_xla():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 9, 16), dtype=np.float32)
+    w = rng.standard_normal((16, 3, 5), dtype=np.float32)
+
+    def loss(contract):
+        return lambda x, w: jnp.sum(jnp.tanh(contract(x, w)))
+
+    blas = jax.jit(jax.value_and_grad(loss(lambda x, w: host_blas.contract(x, w, 1)), argnums=(0, 1)))(x, w)
+    xla = jax.value_and_grad(loss(lambda x, w: jnp.einsum("BLD,DHK->BLHK", x, w)), argnums=(0, 1))(x, w)
+    for got, want in zip(jax.tree.leaves(blas), jax.tree.leaves(xla), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def gpt_step(monkeypatch, matmul: str):
+    """Loss, gradients and the HLO of a tiny GPT's loss+grad, traced with ``PODFORMER_CPU_MATMUL``."""
+    monkeypatch.setenv("PODFORMER_CPU_MATMUL", matmul)
+    model = GPT(GPTConfig(vocab_size=96, max_len=32, d_model=32, num_layers=2, num_heads=4, d_ff=64), rngs=nnx.Rngs(0))
+    graphdef, p, rest = nnx.split(model, nnx.Param, ...)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 96, (2, 33)).astype(np.int32)
+    batch = {
+        "inputs": ids[:, :-1],
+        "targets": ids[:, 1:],
+        "segment_ids": np.ones((2, 32), np.int32),
+        "positions": np.broadcast_to(np.arange(32, dtype=np.int32), (2, 32)),
+        "loss_weights": np.ones((2, 32), np.float32),
+    }
+    denom = causal_lm.denominators(batch)
+
+    def f(p):
+        return causal_lm.fn(nnx.merge(graphdef, p, rest), batch, None, denom)[0]
+
+    fn = jax.jit(jax.value_and_grad(f))
+    loss, grads = fn(p)
+    return float(loss), grads, fn.lower(p).as_text()
+
+
+def test_gpt_train_step_equals_xla(monkeypatch):
+    loss_xla, grads_xla, hlo_xla = gpt_step(monkeypatch, "xla")
+    loss_blas, grads_blas, hlo_blas = gpt_step(monkeypatch, "blas")
+    assert host_blas.TARGET in hlo_blas and host_blas.TARGET not in hlo_xla  # the switch really switched
+    assert abs(loss_blas - loss_xla) < 1e-5
+    for a, b in zip(jax.tree.leaves(grads_blas), jax.tree.leaves(grads_xla), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_fused_lm_head_equals_xla(monkeypatch):
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 8, 16), dtype=np.float32)
+    w = rng.standard_normal((50, 16), dtype=np.float32)
+    t = rng.integers(0, 50, (2, 8))
+    wt = (rng.random((2, 8)) > 0.2).astype(np.float32)
+    results = []
+    for matmul in ("xla", "blas"):
+        monkeypatch.setenv("PODFORMER_CPU_MATMUL", matmul)
+        f = jax.jit(jax.value_and_grad(lambda x, w: lm_head.cross_entropy(x, w, t, wt, chunks=2)[0], argnums=(0, 1)))
+        results.append(f(x, w))
+    for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_stays_off_where_it_must(monkeypatch):
+    f32, bf16 = jnp.ones((4, 4), jnp.float32), jnp.ones((4, 4), jnp.bfloat16)
+    monkeypatch.delenv("PODFORMER_CPU_MATMUL", raising=False)
+    assert host_blas.enabled(f32, f32)
+    assert not host_blas.enabled(f32, bf16)
+    with host_blas.disabled():
+        assert not host_blas.enabled(f32, f32)
+    assert host_blas.enabled(f32, f32)
+    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
+    with jax.set_mesh(mesh):  # XLA would gather a custom call's operands onto every device
+        assert host_blas.enabled(f32, f32) == (jax.device_count() == 1)
+    monkeypatch.setenv("PODFORMER_CPU_MATMUL", "xla")
+    assert not host_blas.enabled(f32, f32)
