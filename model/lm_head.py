@@ -44,11 +44,7 @@ def num_chunks(batch: int, length: int, vocab: int, budget: int = CHUNK_BYTES) -
 
 def _chunk_stats(x_BcD, w_VD, b_V, t_Bc):
     """Per chunk: exp(logits - row max), its sum, the token cross-entropies, correct predictions."""
-    if host_blas.enabled(x_BcD, w_VD):
-        B, c, D = x_BcD.shape
-        logits = host_blas.matmul(x_BcD.reshape(B * c, D), w_VD, transpose_b=True).reshape(B, c, -1)
-    else:
-        logits = jnp.einsum("BcD,VD->BcV", x_BcD, w_VD, preferred_element_type=jnp.float32)
+    logits = jnp.einsum("BcD,VD->BcV", x_BcD, w_VD, preferred_element_type=jnp.float32)
     if b_V is not None:
         logits = logits + b_V.astype(jnp.float32)
     row_max = jnp.max(logits, axis=-1)
@@ -58,6 +54,17 @@ def _chunk_stats(x_BcD, w_VD, b_V, t_Bc):
     ce_Bc = jnp.log(s) + row_max - target
     correct_Bc = (target >= row_max).astype(jnp.float32)
     return e, s, ce_Bc, correct_Bc
+
+
+def _host_chunk(x_BcD, w_VD, b_V, t_Bc, wt_Bc, grad: bool):
+    """A chunk on a CPU (podformer/host_blas.py): the logits from the host BLAS, then the loss and, with
+    ``grad``, the logits' gradient in one pass per row. Returns (gradient (B*c, V) or None, ce, correct)."""
+    B, c, D = x_BcD.shape
+    logits_MV = host_blas.matmul(x_BcD.reshape(B * c, D), w_VD, transpose_b=True)
+    if b_V is not None:
+        logits_MV = logits_MV + b_V
+    g_MV, ce, correct = host_blas.softmax_cross_entropy(logits_MV, t_Bc.reshape(-1), wt_Bc.reshape(-1), grad=grad)
+    return g_MV, ce.reshape(B, c), correct.reshape(B, c)
 
 
 def _split(a, chunks):
@@ -74,8 +81,11 @@ def _merge(a):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _fused(x_BLD, w_VD, b_V, targets_BL, weights_BL, chunks):
     def body(_, xs):
-        x, t, _ = xs
-        _, _, ce, correct = _chunk_stats(x, w_VD, b_V, t)
+        x, t, wt = xs
+        if host_blas.enabled(x, w_VD):
+            _, ce, correct = _host_chunk(x, w_VD, b_V, t, wt, grad=False)
+        else:
+            _, _, ce, correct = _chunk_stats(x, w_VD, b_V, t)
         return None, (ce, correct)
 
     xs = (_split(x_BLD, chunks), _split(targets_BL, chunks), _split(weights_BL, chunks))
@@ -90,20 +100,21 @@ def _fused_fwd(x_BLD, w_VD, b_V, targets_BL, weights_BL, chunks):
     def body(carry, xs):
         dw_DV, db_V = carry
         x, t, wt = xs
+        if host_blas.enabled(x, w_VD):
+            B, c, D = x.shape
+            g_MV, ce, correct = _host_chunk(x, w_VD, b_V, t, wt, grad=True)
+            dx = host_blas.matmul(g_MV, w_VD).reshape(B, c, D)
+            dw_DV = dw_DV + host_blas.matmul(x.reshape(B * c, D), g_MV, transpose_a=True)
+            db_V = None if db_V is None else db_V + jnp.sum(g_MV, axis=0)
+            return (dw_DV, db_V), (ce, correct, dx)
         e, s, ce, correct = _chunk_stats(x, w_VD, b_V, t)
         # d(sum_i wt_i * ce_i) / d logits = wt * (softmax - one_hot(target)).
         g = e * (wt / s)[..., None] - jax.nn.one_hot(t, V, dtype=jnp.float32) * wt[..., None]
         g = g.astype(x.dtype)  # bf16 compute: the two gradient matmuls take bf16 inputs, accumulate f32
-        if host_blas.enabled(x, w_VD):
-            B, c, D = x.shape
-            g_MV, x_MD = g.reshape(B * c, V), x.reshape(B * c, D)
-            dx = host_blas.matmul(g_MV, w_VD).reshape(B, c, D)
-            dw_DV = dw_DV + host_blas.matmul(x_MD, g_MV, transpose_a=True)
-        else:
-            dx = jnp.einsum("BcV,VD->BcD", g, w_VD, preferred_element_type=jnp.float32).astype(x.dtype)
-            # (D, V), not (V, D): both operands then contract over their leading (token) axes in the layout
-            # they already have; the (V, D) form makes XLA:CPU transpose the vocabulary-sized g first.
-            dw_DV = dw_DV + jnp.einsum("BcD,BcV->DV", x, g, preferred_element_type=jnp.float32)
+        dx = jnp.einsum("BcV,VD->BcD", g, w_VD, preferred_element_type=jnp.float32).astype(x.dtype)
+        # (D, V), not (V, D): both operands then contract over their leading (token) axes in the layout
+        # they already have; the (V, D) form makes XLA:CPU transpose the vocabulary-sized g first.
+        dw_DV = dw_DV + jnp.einsum("BcD,BcV->DV", x, g, preferred_element_type=jnp.float32)
         db_V = None if db_V is None else db_V + jnp.sum(g.astype(jnp.float32), axis=(0, 1))
         return (dw_DV, db_V), (ce, correct, dx)
 

@@ -119,3 +119,34 @@ def test_stays_off_where_it_must(monkeypatch):
         assert host_blas.enabled(f32, f32) == (jax.device_count() == 1)
     monkeypatch.setenv("PODFORMER_CPU_MATMUL", "xla")
     assert not host_blas.enabled(f32, f32)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_softmax_cross_entropy_equals_xla(grad):
+    rng = np.random.default_rng(3)
+    M, V = 37, 1001  # rows split over threads; a vocabulary that is no multiple of the vector width
+    logits = (rng.standard_normal((M, V)) * rng.uniform(0.1, 30, (M, 1))).astype(np.float32)
+    logits[0, :] = -1e4  # a flat row: uniform softmax
+    logits[1, 5] = 80.0  # one dominant logit: the rest of the row underflows
+    targets = rng.integers(0, V, (M,)).astype(np.int32)
+    targets[1] = 5
+    weights = (rng.random(M) > 0.3).astype(np.float32) * 0.5
+    g, ce, correct = jax.jit(lambda *a: host_blas.softmax_cross_entropy(*a, grad=grad))(logits, targets, weights)
+
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target = np.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+    np.testing.assert_allclose(ce, lse - target, rtol=1e-6, atol=2e-5)
+    np.testing.assert_array_equal(correct, (target >= logits.max(-1)).astype(np.float32))
+    assert correct[1] == 1.0
+    if grad:
+        want = weights[:, None] * (jax.nn.softmax(logits, axis=-1) - jax.nn.one_hot(targets, V))
+        np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-7)
+    else:
+        assert g is None
+
+
+def test_softmax_cross_entropy_target_out_of_range_is_nan():
+    logits = np.zeros((2, 8), np.float32)
+    targets = np.array([3, 8], np.int32)
+    _, ce, correct = host_blas.softmax_cross_entropy(logits, targets, np.ones(2, np.float32), grad=True)
+    assert np.isfinite(ce[0]) and np.isnan(ce[1]) and np.isnan(correct[1])

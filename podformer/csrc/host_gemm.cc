@@ -1,4 +1,4 @@
-// float32 GEMM on the host CPU through a CBLAS sgemm, as an XLA FFI custom call (podformer/host_blas.py).
+// float32 GEMM on the host CPU through a CBLAS sgemm, as XLA FFI custom calls (podformer/host_blas.py).
 //
 // C = op(A) @ op(B), op = identity or transpose, all operands row-major and dense. The BLAS is the one
 // numpy already loaded (OpenBLAS); its sgemm address arrives as an attribute, so this file links to
@@ -8,14 +8,18 @@
 // output dimension, and each part runs a single-threaded sgemm (the BLAS's own thread count is set to 1
 // for the calling thread). The BLAS's own threads would compete with XLA's pool for the same cores:
 // XLA runs independent ops concurrently and its idle workers spin, and each side then runs at half
-// speed. Parts are claimed from a shared counter, by the caller too, so the call never waits for a part
-// that no thread has started (two GEMMs on a 2-thread pool, each waiting for its helper, would deadlock).
+// speed.
+//
+// SoftmaxCrossEntropy: the language-model head's loss and logits gradient in one pass over each row
+// (podformer's model/lm_head.py), in place of XLA's three passes over the (tokens x vocabulary) array.
 
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <mutex>
 
@@ -71,6 +75,33 @@ struct Gemm {
   }
 };
 
+// Runs fn(0) .. fn(parts - 1) on the calling thread and XLA's intra-op pool. Parts are claimed from a
+// shared counter, by the caller too, so the call never waits for a part that no thread has started
+// (two calls on a 2-thread pool, each waiting for its helper, would deadlock).
+template <typename Fn>
+void ParallelFor(ffi::ThreadPool& pool, int64_t parts, const Fn& fn) {
+  struct State {
+    std::atomic<int64_t> next{0}, done{0};
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto state = std::make_shared<State>();
+  // Helpers that start after every part is claimed only read the counter: `fn` outlives every call.
+  auto work = [state, parts, &fn] {
+    for (int64_t p; (p = state->next.fetch_add(1)) < parts;) {
+      fn(p);
+      if (state->done.fetch_add(1) + 1 == parts) {
+        std::lock_guard<std::mutex> lock(state->mu);
+        state->cv.notify_all();
+      }
+    }
+  };
+  for (int64_t p = 1; p < parts; ++p) pool.Schedule([work] { work(); });
+  work();
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->done.load() == parts; });
+}
+
 ffi::Error HostGemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
                         ffi::ResultBuffer<ffi::F32> c, int64_t fn, int64_t set_threads, bool ilp64, bool transpose_a,
                         bool transpose_b) {
@@ -103,25 +134,75 @@ ffi::Error HostGemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buff
     g.Run(split_m, 0, extent);
     return ffi::Error::Success();
   }
-  struct State {
-    std::atomic<int64_t> next{0}, done{0};
-    std::mutex mu;
-    std::condition_variable cv;
-  };
-  auto state = std::make_shared<State>();
-  auto work = [state, g, split_m, extent, parts] {
-    for (int64_t p; (p = state->next.fetch_add(1)) < parts;) {
-      g.Run(split_m, extent * p / parts, extent * (p + 1) / parts);
-      if (state->done.fetch_add(1) + 1 == parts) {
-        std::lock_guard<std::mutex> lock(state->mu);
-        state->cv.notify_all();
+  ParallelFor(pool, parts, [&](int64_t p) { g.Run(split_m, extent * p / parts, extent * (p + 1) / parts); });
+  return ffi::Error::Success();
+}
+
+// exp(x) for x <= 0 (a logit minus its row maximum): 2^n * e^r with n = round(x / ln 2) and
+// |r| <= ln(2) / 2, e^r by its Taylor polynomial to r^7 (relative error < 1e-8, below float32's
+// rounding). Branch-free, so the row loops vectorise; inputs below -87 give 0 (e^-87 ~ 1.6e-38).
+inline float ExpNonPositive(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  float n = std::floor(x * 1.4426950408889634f + 0.5f);
+  float r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;  // ln 2 in two parts (Cody-Waite)
+  float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720 + r * (1.0f / 5040)))))));
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// Per row i of logits (M, V): ce_i = log(sum exp(l)) - l[t_i], correct_i = (l[t_i] is the row maximum),
+// and with `grad` the row becomes w_i * (softmax(l) - onehot(t_i)), the gradient of sum_i w_i ce_i.
+// A target outside [0, V) has no logit: ce and correct are NaN, as XLA's gather gives.
+ffi::Error SoftmaxCrossEntropyImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits, ffi::Buffer<ffi::S32> targets,
+                                   ffi::Buffer<ffi::F32> weights, ffi::ResultBuffer<ffi::F32> grad_out,
+                                   ffi::ResultBuffer<ffi::F32> ce_out, ffi::ResultBuffer<ffi::F32> correct_out,
+                                   bool grad) {
+  auto dims = logits.dimensions();
+  if (dims.size() != 2) return ffi::Error::InvalidArgument("softmax_cross_entropy takes (tokens, vocab) logits");
+  const int64_t M = dims[0], V = dims[1];
+  float* rows = grad_out->typed_data();  // aliases `logits` (input_output_aliases)
+  if (rows != logits.typed_data()) std::memcpy(rows, logits.typed_data(), sizeof(float) * M * V);
+  const int32_t* t = targets.typed_data();
+  const float* w = weights.typed_data();
+  float* ce = ce_out->typed_data();
+  float* correct = correct_out->typed_data();
+  auto run_rows = [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      float* row = rows + i * V;
+      float mx = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : mx)
+      for (int64_t j = 0; j < V; ++j) mx = row[j] > mx ? row[j] : mx;
+      const bool has_target = t[i] >= 0 && t[i] < V;
+      const float target = has_target ? row[t[i]] : std::numeric_limits<float>::quiet_NaN();
+      float sum = 0.0f;
+      if (grad) {
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < V; ++j) {
+          float e = ExpNonPositive(row[j] - mx);
+          row[j] = e;
+          sum += e;
+        }
+        const float scale = w[i] / sum;
+#pragma omp simd
+        for (int64_t j = 0; j < V; ++j) row[j] *= scale;
+        if (has_target) row[t[i]] -= w[i];
+      } else {
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < V; ++j) sum += ExpNonPositive(row[j] - mx);
       }
+      ce[i] = std::log(sum) + mx - target;
+      correct[i] = has_target ? (target >= mx ? 1.0f : 0.0f) : std::numeric_limits<float>::quiet_NaN();
     }
   };
-  for (int64_t p = 1; p < parts; ++p) pool.Schedule([work] { work(); });
-  work();
-  std::unique_lock<std::mutex> lock(state->mu);
-  state->cv.wait(lock, [&] { return state->done.load() == parts; });
+  int64_t parts = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), M * V / (int64_t{1} << 16)));
+  parts = std::min(parts, M);
+  if (parts <= 1) {
+    run_rows(0, M);
+  } else {
+    ParallelFor(pool, parts, [&](int64_t p) { run_rows(M * p / parts, M * (p + 1) / parts); });
+  }
   return ffi::Error::Success();
 }
 
@@ -138,3 +219,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(HostGemm, HostGemmImpl,
                                   .Attr<bool>("ilp64")
                                   .Attr<bool>("transpose_a")
                                   .Attr<bool>("transpose_b"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SoftmaxCrossEntropy, SoftmaxCrossEntropyImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("grad"));
