@@ -8,11 +8,13 @@ relative positions, ALiBi) are (B or 1, H, L, S) float arrays.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 
+from podformer import host_blas
 from podformer.errors import UserError
 
 Array = jax.Array
@@ -116,9 +118,48 @@ def _attention_jax(implementation):
     def fn(q, k, v, mask, bias, scale, dropout_rate, rng):
         if dropout_rate > 0.0 and rng is not None:
             return _attention_reference(q, k, v, mask, bias, scale, dropout_rate, rng)
+        if bias is None and host_blas.enabled(q, k, v):
+            qh, kh, vh = _heads_first(q, k, v)
+            return jnp.swapaxes(_host_attention(qh, kh, vh, mask, scale), 1, 2)
         return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation=implementation)
 
     return fn
+
+
+def _bmm(a, b, **kw):
+    """(B, H, ...) batched matmul on the host BLAS, the batch dims flattened."""
+    out = host_blas.matmul(a.reshape((-1,) + a.shape[2:]), b.reshape((-1,) + b.shape[2:]), **kw)
+    return out.reshape(a.shape[:2] + out.shape[1:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _host_attention(q_BHLK, k_BHSK, v_BHSK, mask_B1LS, scale):
+    """float32 attention on a CPU, its batched matmuls on the host BLAS (podformer/host_blas.py), with
+    the flash-attention backward: dS = P * (dP - rowsum(dO * O)), a reduction over the head dim
+    instead of autodiff's over the keys."""
+    return _host_attention_fwd(q_BHLK, k_BHSK, v_BHSK, mask_B1LS, scale)[0]
+
+
+def _host_attention_fwd(q_BHLK, k_BHSK, v_BHSK, mask_B1LS, scale):
+    logits = _bmm(q_BHLK, k_BHSK, transpose_b=True) * scale
+    if mask_B1LS is not None:
+        logits = jnp.where(mask_B1LS, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    out = _bmm(probs, v_BHSK)
+    return out, (q_BHLK, k_BHSK, v_BHSK, probs, out, mask_B1LS)
+
+
+def _host_attention_bwd(scale, res, d_out):
+    q, k, v, probs, out, mask = res
+    d_v = _bmm(probs, d_out, transpose_a=True)
+    d_probs = _bmm(d_out, v, transpose_b=True)
+    d_logits = probs * (d_probs - jnp.sum(d_out * out, axis=-1, keepdims=True)) * scale
+    d_q = _bmm(d_logits, k)
+    d_k = _bmm(d_logits, q, transpose_a=True)
+    return d_q, d_k, d_v, None
+
+
+_host_attention.defvjp(_host_attention_fwd, _host_attention_bwd)
 
 
 def _refuse(impl: str, why: str):

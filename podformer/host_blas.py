@@ -147,11 +147,12 @@ def enabled(*arrays: Array) -> bool:
 
 
 def matmul(a: Array, b: Array, *, transpose_a: bool = False, transpose_b: bool = False) -> Array:
-    """op(a) @ op(b) for rank-2 float32 arrays on the host BLAS (``enabled`` must hold)."""
+    """op(a) @ op(b) for float32 arrays on the host BLAS (``enabled`` must hold): rank 2, or rank 3 for a
+    batch of products (op transposes the last two dims)."""
     blas = _library()
-    m = a.shape[1] if transpose_a else a.shape[0]
-    n = b.shape[0] if transpose_b else b.shape[1]
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential")
+    m = a.shape[-1] if transpose_a else a.shape[-2]
+    n = b.shape[-2] if transpose_b else b.shape[-1]
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(a.shape[:-2] + (m, n), jnp.float32), vmap_method="sequential")
     return call(
         a,
         b,

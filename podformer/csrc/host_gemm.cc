@@ -107,28 +107,52 @@ ffi::Error HostGemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buff
                         bool transpose_b) {
   auto ad = a.dimensions();
   auto bd = b.dimensions();
-  if (ad.size() != 2 || bd.size() != 2) return ffi::Error::InvalidArgument("host_gemm takes rank-2 operands");
+  // Rank 3: a batch of independent products (attention's per-head matmuls), split by batch.
+  if (ad.size() != bd.size() || ad.size() < 2 || ad.size() > 3 || (ad.size() == 3 && ad[0] != bd[0]))
+    return ffi::Error::InvalidArgument("host_gemm takes two rank-2 operands or two rank-3 ones with one batch size");
+  const int64_t batch = ad.size() == 3 ? ad[0] : 1;
+  const int64_t r = ad.size() - 2;  // index of the row dimension
   Gemm g{fn, set_threads, ilp64, transpose_a, transpose_b, a.typed_data(), b.typed_data(), c->typed_data()};
-  g.m = transpose_a ? ad[1] : ad[0];
-  g.k = transpose_a ? ad[0] : ad[1];
-  g.n = transpose_b ? bd[0] : bd[1];
-  g.lda = ad[1];
-  g.ldb = bd[1];
-  if ((transpose_b ? bd[1] : bd[0]) != g.k) return ffi::Error::InvalidArgument("host_gemm: contracting dims differ");
-  if (g.m == 0 || g.n == 0) return ffi::Error::Success();
+  g.m = transpose_a ? ad[r + 1] : ad[r];
+  g.k = transpose_a ? ad[r] : ad[r + 1];
+  g.n = transpose_b ? bd[r] : bd[r + 1];
+  g.lda = ad[r + 1];
+  g.ldb = bd[r + 1];
+  if ((transpose_b ? bd[r + 1] : bd[r]) != g.k) return ffi::Error::InvalidArgument("host_gemm: contracting dims differ");
+  if (batch == 0 || g.m == 0 || g.n == 0) return ffi::Error::Success();
   if (g.k == 0) {  // a BLAS may return without writing C
-    std::memset(g.c, 0, sizeof(float) * g.m * g.n);
+    std::memset(g.c, 0, sizeof(float) * batch * g.m * g.n);
     return ffi::Error::Success();
   }
   if (!ilp64 && (g.m > INT32_MAX || g.n > INT32_MAX || g.k > INT32_MAX || g.lda > INT32_MAX || g.ldb > INT32_MAX))
     return ffi::Error::InvalidArgument("host_gemm: dimension too large for a 32-bit BLAS");
+  int64_t threads = set_threads ? pool.num_threads() : 1;  // without a per-thread setting the BLAS threads itself
+
+  if (batch > 1) {
+    const int64_t sa = g.m * g.k, sb = g.k * g.n, sc = g.m * g.n;
+    auto run_batches = [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) {
+        Gemm gi = g;
+        gi.a = g.a + i * sa;
+        gi.b = g.b + i * sb;
+        gi.c = g.c + i * sc;
+        gi.Run(true, 0, g.m);
+      }
+    };
+    int64_t parts = std::min(threads, std::min(batch, batch * g.m * g.n * g.k / kMinPartMacs));
+    if (parts <= 1) {
+      run_batches(0, batch);
+    } else {
+      ParallelFor(pool, parts, [&](int64_t p) { run_batches(batch * p / parts, batch * (p + 1) / parts); });
+    }
+    return ffi::Error::Success();
+  }
 
   // Split the larger output dimension: each part re-packs the whole of the other operand, so the
   // smaller one is the one packed twice.
   bool split_m = g.m >= g.n;
   int64_t extent = split_m ? g.m : g.n;
-  int64_t parts = set_threads ? pool.num_threads() : 1;  // without a per-thread setting the BLAS threads itself
-  parts = std::min(parts, g.m * g.n * g.k / kMinPartMacs);
+  int64_t parts = std::min(threads, g.m * g.n * g.k / kMinPartMacs);
   parts = std::min(parts, extent / 16);
   if (parts <= 1) {
     g.Run(split_m, 0, extent);
