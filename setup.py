@@ -8,6 +8,8 @@ setup(
     description=__doc__,
     python_requires=">=3.11",
     packages=["podformer", "model", "data", "configs"],
+    # The host-BLAS handlers' C++ source, compiled on first use (podformer/host_blas.py).
+    package_data={"podformer": ["csrc/*.cc"]},
     py_modules=["train"],
     install_requires=[
         "jax>=0.10.2,<0.11",
