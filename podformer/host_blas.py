@@ -118,6 +118,8 @@ def _library() -> _Blas | None:
             file=sys.stderr,
         )
         return None
+    lib.PodformerSetBlas.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+    lib.PodformerSetBlas(blas.sgemm, blas.set_threads, int(blas.ilp64))
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.HostGemm), platform="cpu")
     jax.ffi.register_ffi_target(XENT_TARGET, jax.ffi.pycapsule(lib.SoftmaxCrossEntropy), platform="cpu")
     return blas
@@ -149,19 +151,11 @@ def enabled(*arrays: Array) -> bool:
 def matmul(a: Array, b: Array, *, transpose_a: bool = False, transpose_b: bool = False) -> Array:
     """op(a) @ op(b) for float32 arrays on the host BLAS (``enabled`` must hold): rank 2, or rank 3 for a
     batch of products (op transposes the last two dims)."""
-    blas = _library()
+    _library()  # registers the handler
     m = a.shape[-1] if transpose_a else a.shape[-2]
     n = b.shape[-2] if transpose_b else b.shape[-1]
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(a.shape[:-2] + (m, n), jnp.float32), vmap_method="sequential")
-    return call(
-        a,
-        b,
-        fn=np.int64(blas.sgemm),
-        set_threads=np.int64(blas.set_threads),
-        ilp64=blas.ilp64,
-        transpose_a=transpose_a,
-        transpose_b=transpose_b,
-    )
+    return call(a, b, transpose_a=transpose_a, transpose_b=transpose_b)
 
 
 @jax.custom_vjp

@@ -37,6 +37,14 @@ using Sgemm32 = void (*)(int, int, int, int32_t, int32_t, int32_t, float, const 
                          int32_t, float, float*, int32_t);
 using SetLocalThreads = int (*)(int);
 
+// The BLAS, set once from Python (podformer/host_blas.py) before any call: addresses stay out of the
+// compiled programs, so XLA's persistent compilation cache can reuse them across processes.
+struct Blas {
+  int64_t sgemm = 0, set_threads = 0;
+  bool ilp64 = true;
+};
+Blas g_blas;
+
 // Below this many multiply-adds a GEMM runs as one part: scheduling would cost more than it saves.
 constexpr int64_t kMinPartMacs = int64_t{1} << 21;
 
@@ -103,8 +111,10 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t parts, const Fn& fn) {
 }
 
 ffi::Error HostGemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
-                        ffi::ResultBuffer<ffi::F32> c, int64_t fn, int64_t set_threads, bool ilp64, bool transpose_a,
-                        bool transpose_b) {
+                        ffi::ResultBuffer<ffi::F32> c, bool transpose_a, bool transpose_b) {
+  const int64_t fn = g_blas.sgemm, set_threads = g_blas.set_threads;
+  const bool ilp64 = g_blas.ilp64;
+  if (fn == 0) return ffi::Error::Internal("host_gemm: no BLAS set (PodformerSetBlas was not called)");
   auto ad = a.dimensions();
   auto bd = b.dimensions();
   // Rank 3: a batch of independent products (attention's per-head matmuls), split by batch.
@@ -232,15 +242,18 @@ ffi::Error SoftmaxCrossEntropyImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> l
 
 }  // namespace
 
+extern "C" void PodformerSetBlas(int64_t sgemm, int64_t set_threads, int ilp64) {
+  g_blas.sgemm = sgemm;
+  g_blas.set_threads = set_threads;
+  g_blas.ilp64 = ilp64 != 0;
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(HostGemm, HostGemmImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("fn")
-                                  .Attr<int64_t>("set_threads")
-                                  .Attr<bool>("ilp64")
                                   .Attr<bool>("transpose_a")
                                   .Attr<bool>("transpose_b"));
 
