@@ -19,14 +19,14 @@ import jax
 import numpy as np
 from flax import nnx
 
-from data.loader import Loader
-from data.tasks import features
 from podformer import checkpoint, cli, distributed, finetuning, hostmem, loop, optim, preemption, profiling, trainer
 from podformer import config as config_lib
 from podformer import finetune_tasks as tasks
 from podformer import flops as flops_lib
 from podformer import mesh as mesh_lib
-from podformer.errors import UserError
+from podformer.core.errors import UserError
+from podformer.data.loader import Loader
+from podformer.data.tasks import features
 from podformer.finetune_eval import Evaluator
 from podformer.metrics import MetricWriter, log
 
@@ -48,8 +48,8 @@ def run(argv: list[str] | None = None) -> dict:
     checkpoint.check_workdir(workdir)
     profiler = profiling.Profiler(cfg.profile, workdir)
 
-    import model as models
-    from model import heads, params
+    from podformer import model as models
+    from podformer.model import heads, params
 
     task = tasks.make_task(cfg.task, label_names=[])  # label names come later: they may need the data
     ckpt = checkpoint.Checkpointer(
@@ -184,7 +184,7 @@ def _train(cfg, task, evaluator, ckpt, writer, profiler, state, graphdef, shardi
            start_step, data_state, model_cfg, family, tok, start) -> tuple:  # fmt: skip
     """The loop: train steps, evaluation (and a checkpoint carrying the task metric) every eval_every steps
     and at the end, early stopping, preemption. Returns (state, {"step", "preempted", "early_stopped"})."""
-    from model import params
+    from podformer.model import params
 
     t = cfg.train
     model_keys = {k: v for k, v in train_rows.items() if k not in tasks.MODEL_KEYS_DROPPED}

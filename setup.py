@@ -1,16 +1,45 @@
 """podformer: pretrain and fine-tune BERT, GPT and T5 family transformers in JAX/Flax NNX."""
 
-from setuptools import setup
+import os
+
+from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+# One import root. The repository keeps the project's layout (model/, data/, configs/, train.py and
+# finetune.py at the top level); installed, they are podformer.model, podformer.data, podformer.configs,
+# podformer.train and podformer.finetune. In a checkout, podformer/__init__.py resolves the same names.
+SUBPACKAGES = {"podformer.model": "model", "podformer.data": "data", "podformer.configs": "configs"}
+ENTRIES = ("train", "finetune")
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def packages() -> list[str]:
+    found = find_packages(include=["podformer", "podformer.*"])
+    for name, folder in SUBPACKAGES.items():
+        found += [name] + [f"{name}.{p}" for p in find_packages(os.path.join(HERE, folder))]
+    return found
+
+
+class BuildPy(build_py):
+    """Adds the top-level entry scripts to the package as podformer.train and podformer.finetune."""
+
+    def find_package_modules(self, package, package_dir):
+        modules = super().find_package_modules(package, package_dir)
+        if package == "podformer":
+            modules += [(package, name, os.path.join(HERE, f"{name}.py")) for name in ENTRIES]
+        return modules
+
 
 setup(
     name="podformer",
     version="0.1.0",
     description=__doc__,
     python_requires=">=3.11",
-    packages=["podformer", "model", "data", "configs"],
-    # The host-BLAS handlers' C++ source, compiled on first use (podformer/host_blas.py).
-    package_data={"podformer": ["csrc/*.cc"]},
-    py_modules=["train"],
+    packages=packages(),
+    package_dir={"podformer": "podformer", **SUBPACKAGES},
+    # The opt-in host-BLAS handlers' C++ source, compiled on first use (model/host_blas.py).
+    package_data={"podformer.model": ["csrc/*.cc"]},
+    cmdclass={"build_py": BuildPy},
     install_requires=[
         "jax>=0.10.2,<0.11",
         "jaxlib>=0.10.2,<0.11",
@@ -58,5 +87,10 @@ setup(
         # NVIDIA GPUs (slurm/train.sbatch): CUDA 12 wheels from PyPI.
         "gpu": ["jax[cuda12]>=0.10.2,<0.11", "gcsfs>=2024.2", "google-cloud-storage>=2.14"],
     },
-    entry_points={"console_scripts": ["podformer-train=train:main"]},
+    entry_points={
+        "console_scripts": [
+            "podformer-train=podformer.train:main",
+            "podformer-finetune=podformer.finetune:main",
+        ]
+    },
 )

@@ -14,8 +14,6 @@ import jax
 import numpy as np
 from flax import nnx
 
-from data import pipeline
-from data.loader import Loader
 from podformer import (
     checkpoint,
     cli,
@@ -32,7 +30,9 @@ from podformer import (
 from podformer import config as config_lib
 from podformer import flops as flops_lib
 from podformer import mesh as mesh_lib
-from podformer.errors import UserError
+from podformer.core.errors import UserError
+from podformer.data import pipeline
+from podformer.data.loader import Loader
 from podformer.losses import LOSSES
 from podformer.metrics import MetricWriter, log
 
@@ -51,7 +51,7 @@ def run(argv: list[str] | None = None) -> dict:
     checkpoint.check_workdir(workdir)
     profiler = profiling.Profiler(cfg.profile, workdir)  # validates profile.steps before any work
 
-    import model as models  # after distributed init: nothing may touch devices before it
+    from podformer import model as models  # after distributed init: nothing may touch devices before it
 
     if cfg.model.family not in models.FAMILIES:
         raise UserError(f"model.family={cfg.model.family!r}; choose one of {', '.join(models.FAMILIES)}")
@@ -239,7 +239,7 @@ def run(argv: list[str] | None = None) -> dict:
 
 def init_from(path: str, family: str, model_cfg, graphdef, state):
     """``state`` with the model parameters of ``path`` (a podformer workdir or a Hugging Face folder)."""
-    from model import hf, params
+    from podformer.model import hf, params
 
     src_family, src_cfg, flat = hf.load_params(path)
     diff = params.arch_diff(src_cfg, model_cfg) if src_family == family else [f"family: {src_family} != {family}"]

@@ -22,10 +22,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
-from configs import gpt  # noqa: E402
-from configs.common import RULES  # noqa: E402
-from data import pipeline, tokenizer  # noqa: E402
-from data.loader import Loader  # noqa: E402
+from podformer.configs import gpt  # noqa: E402
+from podformer.configs.common import RULES  # noqa: E402
+from podformer.data import pipeline, tokenizer  # noqa: E402
+from podformer.data.loader import Loader  # noqa: E402
 
 OBJECTIVES = ("causal_lm", "mlm", "roberta", "mlm_nsp", "mlm_sop", "span_corruption", "prefix_lm", "bart")
 WORDS = (

@@ -45,14 +45,15 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-import model as models  # noqa: E402
 from benchmarks.shapes import BY_NAME, SHAPES, Shape  # noqa: E402
 from podformer import config as config_lib  # noqa: E402
 from podformer import flops as flops_lib  # noqa: E402
-from podformer import host_blas, optim, trainer  # noqa: E402
 from podformer import mesh as mesh_lib  # noqa: E402
-from podformer.errors import UserError  # noqa: E402
+from podformer import model as models  # noqa: E402
+from podformer import optim, trainer  # noqa: E402
+from podformer.core.errors import UserError  # noqa: E402
 from podformer.losses import LOSSES  # noqa: E402
+from podformer.model import host_blas  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOKEN_KEYS = ("inputs", "targets", "encoder_inputs", "decoder_inputs", "decoder_targets")
@@ -116,8 +117,8 @@ class Bench:
         def make(r):
             return module_cls(self.model_cfg, rngs=r)
 
-        from data import pipeline
-        from data.loader import Loader
+        from podformer.data import pipeline
+        from podformer.data.loader import Loader
 
         self.loader = None
         if with_pipeline:

@@ -4,8 +4,8 @@ python train.py --config=configs/bart.py:tiny                         # CPU, emb
 python train.py --config=configs/bart.py:large --config.mesh.fsdp=8 --workdir=gs://bucket/bart
 """
 
-from configs import zoo
-from model.t5 import BartConfig
+from podformer.configs import zoo
+from podformer.model.t5 import BartConfig
 
 VARIANTS = ("tiny", "base", "large")
 

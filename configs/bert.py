@@ -4,8 +4,8 @@ python train.py --config=configs/bert.py:tiny                         # CPU, emb
 python train.py --config=configs/bert.py:base_uncased --config.mesh.fsdp=8 --workdir=gs://bucket/bert
 """
 
-from configs import zoo
-from model.bert import BertConfig
+from podformer.configs import zoo
+from podformer.model.bert import BertConfig
 
 VARIANTS = ("tiny", "base_uncased", "large_uncased", "base_cased", "large_cased")
 

@@ -81,7 +81,7 @@ def base(name: str, family: str, model) -> ml_collections.ConfigDict:
 
     c.init = ml_collections.ConfigDict()
     # Parameters to start from when the workdir has no checkpoint yet: a podformer workdir (its latest
-    # checkpoint, e.g. one `python -m model.hf import` wrote) or a Hugging Face model folder. '' = none.
+    # checkpoint, e.g. one `python -m podformer.model.hf import` wrote) or a Hugging Face model folder. '' = none.
     c.init.checkpoint = ""
 
     c.checkpoint = ml_collections.ConfigDict()

@@ -7,8 +7,8 @@ python train.py --config=configs/distilbert.py:base --config.distill.teacher=PAT
 (--config.data.objective=mlm trains the architecture without a teacher.)
 """
 
-from configs import zoo
-from model.bert import DistilBertConfig
+from podformer.configs import zoo
+from podformer.model.bert import DistilBertConfig
 
 VARIANTS = ("tiny", "base")
 

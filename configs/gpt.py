@@ -6,8 +6,8 @@ python train.py --config=configs/gpt.py:gpt2_small --config.mesh.fsdp=8 --workdi
 python train.py --config=configs/gpt.py:llama_7b --config.mesh.fsdp=64 --config.model.remat=full
 """
 
-from configs import common
-from model.gpt import PRESETS, GPTConfig
+from podformer.configs import common
+from podformer.model.gpt import PRESETS, GPTConfig
 
 VARIANTS = ("tiny", *PRESETS)
 

@@ -4,8 +4,8 @@ python train.py --config=configs/roberta.py:tiny                      # CPU, emb
 python train.py --config=configs/roberta.py:base --config.mesh.fsdp=8 --workdir=gs://bucket/roberta
 """
 
-from configs import zoo
-from model.bert import RobertaConfig
+from podformer.configs import zoo
+from podformer.model.bert import RobertaConfig
 
 VARIANTS = ("tiny", "base", "large")
 

@@ -4,8 +4,8 @@ python train.py --config=configs/t5.py:tiny                           # CPU, emb
 python train.py --config=configs/t5.py:v1_1_base --config.mesh.fsdp=8 --workdir=gs://bucket/t5
 """
 
-from configs import zoo
-from model.t5 import T5_PRESETS, T5Config
+from podformer.configs import zoo
+from podformer.model.t5 import T5_PRESETS, T5Config
 
 VARIANTS = ("tiny", *T5_PRESETS)
 

@@ -2,7 +2,7 @@
 
 import ml_collections
 
-from configs import common
+from podformer.configs import common
 
 
 def encoder_or_seq2seq(name: str, family: str, model, variant: str, objective: str):

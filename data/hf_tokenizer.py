@@ -9,8 +9,8 @@ import json
 import os
 from collections.abc import Sequence
 
-from data import tokenizer as sp_tokenizer
-from podformer.errors import UserError
+from podformer.core.errors import UserError
+from podformer.data import tokenizer as sp_tokenizer
 
 SENTENCEPIECE_FILES = ("spiece.model", "sentencepiece.bpe.model", "tokenizer.model")
 # Where the special tokens' names come from, and the names to try when a folder does not say.

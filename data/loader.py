@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-from model import sharding as msharding
+from podformer.core import sharding as msharding
 
 
 class _HostRows(grain.MapDataset):

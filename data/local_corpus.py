@@ -17,7 +17,7 @@ import os
 
 import tensorflow_datasets as tfds
 
-from podformer.errors import UserError
+from podformer.core.errors import UserError
 
 EXTENSIONS = (".txt", ".jsonl", ".parquet")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from data.tokens import TokenStore
+from podformer.data.tokens import TokenStore
 
 
 def causal_lm_row(store: TokenStore, start: int, seq_len: int) -> dict[str, np.ndarray]:

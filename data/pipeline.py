@@ -19,8 +19,8 @@ import re
 
 import numpy as np
 
-from data import corpus, hf_tokenizer, packing, rows, sources, special, store, tokenizer, tokens
-from podformer.errors import UserError
+from podformer.core.errors import UserError
+from podformer.data import corpus, hf_tokenizer, packing, rows, sources, special, store, tokenizer, tokens
 
 OBJECTIVES = tuple(special.OBJECTIVE_FAMILY)
 SOURCES = ("embedded", "tfds", "files", "mixture")

@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from data.store import SentenceStore
+from podformer.data.store import SentenceStore
 
 
 def cached(store: SentenceStore, name: str, compute) -> np.ndarray:

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from data import denoising, masking, packing, plans, span_corruption
-from data.special import SpecialIds
-from data.store import SentenceStore
+from podformer.data import denoising, masking, packing, plans, span_corruption
+from podformer.data.special import SpecialIds
+from podformer.data.store import SentenceStore
 
 
 class _Rows:
@@ -89,7 +89,7 @@ class MLMRows(_Rows):
     def _mask(self, tokens, rng):
         words = None
         if self.word_table is not None:
-            from data.special import word_starts
+            from podformer.data.special import word_starts
 
             words = word_starts(tokens, self.word_table)
         return masking.mask_tokens(
@@ -263,7 +263,7 @@ class BartRows(_Rows):
         return {"index": np.int64(i), "blocks": blocks}
 
     def transform(self, example, rng):
-        from data.special import word_starts
+        from podformer.data.special import word_starts
 
         rng = self._rng(example, rng)
         sources, targets = [], []

@@ -14,8 +14,8 @@ import dataclasses
 import hashlib
 import os
 
-from data import corpus
-from podformer.errors import UserError
+from podformer.core.errors import UserError
+from podformer.data import corpus
 
 
 @contextlib.contextmanager
@@ -145,7 +145,7 @@ class Files:
         return f"data.files={self.pattern!r}"
 
     def _config(self):
-        from data import local_corpus
+        from podformer.data import local_corpus
 
         return local_corpus.config_for(
             self.pattern,
@@ -156,7 +156,7 @@ class Files:
 
     def prepare(self):
         """Build the ArrayRecord dataset (once); returns the builder."""
-        from data import local_corpus, tokenizer
+        from podformer.data import local_corpus, tokenizer
 
         with quiet_absl():
             builder = local_corpus.prepare(self._config(), os.path.join(tokenizer.cache_dir(self.cache_dir), "tfds"))

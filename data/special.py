@@ -13,7 +13,7 @@ import functools
 
 import numpy as np
 
-from podformer.errors import UserError
+from podformer.core.errors import UserError
 
 NUM_SENTINELS = 100
 
@@ -64,7 +64,7 @@ class SpecialIds:
         if missing:
             raise UserError(
                 f"{what} needs the tokenizer's {', '.join(missing)} token(s); train one with "
-                f"`python -m data.tokenizer train --family ...` or set data.tokenizer to one that has them"
+                f"`python -m podformer.data.tokenizer train --family ...` or set data.tokenizer to one that has them"
             )
 
     def special_mask(self) -> np.ndarray:

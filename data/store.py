@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from podformer.errors import UserError
+from podformer.core.errors import UserError
 
 FORMAT = "sentences-v1"
 

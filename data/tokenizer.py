@@ -1,8 +1,8 @@
 """Tokenizers behind one interface; SentencePiece trained on a corpus on first use and cached.
 
-python -m data.tokenizer train --source=embedded --family=bert --vocab-size=8000 --output=bert.model
-python -m data.tokenizer train --source='files:corpus/*.txt' --family=t5 --type=unigram --output=t5.model
-python -m data.tokenizer train --source=tfds:wikipedia/20230601.en --data-dir=gs://b/tfds --family=all ...
+python -m podformer.data.tokenizer train --source=embedded --family=bert --vocab-size=8000 --output=bert.model
+python -m podformer.data.tokenizer train --source='files:corpus/*.txt' --family=t5 --type=unigram --output=t5.model
+python -m podformer.data.tokenizer train --source=tfds:wikipedia/20230601.en --data-dir=gs://b/tfds --family=all ...
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 
 import sentencepiece as spm
 
-from podformer.errors import UserError
+from podformer.core.errors import UserError
 
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
 
@@ -196,7 +196,7 @@ def get(
 ) -> SentencePieceTokenizer:
     """``data.tokenizer`` if set; else a tokenizer trained on the corpus with ``family``'s special tokens,
     cached by corpus and settings (the GPT name has no family tag: existing caches and hashes hold)."""
-    from data import special
+    from podformer.data import special
 
     if data_cfg.tokenizer:
         return SentencePieceTokenizer.load(data_cfg.tokenizer)
@@ -216,13 +216,13 @@ def get(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m data.tokenizer train ...``: train a SentencePiece model on any source."""
+    """``python -m podformer.data.tokenizer train ...``: train a SentencePiece model on any source."""
     import argparse
     import sys
 
-    from data import sources, special
+    from podformer.data import sources, special
 
-    parser = argparse.ArgumentParser(prog="python -m data.tokenizer", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m podformer.data.tokenizer", description=main.__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a SentencePiece unigram or BPE model")
     t.add_argument("--source", default="embedded", help="embedded | tfds:NAME[:VERSION] | files:GLOB_OR_FOLDER")

@@ -1,6 +1,6 @@
 """podformer's models: the shared block library and one module per family."""
 
-from model import bert, gpt, t5
+from podformer.model import bert, gpt, t5
 
 # family name -> (config dataclass, module). The name is what run configs put in model.family.
 FAMILIES = {

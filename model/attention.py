@@ -14,8 +14,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from podformer import host_blas
-from podformer.errors import UserError
+from podformer.core.errors import UserError
+from podformer.model import host_blas
 
 Array = jax.Array
 

@@ -13,8 +13,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model import layers, sharding
-from model.layers import Array
+from podformer.core import sharding
+from podformer.model import layers
+from podformer.model.layers import Array
 
 
 @dataclasses.dataclass(frozen=True)

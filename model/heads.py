@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model import layers
-from model.layers import Array
+from podformer.model import layers
+from podformer.model.layers import Array
 
 # family -> how it reads a sequence
 KINDS = {

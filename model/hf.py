@@ -1,7 +1,7 @@
 """Hugging Face interop: read and write local transformers model folders, and the import/export command.
 
-    python -m model.hf import HF_DIR WORKDIR     # a podformer parameters checkpoint (+ the tokenizer files)
-    python -m model.hf export WORKDIR HF_DIR     # config.json + model.safetensors that transformers loads
+    python -m podformer.model.hf import HF_DIR WORKDIR     # a podformer parameters checkpoint (+ the tokenizer files)
+    python -m podformer.model.hf export WORKDIR HF_DIR     # config.json + model.safetensors that transformers loads
 
 ``from_pretrained(path)`` reads config.json and model.safetensors, sharded safetensors with an index, or
 pytorch_model.bin (sharded or not; loaded with ``torch.load(weights_only=True)``, which refuses pickled
@@ -27,9 +27,10 @@ import numpy as np
 from flax import nnx
 from flax.core import spmd as flax_spmd
 
-from model import hf_decoders, hf_encoders, hf_seq2seq, params, sharding
-from model.hf_common import Format, HFError, architecture
-from podformer.errors import UserError
+from podformer.core import sharding
+from podformer.core.errors import UserError
+from podformer.model import hf_decoders, hf_encoders, hf_seq2seq, params
+from podformer.model.hf_common import Format, HFError, architecture
 
 FORMATS: dict[str, Format] = {
     f.model_type: f for f in (*hf_decoders.FORMATS, *hf_encoders.FORMATS, *hf_seq2seq.FORMATS)
@@ -189,7 +190,7 @@ def load(path: str) -> tuple[str, object, dict[str, np.ndarray], list[str]]:
 def build(family: str, cfg, flat: dict[str, np.ndarray], *, seed: int = 0, mesh=None, rules=None) -> nnx.Module:
     """The family module holding ``flat``; placed by the logical rules when a mesh is given or active.
     Parameters absent from ``flat`` keep their random initialisation."""
-    import model as models
+    from podformer import model as models
 
     module_cls = models.FAMILIES[family][1]
     mesh = mesh if mesh is not None else jax.sharding.get_mesh()
@@ -238,7 +239,7 @@ def load_params(path: str) -> tuple[str, object, dict[str, np.ndarray]]:
 
 
 def _family_of(cfg) -> str:
-    import model as models
+    from podformer import model as models
 
     for family, (config_cls, _) in models.FAMILIES.items():
         if type(cfg) is config_cls:
@@ -361,8 +362,8 @@ def export_workdir(workdir: str, hf_dir: str, *, model_type: str | None = None, 
 
 
 USAGE = """usage:
-  python -m model.hf import HF_DIR WORKDIR [--scan_layers=false]
-  python -m model.hf export WORKDIR HF_DIR [--model_type=NAME] [--step=N]"""
+  python -m podformer.model.hf import HF_DIR WORKDIR [--scan_layers=false]
+  python -m podformer.model.hf export WORKDIR HF_DIR [--model_type=NAME] [--step=N]"""
 
 
 def main(argv: list[str] | None = None) -> int:

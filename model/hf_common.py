@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from podformer.errors import UserError
+from podformer.core.errors import UserError
 
 
 class HFError(UserError, ValueError):

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from model import gpt
-from model.hf_common import (
+from podformer.model import gpt
+from podformer.model.hf_common import (
     Format,
     HFError,
     activation_from_hf,

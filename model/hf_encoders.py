@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
-from model import bert
-from model.hf_common import Format, HFError, activation_from_hf, activation_to_hf, attention, linear, mlp, norm, tensor
+from podformer.model import bert
+from podformer.model.hf_common import (
+    Format,
+    HFError,
+    activation_from_hf,
+    activation_to_hf,
+    attention,
+    linear,
+    mlp,
+    norm,
+    tensor,
+)
 
 # The MLM head a bare base-model checkpoint (BertModel, RobertaModel) lacks: it starts from its init.
 _MLM_HEAD = ("mlm_dense.kernel", "mlm_dense.bias", "mlm_norm.scale", "mlm_norm.bias", "mlm_bias.bias")

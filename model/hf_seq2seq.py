@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from model import t5
-from model.hf_common import (
+from podformer.model import t5
+from podformer.model.hf_common import (
     Format,
     HFError,
     activation_from_hf,

@@ -20,8 +20,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model import sharding
-from model.attention import (  # noqa: F401  (re-exported)
+from podformer.core import sharding
+from podformer.model import host_blas
+from podformer.model.attention import (  # noqa: F401  (re-exported)
     alibi_bias,
     attention,
     dropout,
@@ -29,8 +30,7 @@ from model.attention import (  # noqa: F401  (re-exported)
     make_attention_mask,
     t5_relative_buckets,
 )
-from model.kv_cache import KVCache
-from podformer import host_blas
+from podformer.model.kv_cache import KVCache
 
 Array = jax.Array
 

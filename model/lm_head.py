@@ -15,7 +15,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from podformer import host_blas
+from podformer.model import host_blas
 
 Array = jax.Array
 

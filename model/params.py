@@ -5,7 +5,7 @@ unrolled stacks keep a list (``blocks.layers.3.attn.query.kernel``). Both read a
 canonical names, ``blocks.3.attn.query.kernel``, so Hugging Face conversion and checkpoint layout
 changes never depend on how the layers were stacked.
 
-Also here: parameters-only checkpoints in a podformer workdir (what ``python -m model.hf import`` writes
+Also here: parameters-only checkpoints in a podformer workdir (what ``python -m podformer.model.hf import`` writes
 and what ``init.checkpoint`` reads), in the same Orbax layout ``train.py`` uses, so a training workdir
 serves as an init checkpoint too.
 """
@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from model import layers
+from podformer.model import layers
 
 # Saved with the model: trained parameters and untrained buffers (BART's final_logits_bias).
 SAVED = (nnx.Param, layers.Buffer)
@@ -162,7 +162,7 @@ def config_to_dict(family: str, cfg) -> dict:
 
 def config_from_dict(d: dict):
     """(family, family config) from a checkpoint's ``config.model`` section."""
-    import model as models  # the registry imports every family
+    from podformer import model as models  # the registry imports every family
 
     family = d.get("family")
     if family not in models.FAMILIES:
@@ -207,7 +207,7 @@ def read_workdir(workdir: str, step: int | None = None) -> tuple[str, object, di
         raise FileNotFoundError(f"{workdir}: no complete checkpoint in {workdir}/checkpoints")
     meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     family, cfg = config_from_dict(meta["config"]["model"])
-    import model as models
+    from podformer import model as models
 
     abstract = nnx.eval_shape(lambda: models.FAMILIES[family][1](cfg, rngs=nnx.Rngs(0)))
     target = {"model": nnx.state(abstract)}

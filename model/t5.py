@@ -14,9 +14,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model import layers, sharding
-from model.kv_cache import KVCache
-from model.layers import Array
+from podformer.core import sharding
+from podformer.model import layers
+from podformer.model.kv_cache import KVCache
+from podformer.model.layers import Array
 
 
 @dataclasses.dataclass(frozen=True)

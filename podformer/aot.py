@@ -17,11 +17,11 @@ import re
 
 import numpy as np
 
-from model import attention
-from podformer import host_blas, trainer
 from podformer import mesh as mesh_lib
-from podformer.errors import UserError
+from podformer import trainer
+from podformer.core.errors import UserError
 from podformer.metrics import log
+from podformer.model import attention, host_blas
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,8 +113,8 @@ def topology_devices(spec: str) -> tuple[Generation, list]:
 def compile_only(spec: str, cfg, model_cfg, module_cls) -> dict:
     """train.py --compile_only: the run's own model, optimizer, loss and batch layout, compiled for
     topology ``spec``; logs and returns the per-device memory figures."""
-    from data import pipeline
     from podformer import optim
+    from podformer.data import pipeline
     from podformer.losses import LOSSES
 
     t = cfg.train

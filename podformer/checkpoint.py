@@ -7,7 +7,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from podformer import distributed
-from podformer.errors import UserError
+from podformer.core.errors import UserError
 
 
 def check_workdir(workdir: str) -> epath.Path:

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 
 from podformer import preemption
-from podformer.errors import UserError
+from podformer.core.errors import UserError
 
 
 def main(run: Callable[[], dict]) -> None:

@@ -17,9 +17,12 @@ from typing import Any
 
 import ml_collections
 
-from podformer.errors import UserError
+import podformer.configs
+from podformer.core.errors import UserError
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The configs' folder: the checkout's configs/ or the installed podformer/configs/ (the same files).
+CONFIGS = os.path.dirname(os.path.abspath(podformer.configs.__file__))
+
 # Sections and keys that every run config has; other code and scripts rely on these names.
 REQUIRED = {
     "train": ("steps", "batch_size", "seq_len", "log_every", "eval_every", "seed"),
@@ -31,13 +34,25 @@ REQUIRED = {
 }
 
 
+def find_config_file(path: str) -> str:
+    """A config file by path (``configs/gpt.py``, ``./my.py``), or by its name among podformer's own configs
+    from anywhere (``configs/gpt.py``, ``gpt.py``, ``gpt``, ``finetune/glue``), installed or in a checkout."""
+    if os.path.isfile(path):
+        return path
+    name = path.removeprefix("configs/").removeprefix("configs" + os.sep)
+    packaged = os.path.join(CONFIGS, name if name.endswith(".py") else name + ".py")
+    if os.path.isfile(packaged):
+        return packaged
+    raise UserError(
+        f"config file {path!r} does not exist; pass --config=configs/<family>.py[:variant] (podformer's own: "
+        f"{', '.join(sorted(f[:-3] for f in os.listdir(CONFIGS) if f.endswith('.py') and not f.startswith('_')))})"
+    )
+
+
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
     """``path.py`` or ``path.py:arg`` -> the ConfigDict its ``get_config`` returns."""
     path, _, arg = spec.partition(":")
-    if not os.path.exists(path) and os.path.exists(os.path.join(REPO, path)):
-        path = os.path.join(REPO, path)
-    if not os.path.exists(path):
-        raise UserError(f"config file {path!r} does not exist; pass --config=configs/<family>.py[:variant]")
+    path = find_config_file(path)
     module_spec = importlib.util.spec_from_file_location(f"_podformer_config_{abs(hash(path))}", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
@@ -47,7 +62,9 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
         cfg = module.get_config(arg) if arg else module.get_config()
     except KeyError as e:
         raise UserError(f"config {path}: unknown variant {arg!r}; {e.args[0] if e.args else ''}") from None
-    cfg.config_spec = f"{os.path.relpath(path, REPO) if path.startswith(REPO) else path}{':' + arg if arg else ''}"
+    absolute = os.path.abspath(path)
+    shown = "configs/" + os.path.relpath(absolute, CONFIGS) if absolute.startswith(CONFIGS + os.sep) else path
+    cfg.config_spec = shown + (":" + arg if arg else "")
     return cfg
 
 

@@ -13,7 +13,7 @@ import re
 
 import numpy as np
 
-from podformer.errors import UserError
+from podformer.core.errors import UserError
 from podformer.metrics import log
 
 ENCODERS = ("bert", "roberta", "distilbert")
@@ -30,8 +30,8 @@ class Teacher:
 
 def load(cfg, model_cfg) -> Teacher:
     """The teacher named by ``cfg.distill.teacher``, checked against the student (``model_cfg``)."""
-    import model as models
-    from model import hf
+    from podformer import model as models
+    from podformer.model import hf
     from podformer.objective_losses import make_distillation
 
     if cfg.model.family not in ENCODERS or "distill" not in cfg:
@@ -112,7 +112,7 @@ def place(teacher: Teacher, graphdef, state):
     """A fresh train state with the teacher's parameters in place (and the student's start, if any)."""
     from flax import nnx
 
-    from model import params
+    from podformer.model import params
 
     ts = nnx.merge(graphdef, state)
     try:

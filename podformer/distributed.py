@@ -10,7 +10,7 @@ import threading
 
 import jax
 
-from podformer.errors import UserError
+from podformer.core.errors import UserError
 
 # Explicit settings from the environment, for launchers that cannot pass --config flags per process.
 ENV_COORDINATOR = "PODFORMER_COORDINATOR"

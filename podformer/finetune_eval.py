@@ -7,10 +7,10 @@ import jax
 import numpy as np
 from flax import nnx
 
-from data.loader import Loader
-from data.tasks import features
 from podformer import finetune_tasks as tasks
 from podformer import finetuning, trainer
+from podformer.data.loader import Loader
+from podformer.data.tasks import features
 
 
 class Evaluator:

@@ -12,8 +12,8 @@ import dataclasses
 
 import numpy as np
 
-from data.tasks import embedded, features
-from podformer.errors import UserError
+from podformer.core.errors import UserError
+from podformer.data.tasks import embedded, features
 
 # The metric the best checkpoint is chosen by, when task.metric is '' (GLUE: the official one per task).
 GLUE_METRIC = {"cola": "mcc", "stsb": "pearson", "mrpc": "f1", "qqp": "f1", "ax": "mcc"}
@@ -64,7 +64,7 @@ class Task:
         if c.source == "embedded":
             examples = embedded.examples(split)
         else:
-            from data.tasks import sources
+            from podformer.data.tasks import sources
 
             examples = sources.read_examples(
                 self.type,
@@ -96,7 +96,7 @@ def label_names(task: Task) -> list[str] | None:
     src = task.cfg.source
     if src == "embedded":
         return list(embedded.CLASSES)
-    from data.tasks import sources
+    from podformer.data.tasks import sources
 
     c = task.cfg
     return sources.label_names(task.type, src, data_dir=c.data_dir or None, text_fields=tuple(c.text_fields) or None)
@@ -130,7 +130,7 @@ def rows(task: Task, examples: list[dict], tok, lay, seq_len: int, *, training: 
         return features.text2text(examples, tok, lay, seq_len, c.target_len, prefix=c.prefix)
     if task.type == "sft":
         return features.sft(examples, tok, lay, seq_len)
-    from data.tasks import qa
+    from podformer.data.tasks import qa
 
     w = qa.make_windows(
         examples,
@@ -210,7 +210,7 @@ def score(task: Task, examples: list[dict], outputs, rows_: dict[str, np.ndarray
         ]
         return (task_metrics.entities(preds, [ex["tags"] for ex in examples]) if scored else {}), records
     if task.type == "qa":
-        from data.tasks import qa
+        from podformer.data.tasks import qa
 
         c = task.cfg
         windows = {k: rows_[k] for k in ("example_index", "offsets")}

@@ -13,9 +13,9 @@ import ml_collections
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from model.heads import KINDS
-from podformer.errors import UserError
+from podformer.core.errors import UserError
 from podformer.losses import LOSSES, Loss
+from podformer.model.heads import KINDS
 
 # task type -> the head it trains
 HEAD_OF = {"classification": "sequence", "regression": "sequence", "qa": "span", "tagging": "token"}
@@ -61,7 +61,7 @@ class Start:
 def resolve_start(cfg, config_lib, model_registry, resumed_model: dict | None) -> Start:
     """The model to build. Resume order: this workdir's checkpoint (its saved model) -> init.checkpoint
     (its architecture; the run config's training fields such as dropout apply) -> the run config's model."""
-    from model import hf, params
+    from podformer.model import hf, params
 
     if resumed_model is not None:
         family, model_cfg = params.config_from_dict(resumed_model)
@@ -96,8 +96,8 @@ PRETRAIN_OBJECTIVE.update(t5="span_corruption", bart="bart")
 def _fresh_data_section(family: str):
     """The data section of the family's tiny pretraining config (embedded corpus), whose tokenizer is
     trained on first use and cached, for fine-tuning a model that has no checkpoint."""
-    import model as models
-    from configs import common
+    from podformer import model as models
+    from podformer.configs import common
 
     data = common.base("fresh", family, models.FAMILIES[family][0]()).data
     data.objective = PRETRAIN_OBJECTIVE[family]
@@ -108,7 +108,7 @@ def resolve_tokenizer(cfg, start: Start, workdir: str, resumed: bool):
     """The tokenizer: data.tokenizer if set; a resumed run's own copy (<workdir>/tokenizer); the init
     checkpoint's (a Hugging Face folder's files, an imported workdir's tokenizer/, or the tokenizer the
     pretraining run built, checked against its fingerprint); else the family's embedded-corpus one."""
-    from data import hf_tokenizer, pipeline
+    from podformer.data import hf_tokenizer, pipeline
 
     if cfg.data.tokenizer:
         return hf_tokenizer.load(cfg.data.tokenizer)

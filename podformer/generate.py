@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from model import gpt, t5
-from podformer.errors import UserError
+from podformer.core.errors import UserError
+from podformer.model import gpt, t5
 
 Array = jax.Array
 NEG = -1.0e9  # transformers' "impossible" score; float32 arithmetic on it must match theirs

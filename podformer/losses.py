@@ -9,7 +9,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from model import lm_head
+from podformer.model import lm_head
 
 
 @dataclasses.dataclass(frozen=True)

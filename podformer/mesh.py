@@ -6,7 +6,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
-from podformer.errors import UserError
+from podformer.core.errors import UserError
 
 AXES = ("data", "fsdp", "tensor")
 

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from podformer.errors import UserError
+from podformer.core.errors import UserError
 
 NO_DECAY = ("bias", "scale")  # parameter names (last path element) that are never decayed
 MOMENT_DTYPES = {"": None, "float32": jnp.float32, "bfloat16": jnp.bfloat16}  # opt.mu_dtype

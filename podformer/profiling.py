@@ -11,7 +11,7 @@ import os
 
 import jax
 
-from podformer.errors import UserError
+from podformer.core.errors import UserError
 from podformer.metrics import log
 
 

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from podformer.errors import UserError
+from podformer.core.errors import UserError
 
 # The official GLUE metric(s) per task (the GLUE benchmark paper, Table 1; AX is scored as CoLA is).
 GLUE_METRICS = {

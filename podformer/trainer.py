@@ -12,7 +12,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from model import sharding
+from podformer.core import sharding
 from podformer.losses import Loss
 
 

@@ -4,10 +4,10 @@ import jax
 import numpy as np
 import pytest
 
-from configs.common import RULES
-from data import corpus, packing, tokenizer, tokens
-from data.loader import Loader
-from podformer.errors import UserError
+from podformer.configs.common import RULES
+from podformer.core.errors import UserError
+from podformer.data import corpus, packing, tokenizer, tokens
+from podformer.data.loader import Loader
 
 
 def _store(tmp_path, docs):

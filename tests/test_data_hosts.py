@@ -8,8 +8,8 @@ import sys
 import jax
 import numpy as np
 
-from configs.common import RULES
-from data.loader import Loader
+from podformer.configs.common import RULES
+from podformer.data.loader import Loader
 from tests.helpers import REPO, env
 
 WORKER = r"""
@@ -17,8 +17,8 @@ import json, sys
 import jax
 import numpy as np
 jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
-from configs.common import RULES
-from data.loader import Loader
+from podformer.configs.common import RULES
+from podformer.data.loader import Loader
 
 class Rows:
     def __len__(self):

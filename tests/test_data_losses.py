@@ -122,10 +122,10 @@ def test_distillation_step_trains_the_student_and_never_the_teacher():
     import optax
     from flax import nnx
 
-    from configs import bert as bert_configs
-    from model import bert
     from podformer import distillation, trainer
+    from podformer.configs import bert as bert_configs
     from podformer.mesh import make_mesh
+    from podformer.model import bert
 
     assert distillation.layer_map(12, 6) == [0, 2, 4, 7, 9, 11]
     assert distillation.layer_map(4, 1) == [0]

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from data import denoising, masking, span_corruption
-from data.packing import pack, shift_right
+from podformer.data import denoising, masking, span_corruption
+from podformer.data.packing import pack, shift_right
 
 CLS, SEP, MASK, V = 5, 6, 7, 1000
 

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from configs import gpt
-from configs.common import RULES
-from data import pipeline, sources, special, tokenizer
-from data.loader import Loader
-from podformer.errors import UserError
+from podformer.configs import gpt
+from podformer.configs.common import RULES
+from podformer.core.errors import UserError
+from podformer.data import pipeline, sources, special, tokenizer
+from podformer.data.loader import Loader
 
 WORDS = "the a cat dog runs jumps over under big small red blue house tree river quickly and but".split()
 

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from podformer import config as config_lib
-from podformer.errors import UserError
+from podformer.core.errors import UserError
 from tests.helpers import SMALL, run_cli
 
 

@@ -12,10 +12,9 @@ import re
 import pytest
 import tensorflow_datasets as tfds
 
-import finetune
-import train
-from data.tasks import embedded
-from model import hf
+from podformer import finetune, train
+from podformer.data.tasks import embedded
+from podformer.model import hf
 from tests.helpers import SMALL
 
 WORDS = "the a of to and in is was for on good bad great awful fine poor red blue green cat dog paris london".split()
@@ -70,11 +69,11 @@ def compilation_cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
-    """Tiny checkpoints sharing one tokenizer: a podformer BERT workdir (the layout `python -m model.hf
+    """Tiny checkpoints sharing one tokenizer: a podformer BERT workdir (the layout `python -m podformer.model.hf
     import` writes), and Hugging Face folders of random transformers BERT, GPT-2, T5 and BART models."""
     import transformers as T
 
-    from model import bert, params
+    from podformer.model import bert, params
 
     root = tmp_path_factory.mktemp("ckpts")
     texts = _corpus()
@@ -103,7 +102,7 @@ def ckpts(tmp_path_factory):
         model.save_pretrained(str(folder))
         _tokenizer_files(str(folder), texts)
         out[name] = str(folder)
-    for name in ("t5", "gpt2"):  # podformer workdirs of these too, as `python -m model.hf import` writes them
+    for name in ("t5", "gpt2"):  # podformer workdirs of these too, as `python -m podformer.model.hf import` writes them
         workdir = root / f"podformer_{name}"
         assert hf.main(["import", out[name], str(workdir)]) == 0
         _tokenizer_files(str(workdir / "tokenizer"), texts)

@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import finetune
-from data.tasks import features
-from model import bert, gpt, heads, t5
-from podformer import finetuning
-from podformer.errors import UserError
+from podformer import finetune, finetuning
+from podformer.core.errors import UserError
+from podformer.data.tasks import features
+from podformer.model import bert, gpt, heads, t5
 from tests.helpers import REPO, env
 from tests.test_finetune import _tokenizer_files
 
@@ -112,7 +111,7 @@ def _one_line(match, args):
 def test_bad_input_gets_one_line_errors(tmp_path):
     """An incompatible checkpoint family, wrong field names, labels outside the label set, an empty file,
     eval without a fine-tuned workdir, a bad mode: one line each, before any compilation."""
-    from model import params
+    from podformer.model import params
 
     ckpt = tmp_path / "bert"
     params.save_workdir(str(ckpt), bert.Bert(FAMILIES["bert"], rngs=nnx.Rngs(0)), "bert")

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from model import gpt, hf, params, t5
 from podformer import generate
-from podformer.errors import UserError
+from podformer.core.errors import UserError
+from podformer.model import gpt, hf, params, t5
 from tests import zoo_helpers as zh
 
 V = 97

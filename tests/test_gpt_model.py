@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from model import gpt, hf, params
+from podformer.model import gpt, hf, params
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def test_scanned_and_unrolled_layouts_share_canonical_names():
 def test_norm_backward_equals_autodiff_of_the_formula(kind, bias):
     """Norm has a hand-written backward (model/layers.py _norm); it must equal autodiff of the plain
     formula for the input, the scale and the bias."""
-    from model import layers
+    from podformer.model import layers
 
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((3, 5, 32)) * 2 + 0.5, jnp.float32)

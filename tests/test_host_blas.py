@@ -9,10 +9,9 @@ import pytest
 from flax import nnx
 from jax.sharding import AxisType
 
-from model import attention, lm_head
-from model.gpt import GPT, GPTConfig
-from podformer import host_blas
 from podformer.losses import causal_lm
+from podformer.model import attention, host_blas, lm_head
+from podformer.model.gpt import GPT, GPTConfig
 
 pytestmark = pytest.mark.skipif(
     host_blas._library() is None, reason="no OpenBLAS-style numpy or no C++ compiler on this host"

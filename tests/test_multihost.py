@@ -15,7 +15,7 @@ import time
 import pytest
 
 from podformer import distributed, preemption
-from podformer.errors import UserError
+from podformer.core.errors import UserError
 from tests.helpers import REPO, SMALL, env, train_losses
 
 STEPS, EVERY = 20, 10
@@ -246,8 +246,8 @@ def test_a_workdir_not_shared_by_all_processes_is_refused(tmp_path):
 
 
 def _cfg(**kw):
-    from configs import common
-    from model.gpt import GPTConfig
+    from podformer.configs import common
+    from podformer.model.gpt import GPTConfig
 
     c = common.base("t", "gpt", GPTConfig.tiny()).distributed
     for k, v in kw.items():

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from model import attention, lm_head, params
-from model.gpt import GPT, GPTConfig
-from podformer.errors import UserError
+from podformer.core.errors import UserError
 from podformer.losses import causal_lm, token_cross_entropy
+from podformer.model import attention, lm_head, params
+from podformer.model.gpt import GPT, GPTConfig
 from tests.helpers import REPO, env
 
 B, L = 2, 128  # the Pallas TPU kernels tile sequences by 128
@@ -182,7 +182,7 @@ def test_bf16_first_moment():
 SCAN_COMPILE = """
 import sys, time
 import numpy as np
-import model as models
+from podformer import model as models
 from podformer import config as config_lib, mesh as mesh_lib, optim, trainer
 from podformer.losses import LOSSES
 scan = str(sys.argv[1] == "scan").lower()

@@ -13,7 +13,7 @@ import ml_collections
 import pytest
 
 from podformer import aot, profiling
-from podformer.errors import UserError
+from podformer.core.errors import UserError
 from tests.helpers import REPO, SMALL, env
 
 
@@ -118,8 +118,8 @@ def test_gpu_h200_script_is_a_1p3b_decoder_and_refuses_cpu():
         [sys.executable, "benchmarks/gpu_h200.py"], cwd=REPO, env=env(), capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 2 and "no GPU here" in proc.stderr
-    from model.gpt import GPT, GPTConfig
     from podformer import trainer
+    from podformer.model.gpt import GPT, GPTConfig
 
     cfg = GPTConfig(vocab_size=50304, max_len=2048, d_model=2048, num_layers=24, num_heads=16, d_ff=8192)
     _, abstract = trainer.abstract_state(lambda r: GPT(cfg, rngs=r), __import__("optax").sgd(0.1), 0)

@@ -5,9 +5,9 @@ against character spans the test computes from the text itself."""
 import numpy as np
 import pytest
 
-from data import hf_tokenizer, tokenizer
-from data.tasks import qa
-from podformer.errors import UserError
+from podformer.core.errors import UserError
+from podformer.data import hf_tokenizer, tokenizer
+from podformer.data.tasks import qa
 
 PAD, UNK, CLS, SEP = 0, 1, 2, 3
 

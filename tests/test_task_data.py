@@ -8,9 +8,9 @@ import os
 import pytest
 import tensorflow_datasets as tfds
 
-from data import sources as data_sources
-from data.tasks import sources
-from podformer.errors import UserError
+from podformer.core.errors import UserError
+from podformer.data import sources as data_sources
+from podformer.data.tasks import sources
 
 GLUE_LABELS = {
     "cola": ["unacceptable", "acceptable"],

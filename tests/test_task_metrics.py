@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from podformer import task_metrics
-from podformer.errors import UserError
+from podformer.core.errors import UserError
 
 PRED = [0, 1, 1, 0, 1, 2, 2, 0, 1, 1]
 GOLD = [0, 1, 0, 0, 1, 2, 1, 0, 2, 1]

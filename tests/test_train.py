@@ -11,7 +11,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-import train
+from podformer import train
 from tests.helpers import REPO, SMALL, env, run_cli, train_losses
 
 STEPS5 = [*SMALL, "--config.train.steps=5", "--config.checkpoint.every=100"]

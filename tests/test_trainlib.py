@@ -6,11 +6,11 @@ import optax
 import pytest
 from flax import nnx
 
-from configs import gpt as gpt_configs
-from model import gpt
 from podformer import checkpoint, optim
 from podformer import mesh as mesh_lib
-from podformer.errors import UserError
+from podformer.configs import gpt as gpt_configs
+from podformer.core.errors import UserError
+from podformer.model import gpt
 
 
 def test_no_weight_decay_on_biases_and_norms():

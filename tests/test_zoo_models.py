@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from model import bert, gpt, params, t5
+from podformer.model import bert, gpt, params, t5
 
 V = 50
 # Compiled once per model and shape; eager calls would compile every operation (or the scan) per call.

@@ -11,8 +11,8 @@ import pytest
 from flax import nnx
 from jax.sharding import AxisType
 
-from configs.common import RULES
-from model import hf, params
+from podformer.configs.common import RULES
+from podformer.model import hf, params
 from tests import zoo_helpers as zh
 
 torch = pytest.importorskip("torch")
@@ -165,7 +165,7 @@ def test_unsupported_family_lists_the_supported_ones(tmp_path):
 
 def test_untransferable_model_is_not_exported(tmp_path):
     """PaLM's parallel + multi-query + bias-free LayerNorm block is no transformers architecture."""
-    from model import gpt
+    from podformer.model import gpt
 
     cfg = gpt.GPTConfig.palm_8b(vocab_size=64, d_model=32, num_layers=1, num_heads=4, head_dim=8)
     with pytest.raises(hf.HFError, match="no transformers architecture represents this gpt model"):

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from model import bert, gpt, hf, t5
 from podformer import flops
+from podformer.model import bert, gpt, hf, t5
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -89,7 +89,7 @@ def test_flops_per_token_for_encoders_and_encoder_decoders():
 def test_full_size_configs_read_their_papers_datasets():
     """The tiny variants train on the embedded corpus; the full-size ones on the TFDS dataset closest to
     their paper's (BERT: Wikipedia; T5: C4; RoBERTa/BART: C4 for their web-text mix)."""
-    from configs import bart, bert, distilbert, roberta, t5
+    from podformer.configs import bart, bert, distilbert, roberta, t5
 
     expected = {
         (bert, "base_uncased"): "wikipedia/20230601.en",

@@ -3,8 +3,8 @@ behind SentencePieceTokenizer's interface; folders with SentencePiece models loa
 
 import pytest
 
-from data import hf_tokenizer, tokenizer
-from podformer.errors import UserError
+from podformer.core.errors import UserError
+from podformer.data import hf_tokenizer, tokenizer
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")

@@ -5,10 +5,10 @@ Face folder through `init.checkpoint`, DistilBERT is distilled from a BERT teach
 import numpy as np
 import pytest
 
-import train
-from data import tokenizer
-from model import hf
-from podformer.errors import UserError
+from podformer import train
+from podformer.core.errors import UserError
+from podformer.data import tokenizer
+from podformer.model import hf
 from tests.helpers import read_metrics, train_losses
 
 transformers = pytest.importorskip("transformers")

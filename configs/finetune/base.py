@@ -3,10 +3,10 @@ fine-tuning recipe (BERT's: AdamW, warmup + linear decay, dropout 0.1), and the 
 
 import ml_collections
 
-from configs import common
-from model.bert import BertConfig, DistilBertConfig, RobertaConfig
-from model.gpt import GPTConfig
-from model.t5 import BartConfig, T5Config
+from podformer.configs import common
+from podformer.model.bert import BertConfig, DistilBertConfig, RobertaConfig
+from podformer.model.gpt import GPTConfig
+from podformer.model.t5 import BartConfig, T5Config
 
 # variant -> (family, model). With init.checkpoint set, the checkpoint's architecture is used and only the
 # model's training fields (dropout, dtype, scan_layers, remat, attention_impl) come from here.

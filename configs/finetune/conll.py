@@ -5,7 +5,7 @@ python finetune.py --config=configs/finetune/conll.py:bert_base --config.init.ch
 python finetune.py --config=configs/finetune/conll.py:tiny --config.task.source=ner.jsonl   # tokens/tags JSONL
 """
 
-from configs.finetune import base
+from podformer.configs.finetune import base
 
 VARIANTS = ("tiny", "bert_tiny", "gpt_tiny", "bert_base", "bert_large", "roberta_base", "roberta_large")
 VARIANTS += ("distilbert_base", "gpt2_small")

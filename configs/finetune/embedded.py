@@ -7,8 +7,8 @@ python train.py && python finetune.py          # = --config=configs/finetune/emb
 
 import os
 
-from configs import gpt
-from configs.finetune import base
+from podformer.configs import gpt
+from podformer.configs.finetune import base
 
 VARIANTS = ("tiny",)
 

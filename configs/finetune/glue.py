@@ -7,7 +7,7 @@ python finetune.py --config=configs/finetune/glue.py:roberta_base --config.task.
 python finetune.py --config=configs/finetune/glue.py:tiny --config.task.source=my_data.jsonl   # local file
 """
 
-from configs.finetune import base
+from podformer.configs.finetune import base
 
 VARIANTS = ("tiny", "bert_tiny", "gpt_tiny", "t5_tiny", "bart_tiny", "bert_base", "bert_large", "roberta_base")
 VARIANTS += ("roberta_large", "distilbert_base", "gpt2_small", "gpt2_medium", "t5_small", "t5_base", "bart_base")

@@ -6,7 +6,7 @@ python finetune.py --config=configs/finetune/sft.py:gpt2_small --config.init.che
     --config.task.source=data/   # data/train.jsonl, data/validation.jsonl
 """
 
-from configs.finetune import base
+from podformer.configs.finetune import base
 
 VARIANTS = ("tiny", "gpt_tiny", "gpt2_small", "gpt2_medium")
 

@@ -6,7 +6,7 @@ python finetune.py --config=configs/finetune/squad.py:bert_base --config.init.ch
 python finetune.py --config=configs/finetune/squad.py:roberta_base --config.task.source=tfds:squad/v2.0 ...
 """
 
-from configs.finetune import base
+from podformer.configs.finetune import base
 
 VARIANTS = ("tiny", "bert_tiny", "gpt_tiny", "bert_base", "bert_large", "roberta_base", "roberta_large")
 VARIANTS += ("distilbert_base", "gpt2_small")

@@ -6,7 +6,7 @@ python finetune.py --config=configs/finetune/text2text.py:t5_small --config.init
 python finetune.py --config=configs/finetune/text2text.py:bart_base --config.task.source=pairs.jsonl ...
 """
 
-from configs.finetune import base
+from podformer.configs.finetune import base
 
 VARIANTS = ("tiny", "t5_tiny", "bart_tiny", "t5_small", "t5_base", "t5_v1_1_base", "bart_base", "bart_large")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 
-from data import corpus
+from podformer.data import corpus
 
 # Top-level packages with enough source for hundreds of snippets each and a distinct idiom. (encodings
 # is left out: its codec tables make it trivial; test/ is a mixture of everything.)

@@ -16,8 +16,8 @@ import dataclasses
 
 import numpy as np
 
-from data import special
-from podformer.errors import UserError
+from podformer.core.errors import UserError
+from podformer.data import special
 
 
 @dataclasses.dataclass(frozen=True)

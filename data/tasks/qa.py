@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from podformer.errors import UserError
+from podformer.core.errors import UserError
 
 
 def _answer_tokens(offsets: Sequence[tuple[int, int]], start: int, end: int) -> tuple[int, int] | None:

@@ -31,8 +31,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from data import sources as data_sources
-from podformer.errors import UserError
+from podformer.core.errors import UserError
+from podformer.data import sources as data_sources
 
 TASK_TYPES = ("classification", "regression", "qa", "tagging", "text2text", "sft")
 # Per task type: the input fields (in text_fields order), the target field, the optional inputs.
