@@ -1,4 +1,5 @@
-"""Logical axis names -> mesh axes: parameter shardings and activation constraints from one rules table."""
+"""Logical axis names -> mesh axes: parameter shardings and activation constraints from one rules table,
+and the start-of-run report of what the rules could not shard (an error under mesh.strict)."""
 
 from __future__ import annotations
 
@@ -148,18 +149,20 @@ def unsharded(abstract_state, mesh: jax.sharding.Mesh, rules: Rules, name_of: Ca
         held = math.prod(v.shape) * jax.numpy.dtype(v.dtype).itemsize
         for entry in spec:
             held /= math.prod(mesh_shape[a] for a in _mesh_axes(entry))
-        name = name_of(path) if name_of is not None else ".".join(str(p) for p in path)
+        key = ".".join(str(p) for p in path)
+        name = name_of(path) if name_of is not None else key
         for dim, mesh_axis in dropped:
             m, logical = mesh_shape[mesh_axis], axes[dim]
-            why = ""
-            for pattern, axis, test, reason in BY_DESIGN:
-                key = ".".join(str(p) for p in path)
-                if (
-                    axis == logical
+            why = next(
+                (
+                    reason
+                    for pattern, axis, test, reason in BY_DESIGN
+                    if axis == logical
                     and pattern.search(key)
                     and test(v.shape[dim], m, _sibling_query(path, shapes, axis))
-                ):
-                    why = reason
+                ),
+                "",
+            )
             out.append(Unsharded(name, logical, v.shape[dim], mesh_axis, m, held - held / m, why))
             held /= m  # a second dropped axis costs what is left after the first
     return out
@@ -230,7 +233,8 @@ def check_strict(findings: list, num_devices: int) -> None:
     if not accidental:
         return
     (logical, size, axis, m, _), costs = max(accidental.items(), key=lambda g: sum(g[1].values()))
-    names = sorted(costs, key=lambda n: (bool(KEY_VALUE.search(n)), ".query." not in n, n))  # queries first
+    # Named after the costliest array, a query projection before its keys and values.
+    names = sorted(costs, key=lambda n: (bool(KEY_VALUE.search(n)), ".query." not in n, -costs[n], n))
     kv = bool(KEY_VALUE.search(names[0]))
     sizes = [d for d in range(num_devices, 0, -1) if size % d == 0 and num_devices % d == 0]
     if logical == "vocab":
