@@ -169,9 +169,10 @@ def unsharded(abstract_state, mesh: jax.sharding.Mesh, rules: Rules, name_of: Ca
 
 
 def _compact(names) -> str:
-    """'a.key.bias', 'a.key.kernel', 'a.value.bias', 'a.value.kernel' -> 'a.{key,value}.{bias,kernel}'."""
+    """'a.key.bias', 'a.key.kernel', 'a.value.bias', 'a.value.kernel' -> 'a.{key,value}.{bias,kernel}';
+    the layers of an unrolled stack as one: 'blocks.layers.*.attn...'."""
     leaves = defaultdict(set)
-    for n in names:
+    for n in {re.sub(r"(^|\.)\d+(?=\.|$)", r"\1*", n) for n in names}:
         head, _, leaf = n.rpartition(".")
         leaves[head].add(leaf)
     groups = defaultdict(list)
