@@ -115,7 +115,7 @@ def run(argv: list[str] | None = None) -> dict:
     factor = finetuning.layer_decay(cfg.opt.layer_decay, depth) if cfg.opt.layer_decay != 1.0 else None
     tx = optim.make_optimizer(cfg.opt, steps, lr_factor=factor)
     graphdef, abstract = trainer.abstract_state(make_model, tx, t.seed)
-    shardings = trainer.state_shardings(abstract, mesh, rules)
+    shardings = trainer.state_shardings(abstract, mesh, rules, strict=cfg.mesh.strict)
     resume = cfg.mode == "train" and meta is not None and not meta.get("done")
     restore_step = latest if resume or meta is None else (ckpt.best_step() or latest)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
@@ -198,7 +198,7 @@ def _train(cfg, task, evaluator, ckpt, writer, profiler, state, graphdef, shardi
     sizes = {k: int(np.prod(s)) for k, s in trainer.named_param_shapes(state).items()}
     flops_per_token = flops_lib.per_token(model_cfg, sizes, t.seq_len, flops_lib.decoder_len(loader.host_batch(0)))
     peak, _ = flops_lib.peak_per_device(cfg.metrics.peak_tflops)
-    log(f"model: {sum(sizes.values()):,} parameters; {steps} steps of {t.batch_size}")
+    log(f"model: {trainer.param_summary(graphdef, state, model_cfg)}; {steps} steps of {t.batch_size}")
 
     best = dict((ckpt.restore_meta(start_step).get("best") or {}) if start_step else {})
     best.setdefault("value", None)

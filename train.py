@@ -7,6 +7,7 @@ python train.py --workdir=runs/gpt_tiny                 # again: resumes from th
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 
@@ -83,16 +84,18 @@ def run(argv: list[str] | None = None) -> dict:
         f"{jax.devices()[0].platform} devices, {jax.process_count()} process(es)"
     )
 
-    data = pipeline.build(cfg.data, vocab_size=model_cfg.vocab_size, seq_len=t.seq_len)
-    log(f"data: {data.description}; unigram entropy {data.unigram_entropy:.3f} nats/token")
-
     def make_model(rngs):
         return module_cls(model_cfg, rngs=rngs)
 
+    # The state's layout, from shapes alone, before the data: what the mesh cannot shard is reported (or,
+    # with mesh.strict, refused) in seconds, not after a tokenizer has been trained.
     tx = optim.make_optimizer(cfg.opt, t.steps)
     schedule = optim.schedule(cfg.opt, t.steps)
     graphdef, abstract = trainer.abstract_state(make_model, tx, t.seed, make_teacher)
-    shardings = trainer.state_shardings(abstract, mesh, rules)
+    shardings = trainer.state_shardings(abstract, mesh, rules, strict=cfg.mesh.strict)
+
+    data = pipeline.build(cfg.data, vocab_size=model_cfg.vocab_size, seq_len=t.seq_len)
+    log(f"data: {data.description}; unigram entropy {data.unigram_entropy:.3f} nats/token")
     ckpt = checkpoint.Checkpointer(workdir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     writer = MetricWriter(workdir)
 
@@ -107,6 +110,13 @@ def run(argv: list[str] | None = None) -> dict:
                 raise UserError(
                     f"{workdir} holds imported parameters, not a training run; pass it as "
                     f"--config.init.checkpoint={workdir} and train into a new --workdir"
+                )
+            # Checkpoints from before vocabularies were padded have no vocab_multiple: theirs was 1.
+            saved = dataclasses.replace(model_cfg, vocab_multiple=meta["config"]["model"].get("vocab_multiple", 1))
+            if saved.padded_vocab_size != model_cfg.padded_vocab_size:
+                raise UserError(
+                    f"{workdir}: the checkpoint's token tables are padded with vocab_multiple={saved.vocab_multiple}; "
+                    f"resume with --config.model.vocab_multiple={saved.vocab_multiple} or start a new --workdir"
                 )
             if meta.get("tokenizer") != data.tokenizer.fingerprint:
                 raise UserError(
@@ -154,7 +164,7 @@ def run(argv: list[str] | None = None) -> dict:
     flops_per_token = flops_lib.per_token(model_cfg, sizes, t.seq_len, flops_lib.decoder_len(loader.host_batch(0)))
     peak, peak_source = flops_lib.peak_per_device(cfg.metrics.peak_tflops)
     log(
-        f"model: {sum(sizes.values()):,} parameters, {flops_per_token / 1e6:.1f} MFLOPs/token; "
+        f"model: {trainer.param_summary(graphdef, abstract, model_cfg)}, {flops_per_token / 1e6:.1f} MFLOPs/token; "
         f"peak {peak / 1e12:.2f} TFLOP/s per device ({peak_source})"
     )
 

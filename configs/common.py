@@ -95,6 +95,10 @@ def base(name: str, family: str, model) -> ml_collections.ConfigDict:
     c.mesh.tensor = 1
     c.mesh.devices = 0  # 0: every device; N: only the first N (single process)
     c.mesh.rules = RULES
+    # A parameter dimension that its mesh axes do not divide (25 heads under tensor=2) is replicated over them,
+    # and the start-of-run "sharding:" line says so; true makes it an error instead (by-design replication,
+    # such as one key/value head under multi-query attention, stays allowed).
+    c.mesh.strict = False
 
     c.metrics = ml_collections.ConfigDict()
     # Peak FLOP/s per device for MFU; 0: the known figure for TPUs and H100/H200 (bf16), or a measured

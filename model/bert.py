@@ -14,13 +14,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from podformer.core import sharding
-from podformer.model import layers
+from podformer.model import layers, vocab
 from podformer.model.layers import Array
 
 
 @dataclasses.dataclass(frozen=True)
 class BertConfig:
-    vocab_size: int = 30522
+    vocab_size: int = 30522  # the tokenizer's
+    # The token tables have padded_vocab_size rows (a multiple of this; 1: none), so they shard over tensor;
+    # the padding is masked out of every softmax and never leaves the model (model/vocab.py).
+    vocab_multiple: int = 128
     max_len: int = 512  # longest sequence; the position table has max_len + pos_offset rows
     type_vocab_size: int = 2  # token types (segments A/B); 0: none (DistilBERT)
     d_model: int = 768
@@ -50,6 +53,12 @@ class BertConfig:
             raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}; set head_dim")
         if self.nsp_head and not self.pooler:
             raise ValueError("nsp_head needs the pooler (it classifies the pooled [CLS] vector)")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """The rows of the token tables: vocab_size rounded up to a multiple of vocab_multiple (model/vocab.py)."""
+        m = max(self.vocab_multiple, 1)
+        return -(-self.vocab_size // m) * m
 
     @property
     def resolved_head_dim(self) -> int:
@@ -136,8 +145,8 @@ class Bert(nnx.Module):
 
     def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        D, V, std = cfg.d_model, cfg.vocab_size, cfg.init_std
-        self.embed = layers.param(rngs, layers.normal(std), (V, D), ("vocab", "embed"))
+        D, V, std = cfg.d_model, cfg.padded_vocab_size, cfg.init_std
+        self.embed = layers.param(rngs, vocab.init(layers.normal(std), cfg.vocab_size), (V, D), ("vocab", "embed"))
         self.pos_embed = layers.param(rngs, layers.normal(std), (cfg.max_len + cfg.pos_offset, D), (None, "embed"))
         self.token_type_embed = (
             layers.param(rngs, layers.normal(std), (cfg.type_vocab_size, D), (None, "embed"))
@@ -196,11 +205,15 @@ class Bert(nnx.Module):
         mask = layers.make_attention_mask(segment_ids, segment_ids, causal=False)
         return self.blocks(x_BLD, mask_B1LS=mask, rng=rng_blocks)
 
-    def mlm_logits(self, hidden_BLD: Array) -> Array:
+    def mlm_logits(self, hidden_BLD: Array, padded_vocab: bool = False) -> Array:
+        """MLM logits (B, L, V) in float32 over the tokenizer's vocabulary (``padded_vocab``: over the
+        padded one, the padding at vocab.PAD_LOGIT: the losses' view, which stays sharded over tensor)."""
         dtype = hidden_BLD.dtype
         h = self.mlm_norm(layers.ACTIVATIONS[self.cfg.activation](self.mlm_dense(hidden_BLD)))
         logits_BLV = self.mlm_bias(layers.unembed(h, self.embed[...].astype(dtype)))
-        return sharding.constrain(logits_BLV.astype(jnp.float32), ("batch", "length", "vocab"))
+        logits_BLV = sharding.constrain(logits_BLV.astype(jnp.float32), ("batch", "length", "vocab"))
+        V = self.cfg.vocab_size
+        return vocab.mask(logits_BLV, V) if padded_vocab else logits_BLV[..., :V]
 
     def pooled(self, hidden_BLD: Array) -> Array:
         """tanh(dense(first token)): the sentence vector BERT's NSP head and classifiers read."""
@@ -223,8 +236,9 @@ class Bert(nnx.Module):
         positions: Array | None = None,
         inputs_embeds: Array | None = None,
         rng: Array | None = None,
+        padded_vocab: bool = False,
     ) -> Array:
-        """MLM logits (B, L, V) in float32; the arguments are those of ``encode``."""
+        """MLM logits (B, L, V) in float32 (``mlm_logits``); the other arguments are those of ``encode``."""
         hidden = self.encode(
             input_ids,
             attention_mask,
@@ -234,4 +248,4 @@ class Bert(nnx.Module):
             inputs_embeds=inputs_embeds,
             rng=rng,
         )
-        return self.mlm_logits(hidden)
+        return self.mlm_logits(hidden, padded_vocab)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from podformer.core import sharding
-from podformer.model import layers
+from podformer.model import layers, vocab
 from podformer.model.kv_cache import KVCache
 from podformer.model.layers import Array
 
@@ -20,7 +20,10 @@ POSITIONS = ("learned", "rotary", "alibi", "none")
 
 @dataclasses.dataclass(frozen=True)
 class GPTConfig:
-    vocab_size: int = 50257
+    vocab_size: int = 50257  # the tokenizer's
+    # The token tables have padded_vocab_size rows (a multiple of this; 1: none), so they shard over tensor;
+    # the padding is masked out of every softmax and never leaves the model (model/vocab.py).
+    vocab_multiple: int = 128
     max_len: int = 1024  # longest sequence; with learned positions the table has max_len + pos_offset rows
     d_model: int = 768
     num_layers: int = 12
@@ -71,6 +74,12 @@ class GPTConfig:
             len(self.attention_layers) != self.num_layers or set(self.attention_layers) - {"global", "local"}
         ):
             raise ValueError(f"attention_layers needs num_layers={self.num_layers} entries of 'global' or 'local'")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """The rows of the token tables: vocab_size rounded up to a multiple of vocab_multiple (model/vocab.py)."""
+        m = max(self.vocab_multiple, 1)
+        return -(-self.vocab_size // m) * m
 
     @property
     def resolved_head_dim(self) -> int:
@@ -247,8 +256,9 @@ class GPT(nnx.Module):
     def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         o = cfg.block()
-        D, V = cfg.d_model, cfg.vocab_size
-        self.embed = layers.param(rngs, layers.normal(cfg.init_std), (V, D), ("vocab", "embed"))
+        D, V = cfg.d_model, cfg.padded_vocab_size
+        init = layers.normal(cfg.init_std)
+        self.embed = layers.param(rngs, vocab.init(init, cfg.vocab_size), (V, D), ("vocab", "embed"))
         if cfg.position == "learned":
             # GPT-2 initialises positions with std 0.01; HF uses initializer_range (0.02). Either is fine.
             rows = cfg.max_len + cfg.pos_offset
@@ -262,7 +272,7 @@ class GPT(nnx.Module):
         )
         self.final_norm = layers.Norm(D, **norm)
         if not cfg.tie_embeddings:
-            self.lm_head = layers.param(rngs, layers.normal(cfg.init_std), (D, V), ("embed", "vocab"))
+            self.lm_head = layers.param(rngs, vocab.init(init, cfg.vocab_size, 1), (D, V), ("embed", "vocab"))
         self.lm_head_bias = layers.Bias(V, ("vocab",), rngs=rngs) if cfg.lm_head_bias else None
 
     def __call__(
@@ -278,8 +288,11 @@ class GPT(nnx.Module):
         return_hidden: bool = False,
         cache: KVCache | None = None,
         last_only: bool = False,
+        padded_vocab: bool = False,
     ) -> Array | tuple[Array, KVCache]:
-        """Logits (B, L, V) in float32. ``attention_mask`` is the Hugging Face padding mask (1 = token);
+        """Logits (B, L, V) in float32 over the tokenizer's vocabulary (``padded_vocab``: over the padded
+        one, the padding at vocab.PAD_LOGIT: the losses' view, which stays sharded over tensor).
+        ``attention_mask`` is the Hugging Face padding mask (1 = token);
         ``segment_ids``/``positions`` describe packed rows (segment 0 = padding); ``inputs_embeds``
         replaces the token-embedding lookup (B, L, D). Decoders have no token types: ``token_type_ids``
         is accepted for a uniform signature and must be None. ``return_hidden``: the final-normed hidden
@@ -338,7 +351,7 @@ class GPT(nnx.Module):
         x_BLD = self.final_norm(x_BLD)
         if return_hidden:
             return x_BLD if cache is None else (x_BLD, cache)
-        logits_BLV = self._logits(x_BLD)
+        logits_BLV = self._logits(x_BLD, padded_vocab)
         return logits_BLV if cache is None else (logits_BLV, cache)
 
     def init_cache(self, batch: int, slots: int) -> KVCache:
@@ -353,7 +366,7 @@ class GPT(nnx.Module):
             dtype=layers.DTYPES[cfg.dtype],
         )
 
-    def _logits(self, x_BLD: Array) -> Array:
+    def _logits(self, x_BLD: Array, padded_vocab: bool) -> Array:
         cfg = self.cfg
         dtype = layers.DTYPES[cfg.dtype]
         if cfg.tie_embeddings:
@@ -362,11 +375,13 @@ class GPT(nnx.Module):
             logits_BLV = jnp.einsum("BLD,DV->BLV", x_BLD, self.lm_head[...].astype(dtype))
         if self.lm_head_bias is not None:
             logits_BLV = self.lm_head_bias(logits_BLV)
-        return sharding.constrain(logits_BLV.astype(jnp.float32), ("batch", "length", "vocab"))
+        logits_BLV = sharding.constrain(logits_BLV.astype(jnp.float32), ("batch", "length", "vocab"))
+        return vocab.mask(logits_BLV, cfg.vocab_size) if padded_vocab else logits_BLV[..., : cfg.vocab_size]
 
     def output_projection(self) -> tuple[Array, Array | None]:
         """The LM head as (w_VD, bias_V or None), compute dtype: logits = hidden @ w_VD^T + bias_V. Every
-        step between the final norm and the logits must be in here: the fused loss uses only this."""
+        step between the final norm and the logits must be in here: the fused loss uses only this. Both
+        have cfg.padded_vocab_size rows: the loss masks those from cfg.vocab_size on."""
         dtype = layers.DTYPES[self.cfg.dtype]
         w_VD = self.embed[...] if self.cfg.tie_embeddings else self.lm_head[...].T
         bias = self.lm_head_bias  # GPT-J's head has one

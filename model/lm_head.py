@@ -15,7 +15,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from podformer.model import host_blas
+from podformer.model import host_blas, vocab
 
 Array = jax.Array
 
@@ -42,11 +42,13 @@ def num_chunks(batch: int, length: int, vocab: int, budget: int = CHUNK_BYTES) -
     return length
 
 
-def _chunk_stats(x_BcD, w_VD, b_V, t_Bc):
-    """Per chunk: exp(logits - row max), its sum, the token cross-entropies, correct predictions."""
+def _chunk_stats(x_BcD, w_VD, b_V, t_Bc, vocab_size):
+    """Per chunk: exp(logits - row max), its sum, the token cross-entropies, correct predictions. Padded
+    columns (from ``vocab_size`` on) get exp = 0, so their gradient rows below are exactly zero too."""
     logits = jnp.einsum("BcD,VD->BcV", x_BcD, w_VD, preferred_element_type=jnp.float32)
     if b_V is not None:
         logits = logits + b_V.astype(jnp.float32)
+    logits = vocab.mask(logits, vocab_size)
     row_max = jnp.max(logits, axis=-1)
     e = jnp.exp(logits - row_max[..., None])
     s = jnp.sum(e, axis=-1)
@@ -56,13 +58,14 @@ def _chunk_stats(x_BcD, w_VD, b_V, t_Bc):
     return e, s, ce_Bc, correct_Bc
 
 
-def _host_chunk(x_BcD, w_VD, b_V, t_Bc, wt_Bc, grad: bool):
+def _host_chunk(x_BcD, w_VD, b_V, t_Bc, wt_Bc, grad: bool, vocab_size: int):
     """A chunk on a CPU (podformer/host_blas.py): the logits from the host BLAS, then the loss and, with
     ``grad``, the logits' gradient in one pass per row. Returns (gradient (B*c, V) or None, ce, correct)."""
     B, c, D = x_BcD.shape
     logits_MV = host_blas.matmul(x_BcD.reshape(B * c, D), w_VD, transpose_b=True)
     if b_V is not None:
         logits_MV = logits_MV + b_V
+    logits_MV = vocab.mask(logits_MV, vocab_size)
     g_MV, ce, correct = host_blas.softmax_cross_entropy(logits_MV, t_Bc.reshape(-1), wt_Bc.reshape(-1), grad=grad)
     return g_MV, ce.reshape(B, c), correct.reshape(B, c)
 
@@ -78,14 +81,14 @@ def _merge(a):
     return jnp.swapaxes(a, 0, 1).reshape((a.shape[1], -1) + a.shape[3:])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _fused(x_BLD, w_VD, b_V, targets_BL, weights_BL, chunks):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _fused(x_BLD, w_VD, b_V, targets_BL, weights_BL, chunks, vocab_size):
     def body(_, xs):
         x, t, wt = xs
         if host_blas.enabled(x, w_VD):
-            _, ce, correct = _host_chunk(x, w_VD, b_V, t, wt, grad=False)
+            _, ce, correct = _host_chunk(x, w_VD, b_V, t, wt, grad=False, vocab_size=vocab_size)
         else:
-            _, _, ce, correct = _chunk_stats(x, w_VD, b_V, t)
+            _, _, ce, correct = _chunk_stats(x, w_VD, b_V, t, vocab_size)
         return None, (ce, correct)
 
     xs = (_split(x_BLD, chunks), _split(targets_BL, chunks), _split(weights_BL, chunks))
@@ -94,7 +97,7 @@ def _fused(x_BLD, w_VD, b_V, targets_BL, weights_BL, chunks):
     return jnp.sum(ce * weights_BL), jnp.sum(correct * weights_BL)
 
 
-def _fused_fwd(x_BLD, w_VD, b_V, targets_BL, weights_BL, chunks):
+def _fused_fwd(x_BLD, w_VD, b_V, targets_BL, weights_BL, chunks, vocab_size):
     V = w_VD.shape[0]
 
     def body(carry, xs):
@@ -102,12 +105,12 @@ def _fused_fwd(x_BLD, w_VD, b_V, targets_BL, weights_BL, chunks):
         x, t, wt = xs
         if host_blas.enabled(x, w_VD):
             B, c, D = x.shape
-            g_MV, ce, correct = _host_chunk(x, w_VD, b_V, t, wt, grad=True)
+            g_MV, ce, correct = _host_chunk(x, w_VD, b_V, t, wt, grad=True, vocab_size=vocab_size)
             dx = host_blas.matmul(g_MV, w_VD).reshape(B, c, D)
             dw_DV = dw_DV + host_blas.matmul(x.reshape(B * c, D), g_MV, transpose_a=True)
             db_V = None if db_V is None else db_V + jnp.sum(g_MV, axis=0)
             return (dw_DV, db_V), (ce, correct, dx)
-        e, s, ce, correct = _chunk_stats(x, w_VD, b_V, t)
+        e, s, ce, correct = _chunk_stats(x, w_VD, b_V, t, vocab_size)
         # d(sum_i wt_i * ce_i) / d logits = wt * (softmax - one_hot(target)).
         g = e * (wt / s)[..., None] - jax.nn.one_hot(t, V, dtype=jnp.float32) * wt[..., None]
         g = g.astype(x.dtype)  # bf16 compute: the two gradient matmuls take bf16 inputs, accumulate f32
@@ -127,7 +130,7 @@ def _fused_fwd(x_BLD, w_VD, b_V, targets_BL, weights_BL, chunks):
     return out, (_merge(dx), dw_DV.T.astype(w_VD.dtype), db_V, ce, correct, targets_BL)
 
 
-def _fused_bwd(chunks, res, cotangents):
+def _fused_bwd(chunks, vocab_size, res, cotangents):
     dx, dw, db, ce, correct, targets = res
     g_ce, g_correct = cotangents
     # The accuracy is piecewise constant in x, w and b: it only has a gradient through the weights.
@@ -148,10 +151,12 @@ def cross_entropy(
     *,
     bias_V: Array | None = None,
     chunks: int | None = None,
+    vocab_size: int | None = None,
 ) -> tuple[Array, Array]:
     """(sum of weighted token cross-entropies, sum of weighted correct predictions) for the logits
     ``x_BLD @ w_VD^T (+ bias_V)``, in float32, without materialising them. A prediction is correct
-    when the target's logit is the row maximum."""
+    when the target's logit is the row maximum. ``vocab_size``: the real vocabulary of a padded ``w_VD``
+    (model/vocab.py); the rows from it on are masked out of the softmax (default: none are padding)."""
     B, L, _ = x_BLD.shape
     if chunks is None:
         chunks = num_chunks(B, L, w_VD.shape[0])
@@ -159,4 +164,5 @@ def cross_entropy(
         raise ValueError(f"chunks={chunks} does not divide the sequence length {L}")
     w_VD = w_VD.astype(x_BLD.dtype)
     bias_V = None if bias_V is None else bias_V.astype(x_BLD.dtype)
-    return _fused(x_BLD, w_VD, bias_V, targets_BL, weights_BL.astype(jnp.float32), chunks)
+    vocab_size = w_VD.shape[0] if vocab_size is None else vocab_size
+    return _fused(x_BLD, w_VD, bias_V, targets_BL, weights_BL.astype(jnp.float32), chunks, vocab_size)

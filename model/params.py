@@ -3,7 +3,9 @@
 Scanned stacks keep one array with a leading layer axis (``blocks.layers.attn.query.kernel``);
 unrolled stacks keep a list (``blocks.layers.3.attn.query.kernel``). Both read and write the same
 canonical names, ``blocks.3.attn.query.kernel``, so Hugging Face conversion and checkpoint layout
-changes never depend on how the layers were stacked.
+changes never depend on how the layers were stacked. Padding is a layout too: canonical token tables have
+the tokenizer's ``vocab_size`` rows, the model's its ``padded_vocab_size`` (model/vocab.py); reading strips
+the padding (zero, and never trained), writing pads with zeros.
 
 Also here: parameters-only checkpoints in a podformer workdir (what ``python -m podformer.model.hf import`` writes
 and what ``init.checkpoint`` reads), in the same Orbax layout ``train.py`` uses, so a training workdir
@@ -13,6 +15,7 @@ serves as an init checkpoint too.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 import jax
@@ -24,7 +27,16 @@ from podformer.model import layers
 # Saved with the model: trained parameters and untrained buffers (BART's final_logits_bias).
 SAVED = (nnx.Param, layers.Buffer)
 # Config fields that change how a model trains or runs, not which function it computes.
-TRAINING_FIELDS = ("dropout", "attention_dropout", "init_std", "dtype", "scan_layers", "remat", "attention_impl")
+TRAINING_FIELDS = (
+    "dropout",
+    "attention_dropout",
+    "init_std",
+    "dtype",
+    "scan_layers",
+    "remat",
+    "attention_impl",
+    "vocab_multiple",
+)
 
 
 def _stacks(model: nnx.Module) -> dict[tuple, layers.BlockStack]:
@@ -35,12 +47,43 @@ def _key(path) -> str:
     return ".".join(str(p) for p in path)
 
 
+def _vocab_axis(model: nnx.Module):
+    """``(path, var) -> (axis, real vocab size) or None``: where a variable has padded vocabulary entries.
+    The size is that of the innermost module with a family config holding the variable (a TrainState's
+    model and teacher, a fine-tuning model's backbone may each have their own)."""
+    owners = {
+        path: m.cfg.vocab_size
+        for path, m in nnx.iter_modules(model)
+        if isinstance(getattr(getattr(m, "cfg", None), "vocab_size", None), int)
+    }
+
+    def find(path, var):
+        axes = (var.get_metadata().get("out_sharding") if hasattr(var, "get_metadata") else None) or ()
+        if "vocab" not in axes:
+            return None
+        owner = max((p for p in owners if path[: len(p)] == p), key=len, default=None)
+        if owner is None:
+            return None
+        axis = list(axes).index("vocab")
+        return (axis, owners[owner]) if var.shape[axis] != owners[owner] else None
+
+    return find
+
+
+def _strip(x, where):
+    if where is None:
+        return x
+    axis, size = where
+    return x[(slice(None),) * axis + (slice(0, size),)] if hasattr(x, "ndim") else x[:axis] + (size,) + x[axis + 1 :]
+
+
 def _canonical(model: nnx.Module, read, index):
     """Canonical flat name -> ``read(value)`` (``index(x, i)`` takes layer i of a scanned stack)."""
     stacks = _stacks(model)
+    vocab_axis = _vocab_axis(model)
     out = {}
     for path, var in nnx.to_flat_state(nnx.state(model, SAVED)):
-        x = read(var.get_value() if hasattr(var, "get_value") else var)
+        x = _strip(read(var.get_value() if hasattr(var, "get_value") else var), vocab_axis(path, var))
         stack_path = next((sp for sp in stacks if path[: len(sp)] == sp), None)
         if stack_path is None:
             out[_key(path)] = x
@@ -66,6 +109,16 @@ def param_shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:
     return _canonical(model, lambda v: tuple(v.shape), lambda s, i: s[1:])
 
 
+def count(model: nnx.Module, *, padded: bool = False) -> int:
+    """The number of trained parameters (nnx.Param; buffers are not counted), over the tokenizer's
+    vocabulary, or with ``padded`` as the model holds them (over the padded one); abstract models too."""
+    vocab_axis = _vocab_axis(model)
+    return sum(
+        math.prod(v.shape if padded else _strip(tuple(v.shape), vocab_axis(path, v)))
+        for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+    )
+
+
 def _place(value: np.ndarray, current):
     """``value`` placed by ``current``: a sharding, or the (possibly abstract) array it replaces and whose
     sharding it takes; else on the default device."""
@@ -89,6 +142,7 @@ def set_params(
     values the model has no parameter for; with ``allow_missing`` parameters without a value keep
     theirs, and their names are returned."""
     stacks = _stacks(model)
+    vocab_axis = _vocab_axis(model)
     state = nnx.state(model, SAVED)
     targets = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
     seen: set[str] = set()
@@ -109,6 +163,11 @@ def set_params(
             missing.extend(names)
             continue
         value = np.stack([np.asarray(flat[n]) for n in names]) if scanned else np.asarray(flat[names[0]])
+        where = vocab_axis(path, var)
+        if where is not None and value.ndim == var.ndim and value.shape[where[0]] == where[1]:
+            pad = [(0, 0)] * value.ndim
+            pad[where[0]] = (0, var.shape[where[0]] - where[1])
+            value = np.pad(value, pad)  # the padding's rows are zero (model/vocab.py)
         if value.shape != var.shape:
             raise ValueError(f"parameter {names[0]}: expected shape {var.shape}, got {value.shape[-len(var.shape) :]}")
         seen.update(names)
@@ -167,6 +226,8 @@ def config_from_dict(d: dict):
     family = d.get("family")
     if family not in models.FAMILIES:
         raise ValueError(f"model family {family!r} is not one of {', '.join(models.FAMILIES)}")
+    # Checkpoints written before vocabularies were padded hold tables of exactly vocab_size rows.
+    d = {"vocab_multiple": 1, **d}
     config_cls = models.FAMILIES[family][0]
     fields = {f.name for f in dataclasses.fields(config_cls)}
     return family, config_cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in fields})

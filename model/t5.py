@@ -15,14 +15,17 @@ import jax.numpy as jnp
 from flax import nnx
 
 from podformer.core import sharding
-from podformer.model import layers
+from podformer.model import layers, vocab
 from podformer.model.kv_cache import KVCache
 from podformer.model.layers import Array
 
 
 @dataclasses.dataclass(frozen=True)
 class T5Config:
-    vocab_size: int = 32128
+    vocab_size: int = 32128  # the tokenizer's
+    # The token tables have padded_vocab_size rows (a multiple of this; 1: none), so they shard over tensor;
+    # the padding is masked out of every softmax and never leaves the model (model/vocab.py).
+    vocab_multiple: int = 128
     d_model: int = 512
     num_layers: int = 6  # encoder layers
     num_decoder_layers: int = 0  # 0: num_layers
@@ -62,6 +65,12 @@ class T5Config:
     @property
     def decoder_layers(self) -> int:
         return self.num_decoder_layers or self.num_layers
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """The rows of the token tables: vocab_size rounded up to a multiple of vocab_multiple (model/vocab.py)."""
+        m = max(self.vocab_multiple, 1)
+        return -(-self.vocab_size // m) * m
 
     @property
     def resolved_head_dim(self) -> int:
@@ -267,14 +276,15 @@ class T5(nnx.Module):
 
     def __init__(self, cfg: T5Config, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        D, V = cfg.d_model, cfg.vocab_size
+        D, V = cfg.d_model, cfg.padded_vocab_size
         # T5 initialises its embedding with std 1.0 (factor * 1.0 in the reference init).
         std = 1.0 if cfg.position == "relative" else cfg.init_std
-        self.embed = layers.param(rngs, layers.normal(std), (V, D), ("vocab", "embed"))
+        self.embed = layers.param(rngs, vocab.init(layers.normal(std), cfg.vocab_size), (V, D), ("vocab", "embed"))
         self.encoder = Stack(cfg, decoder=False, rngs=rngs)
         self.decoder = Stack(cfg, decoder=True, rngs=rngs)
         if not cfg.tie_embeddings:
-            self.lm_head = layers.param(rngs, layers.normal(cfg.init_std), (D, V), ("embed", "vocab"))
+            head_init = vocab.init(layers.normal(cfg.init_std), cfg.vocab_size, 1)
+            self.lm_head = layers.param(rngs, head_init, (D, V), ("embed", "vocab"))
         self.logits_bias = layers.buffer((V,), ("vocab",)) if cfg.logits_bias else None
 
     def encode(
@@ -301,8 +311,11 @@ class T5(nnx.Module):
         rng: Array | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
+        padded_vocab: bool = False,
     ) -> Array | tuple[Array, KVCache]:
-        """LM logits (B, L, V) in float32 for the decoder inputs, given the encoder's output.
+        """LM logits (B, L, V) in float32 for the decoder inputs, given the encoder's output, over the
+        tokenizer's vocabulary (``padded_vocab``: over the padded one, the padding at vocab.PAD_LOGIT: the
+        losses' view, which stays sharded over tensor).
 
         Decoding: with a ``cache`` (``init_cache``), the L tokens follow the cached ones and (logits,
         cache) is returned; pass ``encoded_BSD`` at the first call and None afterwards (its
@@ -328,7 +341,7 @@ class T5(nnx.Module):
             x_BLD, cache = x_BLD
         if last_only:
             x_BLD = x_BLD[:, -1:]
-        logits_BLV = self._logits(x_BLD)
+        logits_BLV = self._logits(x_BLD, padded_vocab)
         return logits_BLV if cache is None else (logits_BLV, cache)
 
     def init_cache(self, batch: int, slots: int, source_len: int) -> KVCache:
@@ -344,7 +357,7 @@ class T5(nnx.Module):
             source_len=source_len,
         )
 
-    def _logits(self, x_BLD: Array) -> Array:
+    def _logits(self, x_BLD: Array, padded_vocab: bool) -> Array:
         cfg = self.cfg
         dtype = x_BLD.dtype
         if cfg.scale_output:
@@ -355,7 +368,8 @@ class T5(nnx.Module):
             logits_BLV = jnp.einsum("BLD,DV->BLV", x_BLD, self.lm_head[...].astype(dtype))
         if self.logits_bias is not None:
             logits_BLV = logits_BLV + self.logits_bias[...].astype(dtype)
-        return sharding.constrain(logits_BLV.astype(jnp.float32), ("batch", "length", "vocab"))
+        logits_BLV = sharding.constrain(logits_BLV.astype(jnp.float32), ("batch", "length", "vocab"))
+        return vocab.mask(logits_BLV, cfg.vocab_size) if padded_vocab else logits_BLV[..., : cfg.vocab_size]
 
     def __call__(
         self,
@@ -369,10 +383,11 @@ class T5(nnx.Module):
         decoder_segment_ids: Array | None = None,
         decoder_positions: Array | None = None,
         rng: Array | None = None,
+        padded_vocab: bool = False,
     ) -> Array:
-        """LM logits (B, L_decoder, V) in float32. Masks are Hugging Face padding masks (1 = token); the
-        segment/position arguments describe packed rows (segment 0 = padding; decoder segment i
-        attends to encoder segment i)."""
+        """LM logits (B, L_decoder, V) in float32 (``padded_vocab`` as in ``decode``). Masks are Hugging
+        Face padding masks (1 = token); the segment/position arguments describe packed rows (segment 0 =
+        padding; decoder segment i attends to encoder segment i)."""
         rng_enc, rng_dec = jax.random.split(rng) if rng is not None else (None, None)
         enc_seg, enc_pos = _segments_and_positions(input_ids, attention_mask, encoder_segment_ids, encoder_positions)
         encoded = self.encode(input_ids, segment_ids=enc_seg, positions=enc_pos, rng=rng_enc)
@@ -384,4 +399,5 @@ class T5(nnx.Module):
             segment_ids=decoder_segment_ids,
             positions=decoder_positions,
             rng=rng_dec,
+            padded_vocab=padded_vocab,
         )

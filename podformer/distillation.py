@@ -65,7 +65,15 @@ def load(cfg, model_cfg) -> Teacher:
             f"wide and the student {model_cfg.d_model}; set --config.distill.alpha_cos=0 or equal widths"
         )
     # The teacher computes in the student's dtype; how it was trained (dropout, layout) does not matter.
-    teacher_cfg = dataclasses.replace(teacher_cfg, dtype=model_cfg.dtype, dropout=0.0, attention_dropout=0.0)
+    # Its vocabulary is padded as the student's: the soft targets compare the two padded logits column
+    # for column (its parameters are read unpadded and padded again to fit).
+    teacher_cfg = dataclasses.replace(
+        teacher_cfg,
+        dtype=model_cfg.dtype,
+        dropout=0.0,
+        attention_dropout=0.0,
+        vocab_multiple=model_cfg.vocab_multiple,
+    )
     module_cls = models.FAMILIES[family][1]
     loss = make_distillation(d.temperature, d.alpha_ce, d.alpha_mlm, d.alpha_cos)
     student_init = None

@@ -34,7 +34,9 @@ class Loss:
 
 
 def token_cross_entropy(logits_BLV, targets_BL, weights_BL):
-    """Summed cross-entropy (float32) and summed correct predictions over weighted tokens.
+    """Summed cross-entropy (float32) and summed correct predictions over weighted tokens. Logits over a
+    padded vocabulary come with the padding at vocab.PAD_LOGIT (the models mask it where they make them):
+    it adds exactly 0 to the exp-sum and never reaches the row max, so nothing here needs to know of it.
 
     Written as logsumexp - target logit (not log_softmax + gather): the vocabulary-sized arrays are
     passed over fewer times, which is most of the loss's cost on CPUs. A prediction counts as correct
@@ -53,8 +55,10 @@ def _causal_lm(model, batch, rng, denom):
         # The output projection fused with the loss: the (B, L, V) logits are never materialised.
         x_BLD = model(batch["inputs"], return_hidden=True, **kw)
         w_VD, bias_V = model.output_projection()
-        ce, correct = lm_head.cross_entropy(x_BLD, w_VD, batch["targets"], batch["loss_weights"], bias_V=bias_V)
-    else:
+        ce, correct = lm_head.cross_entropy(
+            x_BLD, w_VD, batch["targets"], batch["loss_weights"], bias_V=bias_V, vocab_size=model.cfg.vocab_size
+        )
+    else:  # a model of its own: its logits, over whatever vocabulary it returns
         logits = model(batch["inputs"], **kw)
         ce, correct = token_cross_entropy(logits, batch["targets"], batch["loss_weights"])
     n = jnp.maximum(denom["tokens"], 1.0)

@@ -5,6 +5,8 @@ The math is in plain functions on arrays (tested on their own); the ``Loss`` wra
 Model outputs: an encoder returns the MLM logits, or a dict with ``logits`` and, where the objective
 needs them, ``nsp_logits`` (B, 2) and ``hidden`` (B, L, D); for distillation the model returns
 ``teacher_logits`` and ``teacher_hidden`` too (a student/teacher pair whose teacher is not trained).
+Models are asked for ``padded_vocab`` logits: over the padded vocabulary, sharded like the tables, with
+the padding at vocab.PAD_LOGIT, so it takes no probability mass in any softmax below (model/vocab.py).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ def sequence_cross_entropy(logits_BC, labels_B):
 
 def soft_cross_entropy(student_BLV, teacher_BLV, weights_BL, temperature: float):
     """DistilBERT's soft-target loss: KL(teacher_T || student_T) * T^2, summed over weighted tokens.
+    At padded columns (vocab.PAD_LOGIT in both) the teacher's probability is 0 and the log-ratio finite,
+    so they add 0 and pass no gradient.
 
     (The KL differs from the cross-entropy with soft targets by the teacher's entropy, a constant for
     the student; the reference -- Hugging Face's distiller -- uses KLDiv with batchmean and T^2.)"""
@@ -57,6 +61,7 @@ def _encoder_call(model, batch, rng):
             positions=batch["positions"],
             token_type_ids=batch.get("token_types"),
             rng=rng,
+            padded_vocab=True,
         )
     )
 
@@ -70,7 +75,7 @@ def _encoder_outputs(model, batch, rng, prefix: str = "") -> dict:
         token_type_ids=batch.get("token_types"),
         rng=rng,
     )
-    out = {f"{prefix}logits": model.mlm_logits(hidden), f"{prefix}hidden": hidden}
+    out = {f"{prefix}logits": model.mlm_logits(hidden, padded_vocab=True), f"{prefix}hidden": hidden}
     return jax.lax.stop_gradient(out) if prefix else out
 
 
@@ -115,6 +120,7 @@ def _seq2seq(model, batch, rng, denom):
             decoder_segment_ids=batch["decoder_segment_ids"],
             decoder_positions=batch["decoder_positions"],
             rng=rng,
+            padded_vocab=True,
         )
     )["logits"]
     ce, correct = token_cross_entropy(logits, batch["decoder_targets"], batch["decoder_loss_weights"])

@@ -14,6 +14,8 @@ from jax.sharding import NamedSharding
 
 from podformer.core import sharding
 from podformer.losses import Loss
+from podformer.metrics import log
+from podformer.model import params
 
 
 class TrainState(nnx.Module):
@@ -56,8 +58,44 @@ def create_state(make_model, tx, mesh, rules, seed: int, make_teacher: MakeModel
     return graphdef, state, shardings
 
 
-def state_shardings(abstract, mesh, rules):
+def state_shardings(abstract, mesh, rules, *, strict: bool = False):
+    """NamedShardings for a TrainState's abstract state (the optimizer state sharded like its parameters).
+    On a mesh with an axis of size > 1 this also logs one line naming every parameter the rules could not
+    shard there and what that costs per device, from shapes alone; ``strict`` (mesh.strict) makes an
+    unintended one a UserError instead (podformer/core/sharding.py)."""
+    if any(size > 1 for size in mesh.shape.values()):
+        findings = sharding.unsharded(abstract, mesh, rules, name_of=_param_namer(abstract))
+        if strict:
+            sharding.check_strict(findings, mesh.size)
+        log(sharding.report(findings))
     return sharding.state_shardings(abstract, mesh, rules)
+
+
+def _param_namer(abstract):
+    """A TrainState path -> the parameter it belongs to: the model's own name ('embed') for a model
+    parameter and for its optimizer state, 'teacher.embed' for a distillation teacher's."""
+    model = {tuple(path[1:]) for path, _ in nnx.to_flat_state(abstract) if path[0] == "model"}
+
+    def name(path):
+        tail = path
+        if path[0] == "model":
+            tail = path[1:]
+        elif path[0] == "opt":
+            tail = next((path[i:] for i in range(1, len(path)) if tuple(path[i:]) in model), path)
+        return ".".join(str(p) for p in tail)
+
+    return name
+
+
+def param_summary(graphdef, state, model_cfg) -> str:
+    """The model's parameter count, real and as held, from a TrainState's (abstract) state:
+    '124,439,808 parameters (124,475,904 held: the vocabulary of 50,257 padded to 50,304)'."""
+    model = nnx.merge(graphdef, state).model
+    real, held = params.count(model), params.count(model, padded=True)
+    if real == held:
+        return f"{real:,} parameters"
+    V, padded = model_cfg.vocab_size, model_cfg.padded_vocab_size
+    return f"{real:,} parameters ({held:,} held: the vocabulary of {V:,} padded to {padded:,})"
 
 
 def named_param_shapes(abstract) -> dict[str, tuple]:
