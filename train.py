@@ -50,6 +50,9 @@ def run(argv: list[str] | None = None) -> dict:
     workdir = workdir if "://" in workdir else os.path.abspath(workdir)  # Orbax needs absolute paths
     checkpoint.check_workdir(workdir)
     profiler = profiling.Profiler(cfg.profile, workdir)  # validates profile.steps before any work
+    done = finished(workdir, cfg.train.steps)
+    if done is not None:  # nothing to train: say so before any data is built or anything compiled
+        return {"step": done, "complete": True, "preempted": False}
 
     from podformer import model as models  # after distributed init: nothing may touch devices before it
 
@@ -235,6 +238,21 @@ def run(argv: list[str] | None = None) -> dict:
             (checkpoint.epath.Path(workdir) / "sample.txt").write_text(sample)
         log(f"sample:\n{sample}")
     return result
+
+
+def finished(workdir: str, steps: int) -> int | None:
+    """The step of a run in ``workdir`` that already reached ``steps`` (after printing so), else None."""
+    latest = checkpoint.latest_step(workdir)
+    if latest is None or latest < steps:
+        return None
+    outputs = [f"checkpoints in {workdir}/checkpoints", f"metrics in {workdir}/metrics.jsonl"]
+    if (checkpoint.epath.Path(workdir) / "sample.txt").exists():
+        outputs.append(f"its sample in {workdir}/sample.txt")
+    log(
+        f"podformer: {workdir} is complete (step {latest}, train.steps={steps}): {', '.join(outputs)}; to train "
+        f"longer, raise train.steps (e.g. --config.train.steps={2 * latest})"
+    )
+    return latest
 
 
 def init_from(path: str, family: str, model_cfg, graphdef, state):
