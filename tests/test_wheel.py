@@ -93,9 +93,11 @@ def test_the_installed_scripts_train_and_fine_tune_from_anywhere(venv, tmp_path)
     for name in ("data", "model"):
         probe = subprocess.run([venv["python"], "-c", f"import {name}"], cwd=neutral, env=e, capture_output=True)
         assert probe.returncode != 0, f"`import {name}` works in the virtualenv"
-    where = subprocess.run([venv["python"], "-c", "import podformer.train; print(podformer.train.__file__)"],
-                           cwd=neutral, env=e, capture_output=True, text=True)  # fmt: skip
-    assert where.stdout.startswith(str(venv["root"] / "venv")), where.stdout + where.stderr
+    modules = "podformer", "podformer.model", "podformer.data", "podformer.configs", "podformer.train"
+    code = f"import importlib; print(*(importlib.import_module(m).__file__ for m in {modules}))"
+    where = subprocess.run([venv["python"], "-c", code], cwd=neutral, env=e, capture_output=True, text=True)
+    files = where.stdout.split()
+    assert len(files) == 5 and all(f.startswith(str(venv["root"] / "venv")) for f in files), where.stdout + where.stderr
 
     project = tmp_path / "project"
     for name in ("data", "model"):
