@@ -66,6 +66,8 @@ def run(argv: list[str] | None = None) -> dict:
         )
     if cfg.mode != "train" and meta is None:
         raise UserError(f"mode={cfg.mode} needs a fine-tuned --workdir; {workdir} has no checkpoint (train first)")
+    if cfg.mode == "train" and meta is not None and finished(workdir, cfg, meta, task.metric):
+        return {"workdir": workdir, "step": latest, "complete": True, "preempted": False}
     start = finetuning.resolve_start(cfg, config_lib, models, meta["model"] if meta else None)
     finetuning.check_family(task.type, start.family, f"init.checkpoint {start.description}")
     model_cfg, family, kind = start.model_cfg, start.family, heads.KINDS[start.family]
@@ -116,7 +118,8 @@ def run(argv: list[str] | None = None) -> dict:
     tx = optim.make_optimizer(cfg.opt, steps, lr_factor=factor)
     graphdef, abstract = trainer.abstract_state(make_model, tx, t.seed)
     shardings = trainer.state_shardings(abstract, mesh, rules, strict=cfg.mesh.strict)
-    resume = cfg.mode == "train" and meta is not None and not meta.get("done")
+    # A finished run resumes only when asked for more steps than it ran (see finished()).
+    resume = cfg.mode == "train" and meta is not None and (not meta.get("done") or steps > meta["total_steps"])
     restore_step = latest if resume or meta is None else (ckpt.best_step() or latest)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         if meta is not None:
@@ -178,6 +181,23 @@ def run(argv: list[str] | None = None) -> dict:
             log(f"wrote {len(records)} predictions of the {split} split to {path}")
     writer.close()
     return result
+
+
+def finished(workdir: str, cfg, meta: dict, metric: str) -> bool:
+    """Whether the fine-tuning run in ``workdir`` is done and this config asks for no longer a run (after
+    printing so); a raised train.steps or train.epochs trains on from the latest checkpoint."""
+    ran = meta.get("config", {}).get("train", {})
+    if not meta.get("done") or (cfg.train.steps, cfg.train.epochs) != (ran.get("steps"), ran.get("epochs")):
+        return False
+    best = (meta.get("best") or {}).get("value")
+    best = f"{best:.4f}" if isinstance(best, float | int) else best
+    length = "train.epochs" if cfg.train.epochs > 0 else "train.steps"
+    log(
+        f"podformer: {workdir} is complete (step {meta['step']} of {meta['total_steps']}; best {metric} {best}): "
+        f"checkpoints in {workdir}/checkpoints, metrics in {workdir}/metrics.jsonl; score or predict with "
+        f"--config.mode=eval|predict, or raise {length} to train longer"
+    )
+    return True
 
 
 def _train(cfg, task, evaluator, ckpt, writer, profiler, state, graphdef, shardings, mesh, rules, train_rows, steps,

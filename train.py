@@ -32,7 +32,7 @@ from podformer import config as config_lib
 from podformer import flops as flops_lib
 from podformer import mesh as mesh_lib
 from podformer.core.errors import UserError
-from podformer.data import pipeline
+from podformer.data import hf_tokenizer, pipeline
 from podformer.data.loader import Loader
 from podformer.losses import LOSSES
 from podformer.metrics import MetricWriter, log
@@ -51,6 +51,9 @@ def run(argv: list[str] | None = None) -> dict:
     workdir = workdir if "://" in workdir else os.path.abspath(workdir)  # Orbax needs absolute paths
     checkpoint.check_workdir(workdir)
     profiler = profiling.Profiler(cfg.profile, workdir)  # validates profile.steps before any work
+    done = finished(workdir, cfg.train.steps)
+    if done is not None:  # nothing to train: say so before any data is built or anything compiled
+        return {"step": done, "complete": True, "preempted": False}
 
     from podformer import model as models  # after distributed init: nothing may touch devices before it
 
@@ -96,12 +99,15 @@ def run(argv: list[str] | None = None) -> dict:
 
     data = pipeline.build(cfg.data, vocab_size=model_cfg.vocab_size, seq_len=t.seq_len)
     log(f"data: {data.description}; unigram entropy {data.unigram_entropy:.3f} nats/token")
+    if jax.process_index() == 0:  # the tokenizer travels with the model: resume, fine-tune and export read it
+        hf_tokenizer.keep(data.tokenizer, os.path.join(workdir, "tokenizer"))
     ckpt = checkpoint.Checkpointer(workdir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     writer = MetricWriter(workdir)
 
     # Resume order: the latest complete checkpoint in this workdir -> init.checkpoint (parameters only, from a
     # podformer workdir or a Hugging Face folder; the optimizer starts fresh) -> from scratch.
     start_step, data_state = 0, None
+    fresh = None  # the parameters never imported nor trained (None: all of them)
     latest = ckpt.latest_step()
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         if latest is not None:
@@ -124,13 +130,13 @@ def run(argv: list[str] | None = None) -> dict:
                     f"{data.tokenizer.fingerprint}; use the same data.tokenizer or a new --workdir"
                 )
             state, data_state, meta = ckpt.restore(latest, trainer.with_shardings(abstract, shardings))
-            start_step = latest
+            start_step, fresh = latest, set(meta.get("untrained", ()))
             writer.truncate_after(latest)
             log(f"resumed from {ckpt.directory}/{latest}")
         else:
             _, state, _ = trainer.create_state(make_model, tx, mesh, rules, t.seed, make_teacher)
             if cfg.init.checkpoint:
-                state = init_from(cfg.init.checkpoint, cfg.model.family, model_cfg, graphdef, state)
+                state, fresh = init_from(cfg.init.checkpoint, cfg.model.family, model_cfg, graphdef, state)
             if teacher is not None:
                 state = distillation.place(teacher, graphdef, state)
 
@@ -153,6 +159,10 @@ def run(argv: list[str] | None = None) -> dict:
     )  # fmt: skip
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         eval_fn = trainer.jit_eval_step(graphdef, shardings, batch_shard, loss=loss)
+    # What the objective trains; the rest (a head it never calls) is never exported (podformer/model/hf.py).
+    untrained = trainer.untrained_params(
+        graphdef, abstract, loader.host_batch(0), fresh, loss=loss, mesh=mesh, rules=rules, global_batch=t.batch_size
+    )
     mem = step_fn.memory_analysis()
     if mem is not None:
         log(
@@ -190,6 +200,7 @@ def run(argv: list[str] | None = None) -> dict:
 
     def save(step, state, final):
         meta = {"step": step, "config": config_lib.to_dict(cfg), "tokenizer": data.tokenizer.fingerprint}
+        meta["untrained"] = untrained
         ckpt.save(step, state, loader.get_state(), meta, force=final)
 
     if t.eval_at_start and start_step == 0 and t.eval_steps:  # the untrained model's loss, for reference
@@ -247,6 +258,21 @@ def run(argv: list[str] | None = None) -> dict:
     return result
 
 
+def finished(workdir: str, steps: int) -> int | None:
+    """The step of a run in ``workdir`` that already reached ``steps`` (after printing so), else None."""
+    latest = checkpoint.latest_step(workdir)
+    if latest is None or latest < steps:
+        return None
+    outputs = [f"checkpoints in {workdir}/checkpoints", f"metrics in {workdir}/metrics.jsonl"]
+    if (checkpoint.epath.Path(workdir) / "sample.txt").exists():
+        outputs.append(f"its sample in {workdir}/sample.txt")
+    log(
+        f"podformer: {workdir} is complete (step {latest}, train.steps={steps}): {', '.join(outputs)}; to train "
+        f"longer, raise train.steps (e.g. --config.train.steps={2 * latest})"
+    )
+    return latest
+
+
 def init_from(path: str, family: str, model_cfg, graphdef, state):
     """``state`` with the model parameters of ``path`` (a podformer workdir or a Hugging Face folder)."""
     from podformer.model import hf, params
@@ -263,7 +289,7 @@ def init_from(path: str, family: str, model_cfg, graphdef, state):
     # part (a base model without its LM head) leaves that part at its fresh initialisation.
     missing = params.set_params(ts.model, flat, allow_missing=True)
     log(f"initialised {len(flat)} parameters from {path}" + (f"; kept fresh: {', '.join(missing)}" if missing else ""))
-    return nnx.state(ts)
+    return nnx.state(ts), set(missing)
 
 
 def main() -> None:

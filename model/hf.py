@@ -1,7 +1,7 @@
 """Hugging Face interop: read and write local transformers model folders, and the import/export command.
 
-    python -m podformer.model.hf import HF_DIR WORKDIR     # a podformer parameters checkpoint (+ the tokenizer files)
-    python -m podformer.model.hf export WORKDIR HF_DIR     # config.json + model.safetensors that transformers loads
+    python -m podformer.model.hf import HF_DIR WORKDIR  # a parameters checkpoint (+ tokenizer, sentence-transformers)
+    python -m podformer.model.hf export WORKDIR HF_DIR  # for transformers: the heads that exist, the tokenizer
 
 ``from_pretrained(path)`` reads config.json and model.safetensors, sharded safetensors with an index, or
 pytorch_model.bin (sharded or not; loaded with ``torch.load(weights_only=True)``, which refuses pickled
@@ -18,22 +18,39 @@ import json
 import os
 import re
 import shutil
-import struct
 import sys
 
 import jax
-import ml_dtypes
 import numpy as np
 from flax import nnx
 from flax.core import spmd as flax_spmd
 
 from podformer.core import sharding
 from podformer.core.errors import UserError
+from podformer.data import hf_tokenizer
 from podformer.model import hf_decoders, hf_encoders, hf_seq2seq, params
 from podformer.model.hf_common import Format, HFError, architecture
+from podformer.model.hf_tensors import read_safetensors, read_state_dict, read_torch_bin  # noqa: F401 (API)
 
 FORMATS: dict[str, Format] = {
     f.model_type: f for f in (*hf_decoders.FORMATS, *hf_encoders.FORMATS, *hf_seq2seq.FORMATS)
+}
+# transformers' base-model class of each format and the prefix its tensors carry inside the full model (what
+# export writes when no head exists; bare base-model checkpoints have no prefix).
+BASE_MODELS = {
+    "bert": ("BertModel", "bert."),
+    "roberta": ("RobertaModel", "roberta."),
+    "distilbert": ("DistilBertModel", "distilbert."),
+    "gpt2": ("GPT2Model", "transformer."),
+    "gpt_neo": ("GPTNeoModel", "transformer."),
+    "gptj": ("GPTJModel", "transformer."),
+    "gpt_neox": ("GPTNeoXModel", "gpt_neox."),
+    "opt": ("OPTModel", "model."),
+    "bloom": ("BloomModel", "transformer."),
+    "llama": ("LlamaModel", "model."),
+    "t5": ("T5Model", ""),
+    "mt5": ("MT5Model", ""),
+    "bart": ("BartModel", "model."),
 }
 # Files that make up a tokenizer in a model folder (copied along by the import/export command).
 TOKENIZER_FILES = (
@@ -47,89 +64,6 @@ TOKENIZER_FILES = (
     "sentencepiece.bpe.model",
     "tokenizer.model",
 )
-
-
-# ---------------------------------------------------------------------------------------------------
-# Reading tensors
-
-_SAFETENSORS_DTYPES = {
-    "F64": np.float64,
-    "F32": np.float32,
-    "F16": np.float16,
-    "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64,
-    "I32": np.int32,
-    "I16": np.int16,
-    "I8": np.int8,
-    "U8": np.uint8,
-    "BOOL": np.bool_,
-}
-
-
-def _as_float32(a: np.ndarray) -> np.ndarray:
-    return a.astype(np.float32) if np.issubdtype(a.dtype, np.floating) or a.dtype == ml_dtypes.bfloat16 else a
-
-
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """A .safetensors file as numpy arrays (float ones as float32). Parsed here rather than through
-    safetensors.numpy, which cannot represent bfloat16, the dtype most checkpoints are published in."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if os.path.getsize(path) > 8 + n else None
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in _SAFETENSORS_DTYPES:
-            raise HFError(f"{path}: tensor {name} has dtype {info['dtype']}, which podformer does not read")
-        start, end = info["data_offsets"]
-        raw = data[start:end] if end > start else np.zeros(0, np.uint8)
-        out[name] = _as_float32(raw.view(_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"]))
-    return out
-
-
-def read_torch_bin(path: str) -> dict[str, np.ndarray]:
-    """A pytorch_model.bin, loaded with ``weights_only=True``: anything but tensors is refused, never
-    unpickled (a pickle can run arbitrary code)."""
-    try:
-        import torch
-    except ImportError:
-        raise HFError(
-            f"{path}: reading pytorch_model.bin needs PyTorch (pip install torch==2.13.0); or convert it to safetensors"
-        ) from None
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError (or RuntimeError) naming the forbidden global
-        reason = str(e).strip().splitlines()
-        reason = next((ln for ln in reason if "GLOBAL" in ln or "Unsupported" in ln), reason[0] if reason else "")
-        raise HFError(
-            f"{path} holds pickled objects other than tensors, which podformer refuses to load (torch.load with "
-            f"weights_only=True: {reason.strip()[:200]}); convert the checkpoint to safetensors from a trusted source"
-        ) from None
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise HFError(f"{path} is not a state dict of tensors; podformer reads only tensors from .bin files")
-    return {k: _as_float32(v.float().numpy() if v.is_floating_point() else v.numpy()) for k, v in sd.items()}
-
-
-def read_state_dict(path: str) -> dict[str, np.ndarray]:
-    """Every tensor of a model folder, whichever of the four layouts transformers writes it uses."""
-    for single, index, reader in (
-        ("model.safetensors", "model.safetensors.index.json", read_safetensors),
-        ("pytorch_model.bin", "pytorch_model.bin.index.json", read_torch_bin),
-    ):
-        if os.path.exists(os.path.join(path, single)):
-            return reader(os.path.join(path, single))
-        if os.path.exists(os.path.join(path, index)):
-            with open(os.path.join(path, index)) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-            sd: dict[str, np.ndarray] = {}
-            for name in files:
-                sd.update(reader(os.path.join(path, name)))
-            return sd
-    raise HFError(
-        f"{path}: no model.safetensors, model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json"
-    )
 
 
 def read_config(path: str) -> dict:
@@ -269,11 +203,40 @@ def select_format(cfg, model_type: str | None = None) -> tuple[Format, dict]:
     raise HFError(f"no transformers architecture represents this {family} model ({'; '.join(reasons)[:600]})")
 
 
-def to_hf(cfg, flat: dict[str, np.ndarray], model_type: str | None = None) -> tuple[Format, dict, dict]:
-    """(format, config.json dict, state dict) for a family config and its canonical parameters."""
+def to_hf(
+    cfg, flat: dict[str, np.ndarray], model_type: str | None = None, *, base_model: bool = False
+) -> tuple[Format, dict, dict]:
+    """(format, config.json dict, state dict) for a family config and the canonical parameters that exist
+    (imported or trained). A model whose head does not exist (an imported BertModel, an MLM head nobody
+    trained), or ``base_model``, is written as transformers' base architecture (BertModel, GPT2Model,
+    T5Model, ...); otherwise as the architecture of the heads that exist. A tensor is never invented."""
     fmt, hf_cfg = select_format(cfg, model_type)
-    sd = {r.hf: np.ascontiguousarray(r.to_hf(*[flat[n] for n in r.ours])) for r in fmt.rules(cfg)}
-    return fmt, hf_cfg, sd
+    rules = fmt.rules(cfg)
+    base_cls, prefix = BASE_MODELS[fmt.model_type]
+    head = [r for r in rules if _in_head(r.hf, prefix)]
+    have = [r for r in rules if all(n in flat for n in r.ours)]
+    if base_model or (head and not any(r in have for r in head)):
+        rules, arch = [r for r in rules if r not in head], base_cls
+        names = {r.hf: r.hf.removeprefix(prefix) for r in rules}
+    else:
+        # The architecture of what exists: config_from_hf reads the heads (BERT's NSP head) off the names.
+        written = fmt.config_from_hf(hf_cfg, {r.hf: np.empty(0, np.float32) for r in have})
+        rules, arch = fmt.rules(written), architecture(fmt, written)
+        names = {r.hf: r.hf for r in rules}
+    absent = sorted({n for r in rules for n in r.ours if n not in flat})
+    if absent:
+        raise HFError(
+            f"{arch} needs parameters that were never imported nor trained: {', '.join(absent[:4])}; train them "
+            "(an objective that uses them) or export from a checkpoint that has them"
+        )
+    sd = {names[r.hf]: np.ascontiguousarray(r.to_hf(*[flat[n] for n in r.ours])) for r in rules}
+    return fmt, {**hf_cfg, "architectures": [arch]}, sd
+
+
+def _in_head(name: str, prefix: str) -> bool:
+    # The base model's tensors sit under its prefix (bert., transformer., model.); T5's base has none, and
+    # no base model has an lm_head.
+    return not name.startswith(prefix) or name.startswith("lm_head.")
 
 
 def hf_config(cfg, model_type: str | None = None) -> dict:
@@ -292,19 +255,46 @@ def save_pretrained(
     """Write config.json and model.safetensors (or shards of at most ``max_shard_bytes`` plus an index)
     that transformers loads with the matching AutoModel class. ``base_config`` (e.g. the imported
     folder's config.json) supplies what podformer does not model: token ids, generation settings."""
+    base_config = dict(base_config or {})
+    model_type = model_type or (base_config.get("model_type") if base_config.get("model_type") in FORMATS else None)
+    select_format(module.cfg, model_type)  # fails before any parameter is fetched from the devices
+    return write_folder(path, module.cfg, params.get_params(module), model_type=model_type, base_config=base_config,
+                        max_shard_bytes=max_shard_bytes)  # fmt: skip
+
+
+def write_folder(
+    path: str,
+    cfg,
+    flat: dict[str, np.ndarray],
+    *,
+    model_type: str | None = None,
+    base_config: dict | None = None,
+    base_model: bool = False,
+    token_ids: dict[str, int] | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> str:
+    """save_pretrained for canonical parameters (to_hf: only those that exist are written). ``token_ids``
+    (the tokenizer's pad/bos/eos ids) fill in config.json where ``base_config`` has none, instead of
+    transformers' defaults (GPT-2's 50256); a generative architecture gets them in generation_config.json."""
     from safetensors.numpy import save_file
 
     base_config = dict(base_config or {})
     model_type = model_type or (base_config.get("model_type") if base_config.get("model_type") in FORMATS else None)
-    select_format(module.cfg, model_type)  # fails before any parameter is fetched from the devices
-    fmt, arch_cfg, sd = to_hf(module.cfg, params.get_params(module), model_type)
+    fmt, arch_cfg, sd = to_hf(cfg, flat, model_type, base_model=base_model)
     os.makedirs(path, exist_ok=True)
-    for stale in glob.glob(os.path.join(path, "model*.safetensors*")) + glob.glob(os.path.join(path, "pytorch_model*")):
-        os.remove(stale)
+    stale = ("model*.safetensors*", "pytorch_model*", "generation_config.json")
+    for name in [f for pattern in stale for f in glob.glob(os.path.join(path, pattern))]:
+        os.remove(name)
     config = {**base_config, **arch_cfg}
+    for key, value in (token_ids or {}).items():  # the imported config's own ids stay (they match its tokenizer)
+        config.setdefault(key, value)
     config["dtype"] = "float32"
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
+    if fmt.family in DECODER_START and DECODER_START[fmt.family] in config:
+        config.setdefault("decoder_start_token_id", config[DECODER_START[fmt.family]])
+    _write_json(os.path.join(path, "config.json"), config)
+    if arch_cfg["architectures"][0].endswith(("LMHeadModel", "ForCausalLM", "ForConditionalGeneration")):
+        keys = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+        _write_json(os.path.join(path, "generation_config.json"), {k: config[k] for k in keys if k in config})
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for name in sorted(sd):
@@ -322,9 +312,18 @@ def save_pretrained(
         save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
         weight_map.update({k: name for k in shard})
     total = sum(a.nbytes for a in sd.values())
-    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
+    _write_json(os.path.join(path, "model.safetensors.index.json"), {"metadata": {"total_size": total},
+                                                                      "weight_map": weight_map})  # fmt: skip
     return path
+
+
+# The decoder of an encoder-decoder starts from pad (T5) or eos (BART), as podformer's own generation does.
+DECODER_START = {"t5": "pad_token_id", "bart": "eos_token_id"}
+
+
+def _write_json(path: str, content: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(content, f, indent=2, sort_keys=True)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -332,33 +331,96 @@ def save_pretrained(
 
 
 def import_folder(hf_dir: str, workdir: str, *, scan_layers: bool = True) -> str:
-    """A Hugging Face folder -> a parameters-only podformer checkpoint in ``workdir`` (+ its tokenizer)."""
+    """A Hugging Face folder -> a parameters-only podformer checkpoint in ``workdir``, with the folder's
+    tokenizer (``tokenizer/``) and the files other libraries read beside the model (``hf_files/``:
+    sentence-transformers' modules and pooling, generation_config.json), which export writes back."""
     if params.is_workdir(workdir):
         raise HFError(f"{workdir} already has checkpoints; import into a new directory")
     family, cfg, flat, missing = load(hf_dir)
+    hf_cfg = read_config(hf_dir)
     model = build(family, dataclasses.replace(cfg, scan_layers=scan_layers), flat)
-    meta = {"source": os.path.abspath(hf_dir), "hf_config": read_config(hf_dir), "missing": missing}
+    base_cls = BASE_MODELS[hf_cfg["model_type"]][0]
+    meta = {
+        "source": os.path.abspath(hf_dir),
+        "hf_config": hf_cfg,
+        "missing": missing,
+        "untrained": missing,  # params.read_workdir leaves them out: initialised here, never imported
+        "base_model": (hf_cfg.get("architectures") or [""])[0] == base_cls,
+    }
     params.save_workdir(workdir, model, family, meta)
-    copied = [n for n in TOKENIZER_FILES if os.path.exists(os.path.join(hf_dir, n))]
-    if copied:
-        os.makedirs(os.path.join(workdir, "tokenizer"), exist_ok=True)
-        for name in copied:
-            shutil.copy(os.path.join(hf_dir, name), os.path.join(workdir, "tokenizer", name))
+    for names, dest in ((TOKENIZER_FILES, "tokenizer"), (_extra_files(hf_dir), "hf_files")):
+        for name in names:
+            if os.path.exists(os.path.join(hf_dir, name)):
+                _copy(os.path.join(hf_dir, name), os.path.join(workdir, dest, name))
     return family
 
 
+# What a sentence-transformers folder holds beside the transformers model and tokenizer (and the modules'
+# own folders that modules.json names: 1_Pooling/, 2_Dense/, ...).
+EXTRA_FILES = (
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+    "generation_config.json",
+)
+
+
+def _extra_files(hf_dir: str) -> list[str]:
+    names = list(EXTRA_FILES)
+    if os.path.isfile(os.path.join(hf_dir, "modules.json")):
+        with open(os.path.join(hf_dir, "modules.json")) as f:
+            names += [m["path"] for m in json.load(f) if m.get("path")]
+    return names
+
+
+def _copy(src: str, dest: str) -> None:
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    if os.path.isdir(src):
+        shutil.copytree(src, dest, dirs_exist_ok=True)
+    else:
+        shutil.copy(src, dest)
+
+
 def export_workdir(workdir: str, hf_dir: str, *, model_type: str | None = None, step: int | None = None) -> str:
-    """A podformer workdir's latest (or ``step``) parameters -> a Hugging Face folder (+ its tokenizer)."""
+    """A podformer workdir's latest (or ``step``) parameters that exist (imported or trained; see to_hf) ->
+    a Hugging Face folder, with the tokenizer the model was trained with and the imported folder's extra
+    files (sentence-transformers')."""
     try:
         family, cfg, flat, meta = params.read_workdir(workdir, step)
     except FileNotFoundError as e:
         raise HFError(str(e)) from None
-    model = build(family, cfg, flat)
-    save_pretrained(model, hf_dir, model_type=model_type, base_config=meta.get("hf_config"))
-    tok_dir = os.path.join(workdir, "tokenizer")
-    for name in os.listdir(tok_dir) if os.path.isdir(tok_dir) else []:
-        shutil.copy(os.path.join(tok_dir, name), os.path.join(hf_dir, name))
+    base_config = dict(meta.get("hf_config") or {})
+    model_type = model_type or (base_config.get("model_type") if base_config.get("model_type") in FORMATS else None)
+    fmt, _ = select_format(cfg, model_type)  # a model transformers cannot express fails before any file is written
+    tok_dir, token_ids = os.path.join(workdir, "tokenizer"), {}
+    if os.path.isdir(tok_dir):
+        length = getattr(cfg, "max_len", 0) or 512
+        token_ids = hf_tokenizer.export(tok_dir, hf_dir, frame=FRAMES[fmt.family], model_max_length=length)
+    elif meta.get("params_only"):  # imported from a folder without one: there is none to carry
+        print(f"podformer: {meta.get('source', workdir)} had no tokenizer; {hf_dir} has none either", file=sys.stderr)
+    else:
+        raise HFError(
+            f"{workdir} has no tokenizer/ (the tokenizer the model was trained with); copy its files there "
+            "(its tokenizer.json, or the SentencePiece .model as tokenizer.model) and export again"
+        )
+    write_folder(hf_dir, cfg, flat, model_type=fmt.model_type, base_config=base_config,
+                 base_model=bool(meta.get("base_model")), token_ids=token_ids)  # fmt: skip
+    extra = os.path.join(workdir, "hf_files")  # the imported folder's own: they win over what podformer writes
+    for name in sorted(os.listdir(extra)) if os.path.isdir(extra) else []:
+        _copy(os.path.join(extra, name), os.path.join(hf_dir, name))
     return family
+
+
+# How a text is framed for each family when transformers' tokenizer adds special tokens: as podformer's
+# objectives frame it (a decoder's documents start with bos; BERT's [CLS] text [SEP]; T5's text </s>).
+FRAMES = {
+    "gpt": ("<s>", None),
+    "bert": ("[CLS]", "[SEP]"),
+    "distilbert": ("[CLS]", "[SEP]"),
+    "roberta": ("<s>", "</s>"),
+    "bart": ("<s>", "</s>"),
+    "t5": (None, "</s>"),
+}
 
 
 USAGE = """usage:

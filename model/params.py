@@ -77,26 +77,79 @@ def _strip(x, where):
     return x[(slice(None),) * axis + (slice(0, size),)] if hasattr(x, "ndim") else x[:axis] + (size,) + x[axis + 1 :]
 
 
+def _names(model: nnx.Module) -> dict[tuple, tuple[list[str], bool]]:
+    """Each saved variable's path -> (the canonical names it holds, whether it is a scanned stack's: one
+    array whose leading axis is the layer)."""
+    stacks = _stacks(model)
+    out = {}
+    for path, _ in nnx.to_flat_state(nnx.state(model, SAVED)):
+        stack_path = next((sp for sp in stacks if path[: len(sp)] == sp), None)
+        if stack_path is None:
+            out[path] = ([_key(path)], False)
+            continue
+        stack, rest, prefix = stacks[stack_path], path[len(stack_path) + 1 :], _key(stack_path)  # drop 'layers'
+        if stack.scan:
+            out[path] = ([f"{prefix}.{i}.{_key(rest)}" for i in range(stack.num_layers)], True)
+        else:
+            out[path] = ([f"{prefix}.{rest[0]}.{_key(rest[1:])}"], False)
+    return out
+
+
 def _canonical(model: nnx.Module, read, index):
     """Canonical flat name -> ``read(value)`` (``index(x, i)`` takes layer i of a scanned stack)."""
-    stacks = _stacks(model)
+    names = _names(model)
     vocab_axis = _vocab_axis(model)
     out = {}
     for path, var in nnx.to_flat_state(nnx.state(model, SAVED)):
         x = _strip(read(var.get_value() if hasattr(var, "get_value") else var), vocab_axis(path, var))
-        stack_path = next((sp for sp in stacks if path[: len(sp)] == sp), None)
-        if stack_path is None:
-            out[_key(path)] = x
-            continue
-        stack = stacks[stack_path]
-        rest = path[len(stack_path) + 1 :]  # drop the 'layers' attribute
-        prefix = _key(stack_path)
-        if stack.scan:
-            for i in range(stack.num_layers):
-                out[f"{prefix}.{i}.{_key(rest)}"] = index(x, i)
-        else:
-            out[f"{prefix}.{rest[0]}.{_key(rest[1:])}"] = x
+        layer_names, scanned = names[path]
+        out.update({n: index(x, i) for i, n in enumerate(layer_names)} if scanned else {layer_names[0]: x})
     return out
+
+
+def read_by(fn, model: nnx.Module, *args) -> set[str]:
+    """Canonical names of the saved variables of ``model`` that ``fn(model, *args)``'s result depends on.
+
+    Traced, never run (abstract models and ``jax.ShapeDtypeStruct`` arguments work): what a loss reads is
+    what training it updates, so a head its objective never calls (BERT's NSP head under plain MLM) is
+    known to be untrained without a table of objectives and heads."""
+    graphdef, saved, rest = nnx.split(model, SAVED, ...)
+    flat = nnx.to_flat_state(saved)
+
+    def traced(values, rest, args):
+        state = nnx.from_flat_state([(path, var.replace(v)) for (path, var), v in zip(flat, values, strict=True)])
+        return fn(nnx.merge(graphdef, state, rest), *args)
+
+    values = [var.get_value() for _, var in flat]
+    closed = jax.make_jaxpr(traced)(values, rest, args)
+    live = _live_inputs(closed.jaxpr, [True] * len(closed.jaxpr.outvars))[: len(values)]
+    names = _names(model)
+    return {n for (path, _), used in zip(flat, live, strict=True) if used for n in names[path][0]}
+
+
+# Primitives that call one inner jaxpr once, its inputs and outputs those of the equation: followed inside.
+# Anything else (scan, while, cond) counts as reading all of its inputs, which can only over-report.
+_CALLS = ("pjit", "jit", "closed_call", "core_call", "remat", "checkpoint", "custom_jvp_call", "custom_vjp_call")
+
+
+def _live_inputs(jaxpr, live_out: list[bool]) -> list[bool]:
+    from jax.extend.core import ClosedJaxpr, Jaxpr, Var
+
+    live = {v for v, used in zip(jaxpr.outvars, live_out, strict=True) if used and isinstance(v, Var)}
+    for eqn in reversed(jaxpr.eqns):
+        outs = [isinstance(v, Var) and v in live for v in eqn.outvars]
+        if not any(outs):
+            continue
+        inner = None
+        if eqn.primitive.name in _CALLS:
+            for p in eqn.params.values():
+                j = p.jaxpr if isinstance(p, ClosedJaxpr) else p
+                if isinstance(j, Jaxpr) and len(j.invars) == len(eqn.invars) and len(j.outvars) == len(outs):
+                    inner = j
+                    break
+        ins = _live_inputs(inner, outs) if inner is not None else [True] * len(eqn.invars)
+        live.update(v for v, used in zip(eqn.invars, ins, strict=True) if used and isinstance(v, Var))
+    return [v in live for v in jaxpr.invars]
 
 
 def get_params(model: nnx.Module) -> dict[str, np.ndarray]:
@@ -261,7 +314,8 @@ def is_workdir(path: str) -> bool:
 
 def read_workdir(workdir: str, step: int | None = None) -> tuple[str, object, dict[str, np.ndarray], dict]:
     """(family, config, canonical params, meta) of a workdir's latest (or ``step``) checkpoint: a training
-    run's or an imported one. Only the model is read, never the optimizer state."""
+    run's or an imported one. Only the model is read, never the optimizer state; only the parameters that
+    were imported or trained (``meta['untrained']`` lists the others)."""
     ocp, manager = _manager(workdir)
     step = manager.latest_step() if step is None else step
     if step is None:
@@ -285,4 +339,7 @@ def read_workdir(workdir: str, step: int | None = None) -> tuple[str, object, di
     ).state
     manager.close()
     nnx.update(abstract, restored["model"])
-    return family, cfg, get_params(abstract), meta
+    # Parameters never imported nor trained (an absent head, kept at its initialisation) are left out, as a
+    # Hugging Face folder without them would be: nothing downstream mistakes them for learned values.
+    untrained = set(meta.get("untrained", meta.get("missing", ())))
+    return family, cfg, {k: v for k, v in get_params(abstract).items() if k not in untrained}, meta

@@ -10,3 +10,8 @@ import os as _os
 _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
 if _os.path.isfile(_os.path.join(_root, "setup.py")) and _os.path.isdir(_os.path.join(_root, "model")):
     __path__.append(_root)
+
+# Before anything imports JAX: on a host without TPUs, JAX is not to try libtpu (podformer/core/platforms.py).
+from podformer.core import platforms as _platforms  # noqa: E402
+
+_platforms.choose()

@@ -26,6 +26,19 @@ def check_workdir(workdir: str) -> epath.Path:
     return path
 
 
+def latest_step(workdir: str) -> int | None:
+    """The step of ``workdir``'s latest complete checkpoint (None without one), read without changing it."""
+    directory = epath.Path(workdir) / "checkpoints"
+    if not directory.exists():
+        return None
+    options = ocp.CheckpointManagerOptions(create=False)  # (read_only=True logs two warnings)
+    manager = ocp.CheckpointManager(directory, options=options, item_names=("state", "data", "meta"))
+    try:
+        return manager.latest_step()
+    finally:
+        manager.close()
+
+
 class Checkpointer:
     def __init__(self, workdir: str, *, keep: int, async_save: bool = True, best: tuple[str, str] | None = None):
         """``best=(metric, 'max'|'min')``: keep the ``keep`` best checkpoints by that metric (passed to

@@ -118,16 +118,23 @@ def student_from_teacher(flat: dict[str, np.ndarray], teacher_layers: int, stude
 
 def place(teacher: Teacher, graphdef, state):
     """A fresh train state with the teacher's parameters in place (and the student's start, if any)."""
+    import jax
+    import jax.numpy as jnp
     from flax import nnx
 
     from podformer.model import params
 
     ts = nnx.merge(graphdef, state)
-    try:
-        params.set_params(ts.teacher, teacher.params, strict=False)
-    except KeyError as e:
-        what = e.args[0]
-        raise UserError(f"the distillation teacher lacks {what}: it needs an MLM head (a *ForMaskedLM)") from None
+    missing = params.set_params(ts.teacher, teacher.params, strict=False, allow_missing=True)
+    # A teacher checkpoint lacks what was never imported nor trained (model/params.py read_workdir); only what
+    # the teacher's outputs read must be there (not a pooler or NSP head its pretraining never used).
+    ids = jax.ShapeDtypeStruct((jax.device_count(), 8), jnp.int32)
+    needed = sorted(set(missing) & params.read_by(lambda m, x: m.mlm_logits(m.encode(x)), ts.teacher, ids))
+    if needed:
+        raise UserError(
+            f"the distillation teacher lacks {needed[0]}: it needs a trained MLM head (a *ForMaskedLM folder, or a "
+            "workdir pretrained with an MLM objective)"
+        )
     if teacher.student_init is not None:
         params.set_params(ts.model, teacher.student_init, strict=False, allow_missing=True)
         log(f"student initialised from teacher layers {layer_map(teacher.num_layers, ts.model.cfg.num_layers)}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -138,17 +137,10 @@ _TOKENIZER_NAMES = ("tokenizer.json", "spiece.model", "sentencepiece.bpe.model",
 
 def save_tokenizer(tok, workdir: str) -> None:
     """A copy of the tokenizer in <workdir>/tokenizer, so eval/predict and resumes find the same one."""
-    dest = os.path.join(workdir, "tokenizer")
-    if jax.process_index() != 0 or os.path.isdir(dest) or not getattr(tok, "path", ""):
-        return
-    os.makedirs(dest, exist_ok=True)
-    if tok.path.endswith(".json"):
-        folder = os.path.dirname(tok.path)
-        for name in ("tokenizer.json", "special_tokens_map.json", "tokenizer_config.json"):
-            if os.path.isfile(os.path.join(folder, name)):
-                shutil.copy(os.path.join(folder, name), os.path.join(dest, name))
-    else:
-        shutil.copy(tok.path, os.path.join(dest, "tokenizer.model"))
+    from podformer.data import hf_tokenizer
+
+    if jax.process_index() == 0:
+        hf_tokenizer.keep(tok, os.path.join(workdir, "tokenizer"))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -166,6 +166,26 @@ def _teacher(ts: TrainState) -> dict:
     return {"teacher": ts.teacher} if hasattr(ts, "teacher") else {}
 
 
+def untrained_params(
+    graphdef, abstract, example: dict, fresh: set[str] | None, *, loss: Loss, mesh, rules, global_batch: int
+) -> list[str]:
+    """Which of the ``fresh`` model parameters (never imported nor trained; None: all of them) training with
+    ``loss`` leaves as they were initialised: those the loss never reads (traced on abstract values, never
+    run), e.g. a head its objective never calls."""
+    ts = nnx.merge(graphdef, abstract)
+    teacher = _teacher(ts).get("teacher")
+    teacher_def, teacher_state = nnx.split(teacher) if teacher is not None else (None, None)
+    batch = {k: jax.ShapeDtypeStruct((global_batch,) + v.shape[1:], v.dtype) for k, v in example.items()}
+
+    def fn(model, batch, teacher_state):
+        extra = {"teacher": nnx.merge(teacher_def, teacher_state)} if teacher_def is not None else {}
+        return loss.fn(model, batch, jax.random.key(0), loss.denominators(batch), **extra)[0]
+
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        read = params.read_by(fn, ts.model, batch, teacher_state)
+    return sorted((set(params.param_shapes(ts.model)) if fresh is None else fresh) - read)
+
+
 def eval_step(state, batch, *, graphdef, loss: Loss):
     """Sums (not means) of each metric and its denominator, so batches aggregate exactly."""
     ts = nnx.merge(graphdef, state)

@@ -13,7 +13,8 @@ from tests.helpers import read_metrics, run_cli
 @pytest.mark.slow
 def test_default_run(tmp_path):
     """`python train.py` with no flags: under 10 minutes here, validation loss well below the corpus'
-    unigram entropy, and it leaves checkpoints, metrics, TensorBoard events and a sample."""
+    unigram entropy, and it leaves checkpoints, metrics, TensorBoard events and a sample; run again, it
+    says the run is complete."""
     t0 = time.time()
     proc = run_cli("train.py", [], cwd=str(tmp_path), timeout=900, fast_compile=False)  # as a user runs it
     elapsed = time.time() - t0
@@ -31,3 +32,5 @@ def test_default_run(tmp_path):
     assert any("eval_loss" in x for x in metrics)
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir / "tensorboard"))
     assert len((workdir / "sample.txt").read_text()) > len("def") + 10
+    again = run_cli("train.py", [], cwd=str(tmp_path), timeout=300)  # finished: one line, nothing recompiled
+    assert again.stdout.startswith(f"podformer: {workdir} is complete (step 400") and again.stdout.count("\n") == 1

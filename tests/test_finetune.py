@@ -147,14 +147,18 @@ def test_embedded_default_beats_the_majority_baseline(tmp_path, monkeypatch, cap
     assert {p["prediction"] for p in _predictions(result["workdir"])} <= set(embedded.CLASSES)
 
 
-def test_glue_on_mock_data_train_eval_predict_from_a_podformer_checkpoint(ckpts, tmp_path):
+def test_glue_on_mock_data_train_eval_predict_from_a_podformer_checkpoint(ckpts, tmp_path, capsys):
     """glue/mrpc (a pair task, F1 chosen as the best-checkpoint metric) from a podformer BERT workdir, then
-    the workdir scored in eval mode and predicted in predict mode."""
+    the workdir scored in eval mode and predicted in predict mode; training it again says it is complete."""
     cfg = "configs/finetune/glue.py:tiny"
     src = ["--config.task.source=tfds:glue/mrpc", "--config.train.steps=4", "--config.train.eval_every=2"]
     with tfds.testing.mock_data(num_examples=16):
         trained = _run(cfg, ckpts["podformer"], tmp_path, *src)
         assert set(trained["validation"]) == {"accuracy", "f1"} and trained["best_step"] in (2, 4)
+        capsys.readouterr()
+        assert _run(cfg, "", tmp_path, *src)["complete"]  # nothing trained, evaluated or compiled again
+        (line,) = capsys.readouterr().out.strip().splitlines()
+        assert line.startswith(f"podformer: {tmp_path} is complete (step 4 of 4; best f1 ") and "train.steps" in line
         evaluated = _run(cfg, "", tmp_path, *src, "--config.mode=eval")
         assert evaluated["validation"] == trained["validation"]
         _run(cfg, "", tmp_path, *src, "--config.mode=predict", "--config.task.predict_split=test")
