@@ -237,8 +237,11 @@ class Bert(nnx.Module):
         inputs_embeds: Array | None = None,
         rng: Array | None = None,
         padded_vocab: bool = False,
-    ) -> Array:
-        """MLM logits (B, L, V) in float32 (``mlm_logits``); the other arguments are those of ``encode``."""
+        with_nsp: bool = False,
+    ) -> Array | dict:
+        """MLM logits (B, L, V) in float32 (``mlm_logits``); ``with_nsp``: a dict of them (``logits``) and
+        the next-sentence logits (``nsp_logits``, B x 2), as BERT's pretraining reads them. The other
+        arguments are those of ``encode``."""
         hidden = self.encode(
             input_ids,
             attention_mask,
@@ -248,4 +251,5 @@ class Bert(nnx.Module):
             inputs_embeds=inputs_embeds,
             rng=rng,
         )
-        return self.mlm_logits(hidden, padded_vocab)
+        logits = self.mlm_logits(hidden, padded_vocab)
+        return {"logits": logits, "nsp_logits": self.nsp_logits(hidden)} if with_nsp else logits

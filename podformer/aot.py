@@ -143,7 +143,7 @@ def compile_train_step(spec: str, *, cfg, make_model, tx, schedule, loss, exampl
             f"data*fsdp={dp} and by the {processes} hosts of {spec}"
         )
     graphdef, abstract = trainer.abstract_state(make_model, tx, t.seed)
-    shardings = trainer.state_shardings(abstract, mesh, rules)
+    shardings = trainer.state_shardings(abstract, mesh, rules, strict=cfg.mesh.strict)
     example = {k: np.zeros((t.batch_size,) + np.shape(v), np.asarray(v).dtype) for k, v in example_row.items()}
     log(
         f"compiling the train step for {spec} ({len(devices)} x {devices[0].device_kind}, {processes} hosts); "

@@ -54,6 +54,8 @@ def cosine_embedding(student_BLD, teacher_BLD, weights_BL):
 
 
 def _encoder_call(model, batch, rng):
+    # NSP/SOP batches carry their labels; only then is the next-sentence head asked for (and must exist).
+    nsp = {"with_nsp": True} if "next_sentence_labels" in batch else {}
     return _outputs(
         model(
             batch["inputs"],
@@ -62,6 +64,7 @@ def _encoder_call(model, batch, rng):
             token_type_ids=batch.get("token_types"),
             rng=rng,
             padded_vocab=True,
+            **nsp,
         )
     )
 

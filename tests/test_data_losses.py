@@ -166,3 +166,34 @@ def test_distillation_step_trains_the_student_and_never_the_teacher():
     assert all(np.array_equal(a, b) for a, b in zip(teacher_before, teacher_after, strict=True))
     assert not np.array_equal(before["model"]["embed"], after["model"]["embed"])
     assert float(metrics["soft_loss"]) > 0 and float(metrics["cosine_loss"]) > 0
+
+
+def test_mlm_nsp_on_a_real_bert_reads_its_next_sentence_head():
+    """The loss asks a real Bert for its NSP logits (it once looked for a key the model never returned)."""
+    from flax import nnx
+
+    from podformer.model import bert
+
+    cfg = bert.BertConfig.tiny(vocab_size=50, d_model=16, num_layers=1, num_heads=2, d_ff=32, max_len=16)
+    model = bert.Bert(cfg, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(2)
+    batch = {
+        "inputs": rng.integers(0, 50, (2, 8)).astype(np.int32),
+        "segment_ids": np.ones((2, 8), np.int32),
+        "positions": np.tile(np.arange(8, dtype=np.int32), (2, 1)),
+        "token_types": np.asarray([[0] * 4 + [1] * 4] * 2, np.int32),
+        "targets": rng.integers(0, 50, (2, 8)).astype(np.int32),
+        "loss_weights": np.asarray([[1, 0, 1, 0, 0, 1, 0, 0], [0, 1, 0, 0, 1, 0, 0, 1]], np.float32),
+        "next_sentence_labels": np.asarray([1, 0], np.int32),
+    }
+    for name in ("mlm_nsp", "mlm_sop"):
+        loss = LOSSES[name]
+        value, metrics = loss.fn(model, batch, None, loss.denominators(batch))
+        hidden = model.encode(batch["inputs"], token_type_ids=batch["token_types"])
+        nsp = torch.tensor(np.asarray(model.nsp_logits(hidden)))
+        mlm = torch.tensor(np.asarray(model.mlm_logits(hidden)))
+        w = batch["loss_weights"].astype(bool)
+        ref_mlm = F.cross_entropy(mlm[torch.tensor(w)], torch.tensor(batch["targets"][w], dtype=torch.long))
+        ref_nsp = F.cross_entropy(nsp, torch.tensor(batch["next_sentence_labels"], dtype=torch.long))
+        np.testing.assert_allclose(float(metrics["nsp_loss"]), float(ref_nsp), rtol=1e-5)
+        np.testing.assert_allclose(float(value), float(ref_mlm + ref_nsp), rtol=1e-5)

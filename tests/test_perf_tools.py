@@ -41,15 +41,29 @@ def test_bad_topologies_are_one_line_user_errors(spec):
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs the [aot] extra: pip install -e '.[aot]'")
-def test_compile_only_for_a_tpu_topology(tmp_path):
+def _compile_only(*args):
     # A subprocess: libtpu, once loaded, stays registered in the process that loaded it.
-    args = [*SMALL, "--config.mesh.fsdp=2", f"--workdir={tmp_path}", "--compile_only=v5e:2x2"]
     e = env(JAX_PLATFORMS="cpu")  # this host computes nothing: no TPU backend to look for
     e["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))
-    proc = subprocess.run(
-        [sys.executable, "train.py", *args], cwd=REPO, env=e, capture_output=True, text=True, timeout=300
+    return subprocess.run(
+        [sys.executable, "train.py", *SMALL, *args], cwd=REPO, env=e, capture_output=True, text=True, timeout=300
     )
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs the [aot] extra: pip install -e '.[aot]'")
+def test_compile_only_refuses_what_mesh_strict_refuses(tmp_path):
+    """The compile-only answer for a slice is the one a run there would get: strict replication is an error."""
+    heads = ["--config.model.num_heads=5", "--config.model.head_dim=16", "--config.mesh.tensor=2"]
+    proc = _compile_only(*heads, "--config.mesh.strict=true", f"--workdir={tmp_path}", "--compile_only=v5e:2x2")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "podformer: error: mesh.strict: num_heads=5 is not divisible by mesh.tensor=2"
+    ), proc.stderr[-3000:]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs the [aot] extra: pip install -e '.[aot]'")
+def test_compile_only_for_a_tpu_topology(tmp_path):
+    proc = _compile_only("--config.mesh.fsdp=2", f"--workdir={tmp_path}", "--compile_only=v5e:2x2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
     lines = [ln for ln in out.splitlines() if "per device:" in ln or "compiling the train step" in ln]
