@@ -16,10 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from podformer import sampling as sampling_lib
 from podformer.core.errors import UserError
 from podformer.model import gpt, t5
 
 Array = jax.Array
+PLAIN = sampling_lib.Sampling()  # sampling from the model's own distribution
 NEG = -1.0e9  # transformers' "impossible" score; float32 arithmetic on it must match theirs
 
 
@@ -40,30 +42,9 @@ def generate(
     Decoder-only: ``input_ids`` is the prompt, LEFT-padded (``attention_mask`` 0 = padding).
     Encoder-decoder: the encoder inputs (any padding); the decoder starts from ``decoder_start_id``
     (T5: the pad id; BART: the eos id). ``eos_id=None``: generate exactly max_new_tokens."""
-    ids = np.asarray(input_ids, np.int32)
-    mask = np.asarray(attention_mask, np.int32)
-    if ids.ndim != 2 or mask.shape != ids.shape:
-        raise UserError(f"generate: input_ids {ids.shape} and attention_mask {mask.shape} must both be (batch, length)")
-    if max_new_tokens < 1 or num_beams < 1:
-        raise UserError(f"generate: max_new_tokens={max_new_tokens} and num_beams={num_beams} must be >= 1")
-    if not mask.any(axis=1).all():
-        raise UserError("generate: a row of attention_mask is all padding; every input needs at least one token")
-    seq2seq = isinstance(model, t5.T5)
-    if seq2seq:
-        if decoder_start_id is None:
-            raise UserError("generate: an encoder-decoder needs decoder_start_id (T5: the pad id; BART: the eos id)")
-        longest = max_new_tokens  # decoder positions 0 .. max_new_tokens - 1 are fed
-    elif isinstance(model, gpt.GPT):
-        if (np.diff(mask, axis=1) < 0).any():
-            raise UserError("generate: decoder-only prompts must be left-padded (attention_mask 0s before 1s)")
-        longest = int(mask.sum(axis=1).max()) + max_new_tokens - 1
-    else:
-        raise UserError(f"generate: {type(model).__name__} is not a generative model (a GPT or T5/BART)")
-    if model.cfg.position == "learned" and longest > model.cfg.max_len:
-        raise UserError(
-            f"generate: prompt + max_new_tokens needs {longest} positions and the model has {model.cfg.max_len}; "
-            "shorten the prompt or max_new_tokens"
-        )
+    ids, mask, seq2seq = _check_inputs(model, input_ids, attention_mask, max_new_tokens, decoder_start_id)
+    if num_beams < 1:
+        raise UserError(f"generate: num_beams={num_beams} must be >= 1")
     graphdef, state = nnx.split(model)
     # length ** length_penalty in float64, then float32: transformers divides by a Python float.
     denom = np.asarray([1.0] + [float(n) ** length_penalty for n in range(1, max_new_tokens + 1)], np.float32)
@@ -87,14 +68,54 @@ def generate(
     return out
 
 
+def _check_inputs(model, input_ids, attention_mask, max_new_tokens: int, decoder_start_id):
+    """(ids, mask, seq2seq) after the checks generate() and sample() share."""
+    ids = np.asarray(input_ids, np.int32)
+    mask = np.asarray(attention_mask, np.int32)
+    if ids.ndim != 2 or mask.shape != ids.shape:
+        raise UserError(f"generate: input_ids {ids.shape} and attention_mask {mask.shape} must both be (batch, length)")
+    if max_new_tokens < 1:
+        raise UserError(f"generate: max_new_tokens={max_new_tokens} must be >= 1")
+    if not mask.any(axis=1).all():
+        raise UserError("generate: a row of attention_mask is all padding; every input needs at least one token")
+    seq2seq = isinstance(model, t5.T5)
+    if seq2seq:
+        if decoder_start_id is None:
+            raise UserError("generate: an encoder-decoder needs decoder_start_id (T5: the pad id; BART: the eos id)")
+        longest = max_new_tokens  # decoder positions 0 .. max_new_tokens - 1 are fed
+    elif isinstance(model, gpt.GPT):
+        if (np.diff(mask, axis=1) < 0).any():
+            raise UserError("generate: decoder-only prompts must be left-padded (attention_mask 0s before 1s)")
+        longest = int(mask.sum(axis=1).max()) + max_new_tokens - 1
+    else:
+        raise UserError(f"generate: {type(model).__name__} is not a generative model (a GPT or T5/BART)")
+    if model.cfg.position == "learned" and longest > model.cfg.max_len:
+        raise UserError(
+            f"generate: prompt + max_new_tokens needs {longest} positions and the model has {model.cfg.max_len}; "
+            "shorten the prompt or max_new_tokens"
+        )
+    return ids, mask, seq2seq
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "seq2seq", "max_new_tokens", "num_beams"))
 def _generate(graphdef, state, ids, mask, eos_id, pad_id, start_id, denom, *, seq2seq, max_new_tokens, num_beams):
+    B = ids.shape[0]
+    T = max_new_tokens
+    logits, cache, run_step = _prefill(graphdef, state, ids, mask, start_id, seq2seq, T, num_beams)
+    if num_beams == 1:
+        return _greedy_loop(run_step, logits, cache, T, eos_id, pad_id)
+    return _beam_loop(run_step, logits, cache, B, num_beams, T, eos_id, pad_id, denom)
+
+
+def _prefill(graphdef, state, ids, mask, start_id, seq2seq: bool, T: int, copies: int):
+    """(float32 logits of the first new token (B * copies, V), the cache, the cached step) for T new
+    tokens; each input repeated ``copies`` times, consecutively (beams, samples)."""
     model = nnx.merge(graphdef, state)
     B, S = ids.shape
-    T, rows = max_new_tokens, B * num_beams
+    rows = B * copies
     if seq2seq:
-        encoded = jnp.repeat(model.encode(ids, mask), num_beams, axis=0)
-        enc_mask = jnp.repeat(mask, num_beams, axis=0)
+        encoded = jnp.repeat(model.encode(ids, mask), copies, axis=0)
+        enc_mask = jnp.repeat(mask, copies, axis=0)
         cache = model.init_cache(rows, T, S)  # the start token and T - 1 generated ones are fed
         start = jnp.full((rows, 1), start_id, jnp.int32)
         logits, cache = model.decode(start, encoded, enc_mask, cache=cache, last_only=True)
@@ -102,7 +123,7 @@ def _generate(graphdef, state, ids, mask, eos_id, pad_id, start_id, denom, *, se
         def step(m, tokens_B, cache):
             return m.decode(tokens_B[:, None], None, enc_mask, cache=cache, last_only=True)
     else:
-        ids, mask = jnp.repeat(ids, num_beams, axis=0), jnp.repeat(mask, num_beams, axis=0)
+        ids, mask = jnp.repeat(ids, copies, axis=0), jnp.repeat(mask, copies, axis=0)
         cache = model.init_cache(rows, S + T - 1)  # the last token is never fed back
         logits, cache = model(ids, mask, cache=cache, last_only=True)
 
@@ -115,10 +136,7 @@ def _generate(graphdef, state, ids, mask, eos_id, pad_id, start_id, denom, *, se
         logits, cache = step(nnx.merge(graphdef, state), tokens_B, cache)
         return logits[:, 0].astype(jnp.float32), cache
 
-    logits = logits[:, 0].astype(jnp.float32)
-    if num_beams == 1:
-        return _greedy_loop(run_step, logits, cache, T, eos_id, pad_id)
-    return _beam_loop(run_step, logits, cache, B, num_beams, T, eos_id, pad_id, denom)
+    return logits[:, 0].astype(jnp.float32), cache, run_step
 
 
 # Both loops pick token t from the logits at hand, then (while the loop goes on) feed it through one
@@ -238,3 +256,86 @@ def greedy(graphdef, state, prompt_ids: list[int], max_new_tokens: int, max_len:
     if eos_id is not None and eos_id in out:
         out = out[: out.index(eos_id) + 1]
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sampling (podformer/sampling.py has the filters and the keys)
+
+
+def sample(
+    model: gpt.GPT | t5.T5,
+    input_ids,
+    attention_mask,
+    *,
+    key: Array,
+    max_new_tokens: int,
+    eos_id: int | None,
+    pad_id: int,
+    sampling: sampling_lib.Sampling = PLAIN,
+    num_samples: int = 1,
+    decoder_start_id: int | None = None,
+) -> np.ndarray:
+    """Sampled ids (B * num_samples, max_new_tokens) int32, as generate(): rows b * num_samples ..
+    (b + 1) * num_samples - 1 continue input b (transformers' num_return_sequences order). Token t of
+    output row r is drawn with ``fold_in(fold_in(key, r), t)``: the same key gives the same tokens, and a
+    row's draws do not depend on the other rows. The repetition penalty sees the prompt's tokens (a
+    decoder's; an encoder-decoder's decoder start token) and those generated so far."""
+    ids, mask, seq2seq = _check_inputs(model, input_ids, attention_mask, max_new_tokens, decoder_start_id)
+    if num_samples < 1:
+        raise UserError(f"generate: num_samples={num_samples} must be >= 1")
+    graphdef, state = nnx.split(model)
+    out = _sample(
+        graphdef,
+        state,
+        jnp.asarray(ids),
+        jnp.asarray(mask),
+        jnp.asarray(key),
+        jnp.int32(-1 if eos_id is None else eos_id),
+        jnp.int32(pad_id),
+        jnp.int32(0 if decoder_start_id is None else decoder_start_id),
+        seq2seq=seq2seq,
+        max_new_tokens=max_new_tokens,
+        num_samples=num_samples,
+        sampling=sampling,
+    )
+    return np.asarray(out)
+
+
+def first_seen(ids, mask, start_id, seq2seq: bool, vocab: int, copies: int) -> Array:
+    """(B * copies, V) bool: the tokens the repetition penalty starts from (a decoder's prompt without
+    its padding; an encoder-decoder's decoder start token)."""
+    if seq2seq:
+        seen = jnp.zeros((ids.shape[0], vocab), bool).at[:, start_id].set(True)
+    else:
+        rows = jnp.arange(ids.shape[0])[:, None]
+        seen = jnp.zeros((ids.shape[0], vocab), jnp.int32).at[rows, ids].add(mask) > 0
+    return jnp.repeat(seen, copies, axis=0)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "seq2seq", "max_new_tokens", "num_samples", "sampling"))
+def _sample(
+    graphdef, state, ids, mask, key, eos_id, pad_id, start_id, *, seq2seq, max_new_tokens, num_samples, sampling
+):
+    T = max_new_tokens
+    logits, cache, run_step = _prefill(graphdef, state, ids, mask, start_id, seq2seq, T, num_samples)
+    rows, V = logits.shape
+    seen = first_seen(ids, mask, start_id, seq2seq, V, num_samples)
+    keys = sampling_lib.row_keys(key, rows)
+
+    def pick(c, logits):
+        drawn = sampling_lib.draw(keys, c["t"], sampling_lib.filter_logits(logits, c["seen"], sampling))
+        tok = jnp.where(c["done"], pad_id, drawn)
+        out = jax.lax.dynamic_update_slice(c["out"], tok[:, None], (0, c["t"]))
+        seen = c["seen"].at[jnp.arange(rows), tok].set(True)
+        return dict(c, t=c["t"] + 1, out=out, done=c["done"] | (tok == eos_id), tokens=tok, seen=seen)
+
+    def cond(c):
+        return (c["t"] < T) & ~jnp.all(c["done"])
+
+    def body(c):
+        logits, cache = run_step(c["tokens"], c["cache"])
+        return pick(dict(c, cache=cache), logits)
+
+    init = dict(t=jnp.int32(0), out=jnp.full((rows, T), pad_id, jnp.int32), done=jnp.zeros((rows,), bool))
+    init = pick(dict(init, cache=cache, tokens=jnp.zeros((rows,), jnp.int32), seen=seen), logits)
+    return jax.lax.while_loop(cond, body, init)["out"]
