@@ -97,6 +97,7 @@ setup(
         "console_scripts": [
             "podformer-train=podformer.train:main",
             "podformer-finetune=podformer.finetune:main",
+            "podformer-generate=podformer.generate_cli:main",
         ]
     },
 )

