@@ -113,3 +113,62 @@ def test_python_m_podformer_generate_is_the_command(tmp_path):
     done = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("podformer: error: --model=") and len(done.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# Curves
+
+
+def _run_metrics(path, lr_peak, step_time, with_task=False):
+    """metrics.jsonl as podformer/loop.py writes it, logged every 5 steps: 128 tokens/s * step_time tokens
+    per step, a loss that falls faster with a larger learning rate."""
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "metrics.jsonl"), "w") as f:
+        for step in range(5, 105, 5):
+            line = {"step": step, "loss": 6.0 / (1 + step * lr_peak * 50), "learning_rate": lr_peak * min(1, step / 20),
+                    "tokens_per_sec": 128.0, "step_time": step_time}  # fmt: skip
+            f.write(json.dumps(line) + "\n")
+            if step % 25 == 0:
+                extra = {"eval_accuracy": step / 200, "eval_f1": step / 250} if with_task else {}
+                f.write(json.dumps({"step": step, "eval_loss": 6.5 / (1 + step * lr_peak * 50), **extra}) + "\n")
+
+
+def _picture(path):
+    import matplotlib.image
+
+    img = matplotlib.image.imread(path)
+    assert img.std() > 0.05 and (img[..., :3] < 0.5).mean() > 0.005  # not blank: drawn lines and text
+    return img.shape[1], img.shape[0]
+
+
+def test_curves_and_overlay(tmp_path, capsys):
+    from podformer import plot
+
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    _run_metrics(a, 1e-3, 0.25)
+    _run_metrics(b, 3e-4, 0.5, with_task=True)
+    assert plot.tokens_per_step(plot.read(a)) == 32 and plot.tokens_per_step(plot.read(b)) == 64
+    assert plot.task_metrics(plot.read(b)) == ["eval_accuracy", "eval_f1"]
+    assert plot.main([a]) == 0 and capsys.readouterr().out == f"wrote {a}/curves.png\n"
+    assert _picture(os.path.join(a, "curves.png")) == (825, 528)  # one panel: 7.5 x 4.8 inches at 110 dpi
+    assert _picture(plot.curves(b)) == (1650, 528)  # and the task metrics' panel
+    assert plot.main([a, b, f"--out={tmp_path / 'cmp.png'}"]) == 0
+    assert _picture(str(tmp_path / "cmp.png")) == (1650, 528)
+    assert plot.main([a, b]) == 2 and "several runs need --out" in capsys.readouterr().err
+    assert plot.main([str(tmp_path / "none")]) == 2
+    assert capsys.readouterr().err.startswith(f"podformer: error: {tmp_path / 'none'}: no metrics.jsonl")
+
+
+def test_metric_writer_draws_curves_at_each_evaluation_and_at_the_end(tmp_path):
+    """train.py and finetune.py write through MetricWriter: an eval line redraws curves.png, close draws it."""
+    from podformer.metrics import MetricWriter
+
+    writer = MetricWriter(str(tmp_path))
+    writer.write(5, {"loss": 5.0, "learning_rate": 1e-3, "tokens_per_sec": 100.0, "step_time": 0.5})
+    assert not (tmp_path / "curves.png").exists()
+    writer.write(5, {"eval_loss": 5.5})
+    first = (tmp_path / "curves.png").stat().st_mtime_ns
+    writer.write(10, {"loss": 4.0, "learning_rate": 1e-3, "tokens_per_sec": 100.0, "step_time": 0.5})
+    writer.close()
+    assert (tmp_path / "curves.png").stat().st_mtime_ns > first
+    _picture(str(tmp_path / "curves.png"))
