@@ -71,8 +71,9 @@ class Loaded:
         return ids + ([tok.piece_to_id(last)] if last and tok.piece_to_id(last) is not None else [])
 
 
-def load(path: str, step: int | None = None) -> Loaded:
-    """A podformer workdir (its latest or ``step`` checkpoint and tokenizer/) or a Hugging Face folder."""
+def load(path: str, step: int | None = None, **overrides) -> Loaded:
+    """A podformer workdir (its latest or ``step`` checkpoint and tokenizer/) or a Hugging Face folder;
+    ``overrides`` change how the model runs (params.TRAINING_FIELDS: scan_layers, remat, ...)."""
     if params.is_workdir(path):
         try:
             family, cfg, flat, meta = params.read_workdir(path, step)
@@ -95,7 +96,8 @@ def load(path: str, step: int | None = None) -> Loaded:
     start = hf_cfg.get("decoder_start_token_id")
     if start is None and family in hf.DECODER_START:
         start = tok.pad_id if hf.DECODER_START[family] == "pad_token_id" else tok.eos_id
-    return Loaded(family, hf.build(family, cfg, flat), tok, tok.eos_id, tok.pad_id, start)
+    model = hf.build(family, dataclasses.replace(cfg, **overrides), flat)
+    return Loaded(family, model, tok, tok.eos_id, tok.pad_id, start)
 
 
 def _parse(argv: list[str]) -> dict:

@@ -104,10 +104,10 @@ def curves(workdir: str, out: str | None = None) -> str:
             steps, values = _series(rows, key)
             ax.plot(steps, values, marker="o", label=key[len("eval_") :])
         ax.set_xlabel("step")
-        ax.set_ylabel("validation metric")
+        ax.set_ylabel("metric")
         ax.grid(alpha=0.3)
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=4)
-        ax.set_title("task metrics (validation)")
+        ax.set_title("validation metrics")
     return _save(fig, out or str(epath.Path(workdir) / "curves.png"))
 
 

@@ -32,5 +32,6 @@ def test_default_run(tmp_path):
     assert any("eval_loss" in x for x in metrics)
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir / "tensorboard"))
     assert len((workdir / "sample.txt").read_text()) > len("def") + 10
+    assert (workdir / "curves.png").stat().st_size > 20_000  # drawn at each eval and at the end (test_look)
     again = run_cli("train.py", [], cwd=str(tmp_path), timeout=300)  # finished: one line, nothing recompiled
     assert again.stdout.startswith(f"podformer: {workdir} is complete (step 400") and again.stdout.count("\n") == 1

@@ -166,6 +166,7 @@ def test_glue_on_mock_data_train_eval_predict_from_a_podformer_checkpoint(ckpts,
     assert len(preds) == 16 and {p["prediction"] for p in preds} <= {"not_equivalent", "equivalent"}
     lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
     assert any("eval_f1" in x for x in lines) and any("loss" in x for x in lines)
+    assert (tmp_path / "curves.png").stat().st_size > 20_000  # with the task metrics' panel (test_look)
 
 
 @pytest.mark.slow
