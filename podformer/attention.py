@@ -116,7 +116,10 @@ def draw(layers_HLS: list[np.ndarray], q_tokens, k_tokens, query: int | None, *,
         ax.axis("off")
     else:
         summary = np.stack([w[:, query].mean(axis=0) for w in layers_HLS])  # (layers, S)
-        ax.imshow(summary, cmap="magma", vmin=0.0, aspect="auto", interpolation="nearest")
+        future = np.broadcast_to(hidden[query] & causal, summary.shape)
+        summary_colors = matplotlib.colormaps["magma"].with_extremes(bad="lightgrey")
+        shown = np.ma.masked_array(summary, future)
+        ax.imshow(shown, cmap=summary_colors, vmin=0.0, aspect="auto", interpolation="nearest")
         ax.set_xticks(range(len(k_tokens)), k_tokens, rotation=70, fontsize=8, ha="right")
         ax.set_yticks(range(N), [f"layer {i + 1}" for i in range(N)], fontsize=8)
         ax.set_title(f"what {q_tokens[query]!r} attends to (mean over heads)", fontsize=9)
