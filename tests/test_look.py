@@ -219,3 +219,47 @@ def test_attention_weights_equal_transformers_and_the_picture(minilm, tmp_path, 
         assert line in printed
     width, height = _picture(png)
     assert width > 1200 and height > 500
+
+
+QUERIES = [
+    "what's the main objective of curling?",
+    "can you get medicine for someone pharmacy",
+    "how tall is the eiffel tower",
+    "how do plants turn sunlight into food",
+]
+PASSAGES = [  # passage i answers query i; the last four answer none
+    "In curling, two teams slide granite stones across the ice; the goal is to finish with your stones "
+    "closer to the centre of the target, the house, than any of your opponent's.",
+    "A pharmacist can hand over a prescription medicine for another person if you bring their prescription "
+    "and can confirm their name and address.",
+    "The Eiffel Tower in Paris, completed in 1889, is 330 metres high including its antennas.",
+    "Photosynthesis lets plants use light energy, water and carbon dioxide to make glucose and oxygen.",
+    "To reset the router, hold its reset button for ten seconds until the lights blink.",
+    "Stock markets fell sharply after the central bank raised interest rates again.",
+    "Bananas are rich in potassium and are a popular snack among athletes.",
+    "Python's list.sort() sorts a list in place and returns None.",
+]
+
+
+def test_embeddings_equal_sentence_transformers_and_search_finds_the_answers(minilm, tmp_path, capsys):
+    st = pytest.importorskip("sentence_transformers")
+    from podformer import embed
+
+    (tmp_path / "q.txt").write_text("\n".join(QUERIES) + "\n")
+    (tmp_path / "p.txt").write_text("\n".join(PASSAGES) + "\n")
+    npy = tmp_path / "emb"
+    argv = [f"--model={minilm}", f"--queries={tmp_path / 'q.txt'}", f"--passages={tmp_path / 'p.txt'}",
+            "--batch_size=3", f"--npy={npy}", "--top=2"]  # fmt: skip
+    result = embed.run(argv)
+    assert result["pooling"] == "mean"  # from 1_Pooling/config.json
+    reference = st.SentenceTransformer(minilm, device="cpu")
+    for name, texts in (("queries", QUERIES), ("passages", PASSAGES)):
+        expected = reference.encode(texts, batch_size=5)  # another batching: padding must not matter
+        saved = np.load(npy / f"{name}.npy")
+        assert saved.shape == expected.shape == (len(texts), 384)
+        assert np.abs(saved - expected).max() <= 1e-6
+        np.testing.assert_array_equal(saved, result[name])
+    assert result["order"][:, 0].tolist() == [0, 1, 2, 3]
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == f"query: {QUERIES[0]}" and printed[1].endswith(PASSAGES[0])
+    assert f"{result['scores'][0, 0]:.4f}" in printed[1] and len(printed) == 4 * 3 + 1
