@@ -1,4 +1,5 @@
-"""Text generation with a KV cache: greedy and beam search for decoders and encoder-decoders.
+"""Text generation with a KV cache: greedy search, beam search and sampling for decoders and
+encoder-decoders (``python -m podformer.generate``: the command, podformer/generate_cli.py).
 
 One jitted function per shape: prefill (the prompt, or the encoder and the start token), then a
 ``jax.lax.while_loop`` whose body runs one cached decoding step. Beam search is transformers'
