@@ -263,3 +263,40 @@ def test_embeddings_equal_sentence_transformers_and_search_finds_the_answers(min
     printed = capsys.readouterr().out.splitlines()
     assert printed[0] == f"query: {QUERIES[0]}" and printed[1].endswith(PASSAGES[0])
     assert f"{result['scores'][0, 0]:.4f}" in printed[1] and len(printed) == 4 * 3 + 1
+
+
+@pytest.mark.parametrize("name", ["gpt2", "t5"])
+def test_decoder_and_encoder_decoder_attention_weights_equal_transformers(name, tmp_path):
+    """A decoder's causal self-attention; an encoder-decoder's encoder (padded), decoder and cross attention."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from podformer import attention
+    from tests import zoo_helpers as zh
+
+    path = str(tmp_path)
+    ref = type(zh.make_reference(name, path)).from_pretrained(path, attn_implementation="eager").eval()
+    b = zh.batch(name)
+    ids, mask = b["input_ids"], b["attention_mask"]
+    if name == "gpt2":
+        mask = np.ones_like(mask)  # causality is the point here; the encoder case covers padding
+    kw = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), output_attentions=True)
+    if name == "t5":
+        kw["decoder_input_ids"] = torch.tensor(b["decoder_input_ids"])
+    with torch.no_grad():
+        out = ref(**kw)
+    model = hf.from_pretrained(path, scan_layers=False)
+    got = attention.weights(model, ids, mask, b.get("decoder_input_ids"))
+    real = mask.astype(bool)
+    if name == "gpt2":
+        expected = {"decoder": (out.attentions, None)}
+    else:
+        expected = {"encoder": (out.encoder_attentions, real), "decoder": (out.decoder_attentions, None),
+                    "cross": (out.cross_attentions, None)}  # fmt: skip
+    assert sorted(got) == sorted(expected)
+    for kind, (ref_layers, rows) in expected.items():
+        assert len(got[kind]) == len(ref_layers)
+        for g, e in zip(got[kind], ref_layers, strict=True):
+            diff = np.abs(g - e.numpy()).transpose(0, 2, 1, 3)
+            assert (diff[rows] if rows is not None else diff).max() <= 1e-5, kind
+    if name == "gpt2":  # the causal mask: nothing above the diagonal
+        assert np.triu(got["decoder"][0][0, 0], k=1).max() == 0.0
