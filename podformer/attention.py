@@ -24,7 +24,7 @@ from podformer.model import attention as attention_lib
 from podformer.model import bert, gpt, t5
 
 USAGE = """usage: python -m podformer.attention --model=WORKDIR_OR_HF_FOLDER --text=TEXT [--token=WORD]
-    [--out=attention.png] [--target=TEXT (an encoder-decoder's decoder input; default: --text)] [--step=N]"""
+    [--out=attention.png] [--target=TEXT (an encoder-decoder's decoder input; default: --text)] [--step=N|best]"""
 FLAGS = ("model", "text", "token", "out", "target", "step")
 
 
@@ -139,7 +139,7 @@ def run(argv: list[str]) -> dict:
         flags[name] = value
     if "model" not in flags or "text" not in flags:
         raise UserError(f"--model and --text are required\n{USAGE}")
-    step = int(flags["step"]) if flags.get("step") else None
+    step = flags.get("step")
     m = generate_cli.load(flags["model"], step, scan_layers=False, remat="none")
     ids = m.encode(flags["text"])
     tokens = [clean(m.tokenizer.id_to_piece(i)) for i in ids]

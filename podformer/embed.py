@@ -30,7 +30,7 @@ from podformer.model import bert
 POOLING = ("mean", "cls", "max")
 USAGE = """usage: python -m podformer.embed --model=WORKDIR_OR_HF_FOLDER
     (--queries=FILE | --query=TEXT ...) (--passages=FILE | --passage=TEXT ...)
-    [--pooling=mean|cls|max] [--top=5] [--batch_size=32] [--npy=DIR] [--step=N]"""
+    [--pooling=mean|cls|max] [--top=5] [--batch_size=32] [--npy=DIR] [--step=N|best]"""
 
 
 def _st_file(path: str, name: str) -> dict | None:
@@ -141,9 +141,9 @@ def run(argv: list[str]) -> dict:
     passages = _texts(texts["passage"], flags.get("passages"), "passage")
     try:
         top, batch_size = int(flags.get("top", 5)), int(flags.get("batch_size", 32))
-        step = int(flags["step"]) if "step" in flags else None
+        step = flags.get("step")
     except ValueError as e:
-        raise UserError(f"--top, --batch_size and --step take integers ({e})") from None
+        raise UserError(f"--top and --batch_size take integers ({e})") from None
     path = flags["model"]
     loaded = generate_cli.load(path, step)
     pooling = flags.get("pooling") or pooling_of(path)

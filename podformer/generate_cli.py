@@ -21,7 +21,7 @@ from podformer.data import hf_tokenizer
 from podformer.model import gpt, hf, params
 
 USAGE = """usage: python -m podformer.generate --model=WORKDIR_OR_HF_FOLDER (--prompt=TEXT | --prompts=FILE)
-    [--max_new_tokens=64] [--step=N] [--out=FILE.jsonl]
+    [--max_new_tokens=64] [--step=N|best (a workdir's checkpoint; default: the latest)] [--out=FILE.jsonl]
     greedy (the default) | beam search: --num_beams=N [--length_penalty=1.0]
     | sampling: --sample and/or any of --temperature=T --top_k=K --top_p=P --min_p=P, [--num_samples=N]
       [--seed=0]; --repetition_penalty=R applies to greedy decoding and sampling"""
@@ -31,7 +31,7 @@ FLAGS = {
     "prompt": str,
     "prompts": str,
     "max_new_tokens": int,
-    "step": int,
+    "step": str,
     "out": str,
     "num_beams": int,
     "length_penalty": float,
@@ -71,10 +71,42 @@ class Loaded:
         return ids + ([tok.piece_to_id(last)] if last and tok.piece_to_id(last) is not None else [])
 
 
-def load(path: str, step: int | None = None, **overrides) -> Loaded:
-    """A podformer workdir (its latest or ``step`` checkpoint and tokenizer/) or a Hugging Face folder;
-    ``overrides`` change how the model runs (params.TRAINING_FIELDS: scan_layers, remat, ...)."""
+def best_step(workdir: str) -> int:
+    """A fine-tuning run's best checkpoint: the step whose saved metric (Orbax's ``<step>/metrics``, the
+    task metric finetune.py ranks checkpoints by) is the best value the run recorded in its latest meta."""
+    directory = os.path.join(workdir, "checkpoints")
+    steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+    scored = {}
+    for s in steps:
+        path = os.path.join(directory, str(s), "metrics", "metrics")
+        if os.path.isfile(path):
+            with open(path) as f:
+                scored[s] = json.load(f)
+    meta_path = os.path.join(directory, str(steps[-1]), "meta", "metadata") if steps else ""
+    value = None
+    if os.path.isfile(meta_path):
+        with open(meta_path) as f:
+            value = (json.load(f).get("best") or {}).get("value")
+    found = [s for s, m in scored.items() if value is not None and value in m.values()]
+    if not found:
+        raise UserError(
+            f"--step=best: {workdir}'s checkpoints carry no best metric (a pretraining run, or none kept); "
+            "use its latest checkpoint (no --step) or --step=N"
+        )
+    return found[-1]
+
+
+def load(path: str, step: int | str | None = None, **overrides) -> Loaded:
+    """A podformer workdir (its latest, ``step`` or 'best' checkpoint and tokenizer/) or a Hugging Face
+    folder; ``overrides`` change how the model runs (params.TRAINING_FIELDS: scan_layers, remat, ...)."""
     if params.is_workdir(path):
+        if step == "best":
+            step = best_step(path)
+        elif isinstance(step, str):
+            try:
+                step = int(step)
+            except ValueError:
+                raise UserError(f"--step={step!r}: a checkpoint step or 'best'") from None
         try:
             family, cfg, flat, meta = params.read_workdir(path, step)
         except FileNotFoundError as e:

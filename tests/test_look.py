@@ -83,6 +83,10 @@ def test_generate_command_on_a_folder_and_a_workdir(folder, tmp_path, capsys):
     printed = capsys.readouterr().out.splitlines()
     assert printed[0] == f"[0.0] {PROMPTS[0]}{lines[0]['completion']}" and len(printed) == 4
 
+    # --step=best is a fine-tuning run's (test_finetune checks which step it picks); here there is none.
+    assert generate_cli.main([f"--model={workdir}", "--prompt=x", "--step=best"]) == 2
+    assert "--step=best: " in capsys.readouterr().err
+
     # Beam search through the command: generate(num_beams=3).
     got = generate_cli.run([f"--model={workdir}", f"--prompts={tmp_path / 'prompts.txt'}", "--max_new_tokens=6",
                             "--num_beams=3"])  # fmt: skip
