@@ -215,16 +215,18 @@ def run(argv: list[str]) -> list[dict]:
     key = jax.random.key(flags.get("seed", 0))
     kw = dict(max_new_tokens=T, eos_id=m.eos_id, pad_id=m.pad_id, decoder_start_id=m.decoder_start_id)
     if len(prompts) == 1 and num_beams == 1 and num_samples == 1:
-        # One prompt: print the text as it grows (decoding the whole continuation each time keeps the
-        # tokenizer's spacing right).
+        # One prompt: print the text as it grows. The whole continuation is decoded each time (the
+        # tokenizer's spacing depends on what precedes), and held back while it ends in half a character.
         print(prompts[0], end="", flush=True)
         new, shown = [], ""
         for tok in generate.stream(m.model, ids, mask, sampling=s, key=key, **kw):
             new.append(tok)
             text = m.tokenizer.decode(_cut(new, m.eos_id))
-            print(text[len(shown) :] if text.startswith(shown) else "\n" + text, end="", flush=True)
-            shown = text
-        print()
+            if text.startswith(shown) and not text.endswith("\ufffd"):
+                print(text[len(shown) :], end="", flush=True)
+                shown = text
+        text = m.tokenizer.decode(_cut(new, m.eos_id))
+        print(text[len(shown) :] if text.startswith(shown) else "\n" + text)
         outs = [np.asarray(new)]
     else:
         if s is None:
