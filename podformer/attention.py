@@ -147,6 +147,8 @@ def run(argv: list[str]) -> dict:
     if isinstance(m.model, t5.T5):
         decoder_ids = [m.decoder_start_id, *m.tokenizer.encode(flags.get("target", flags["text"]))]
         dec_tokens = [clean(m.tokenizer.id_to_piece(i)) for i in decoder_ids]
+    if "token" in flags:  # a word the text lacks fails before the model runs
+        find(tokens + (dec_tokens or []), flags["token"])
     found = weights(m.model, [ids], [[1] * len(ids)], None if decoder_ids is None else [decoder_ids])
     out = flags.get("out", "attention.png")
     stem, ext = os.path.splitext(out)

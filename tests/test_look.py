@@ -304,3 +304,19 @@ def test_decoder_and_encoder_decoder_attention_weights_equal_transformers(name, 
             assert (diff[rows] if rows is not None else diff).max() <= 1e-5, kind
     if name == "gpt2":  # the causal mask: nothing above the diagonal
         assert np.triu(got["decoder"][0][0, 0], k=1).max() == 0.0
+
+
+def test_attention_and_embed_commands_errors(minilm, folder, capsys):
+    from podformer import attention, embed
+
+    cases = [
+        (attention.main, [f"--model={minilm}", f"--text={MONKEY}", "--token=zebra"], "--token='zebra' is none of"),
+        (attention.main, [f"--model={minilm}"], "--model and --text are required"),
+        (embed.main, [f"--model={folder}", "--query=a", "--passage=b"], "embeddings need an encoder"),
+        (embed.main, [f"--model={minilm}", "--query=a"], "no passages: give --passages=FILE or --passage=TEXT"),
+        (embed.main, [f"--model={minilm}", "--query=a", "--passage=b", "--pooling=sum"], "--pooling='sum'"),
+    ]
+    for main, argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("podformer: error: ") and message in err.splitlines()[0], err
