@@ -76,9 +76,12 @@ def find(tokens: list[str], word: str) -> int:
     raise UserError(f"--token={word!r} is none of the text's tokens: {' '.join(tokens)}")
 
 
-def top(weights_HLS: np.ndarray, query: int, tokens: list[str], k: int = 3) -> list[tuple[str, float]]:
-    """The ``k`` keys the query attends to most, averaged over heads."""
+def top(weights_HLS: np.ndarray, query: int, tokens: list[str], k: int = 3, *, causal: bool = False):
+    """The ``k`` (token, weight) keys the query attends to most, averaged over heads; a causal query's
+    future keys (masked) are never among them."""
     row = weights_HLS[:, query].mean(axis=0)
+    if causal:
+        row = row[: query + 1 + row.shape[0] - weights_HLS.shape[1]]
     order = np.argsort(-row, kind="stable")[:k]
     return [(tokens[i], float(row[i])) for i in order]
 
@@ -153,10 +156,13 @@ def run(argv: list[str]) -> dict:
     out = flags.get("out", "attention.png")
     stem, ext = os.path.splitext(out)
     result = {}
-    for kind, layers_BHLS in found.items():
+    for kind in [k for k in ("encoder", "decoder", "cross") if k in found]:  # jit returns dicts key-sorted
+        layers_BHLS = found[kind]
         q_tokens = tokens if kind == "encoder" or dec_tokens is None else dec_tokens
         k_tokens = dec_tokens if kind == "decoder" and dec_tokens is not None else tokens
-        query = find(q_tokens, flags["token"]) if "token" in flags else None
+        query = None
+        if "token" in flags and (len(found) == 1 or flags["token"].lower() in (t.lower() for t in q_tokens)):
+            query = find(q_tokens, flags["token"])  # an encoder-decoder: the side whose queries have it
         path = out if len(found) == 1 or kind == "encoder" else f"{stem}_{kind}{ext or '.png'}"
         layers_HLS = [w[0] for w in layers_BHLS]
         name = {"encoder": "self-attention", "decoder": "causal self-attention", "cross": "cross-attention"}[kind]
@@ -167,7 +173,7 @@ def run(argv: list[str]) -> dict:
         tops = []
         if query is not None:
             for i, w in enumerate(layers_HLS):
-                tops.append(top(w, query, k_tokens))
+                tops.append(top(w, query, k_tokens, causal=kind == "decoder"))
                 print(f"  layer {i + 1}: {q_tokens[query]!r} -> " + ", ".join(f"{t} {p:.3f}" for t, p in tops[-1]))
         result[kind] = {"path": path, "tokens": q_tokens, "top": tops, "weights": layers_HLS}
     return result
