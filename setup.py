@@ -57,6 +57,8 @@ setup(
         "numpy>=2",
         "tensorboardX>=2.6",
         "tqdm>=4.66",
+        # curves.png and the plot/attention commands (headless: the Agg canvas).
+        "matplotlib>=3.8,<4",
         "etils[epath]>=1.10",
         # Fine-tuning metrics (podformer/task_metrics.py): the reference implementations themselves.
         "scikit-learn>=1.4,<2",
@@ -97,6 +99,7 @@ setup(
         "console_scripts": [
             "podformer-train=podformer.train:main",
             "podformer-finetune=podformer.finetune:main",
+            "podformer-generate=podformer.generate_cli:main",
         ]
     },
 )

@@ -97,8 +97,9 @@ def t5_relative_buckets(relative_BLS: Array, *, bidirectional: bool, num_buckets
     return buckets + jnp.where(n < max_exact, n, large)
 
 
-def _attention_reference(q, k, v, mask, bias, scale, dropout_rate, rng):
-    """Plain einsum attention with float32 softmax; the only path that supports attention dropout."""
+def _attention_reference(q, k, v, mask, bias, scale, dropout_rate, rng, *, return_weights: bool = False):
+    """Plain einsum attention with float32 softmax; the only path that supports attention dropout.
+    ``return_weights``: (output, the softmax weights (B, H, L, S) float32, before dropout)."""
     B, L, H, K = q.shape
     G = k.shape[2]
     q = q.reshape(B, L, G, H // G, K)
@@ -108,10 +109,10 @@ def _attention_reference(q, k, v, mask, bias, scale, dropout_rate, rng):
         logits = logits + bias.astype(jnp.float32)
     if mask is not None:
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1)
-    probs = dropout(probs, dropout_rate, rng).astype(v.dtype)
-    out = jnp.einsum("BGRLS,BSGK->BLGRK", probs.reshape(B, G, H // G, L, -1), v)
-    return out.reshape(B, L, H, K)
+    weights = jax.nn.softmax(logits, axis=-1)
+    probs = dropout(weights, dropout_rate, rng).astype(v.dtype)
+    out = jnp.einsum("BGRLS,BSGK->BLGRK", probs.reshape(B, G, H // G, L, -1), v).reshape(B, L, H, K)
+    return (out, weights) if return_weights else out
 
 
 def _attention_jax(implementation):
@@ -287,4 +288,27 @@ def attention(
 ) -> Array:
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"unknown attention implementation {impl!r}; choose one of {sorted(ATTENTION_IMPLS)}")
+    if _recording is not None:  # the reference path computes both what the model uses and the weights
+        out, weights = _attention_reference(
+            q_BLHK, k_BSGK, v_BSGK, mask_B1LS, bias_BHLS, scale, dropout_rate, rng, return_weights=True
+        )
+        _recording.append(weights)
+        return out
     return ATTENTION_IMPLS[impl](q_BLHK, k_BSGK, v_BSGK, mask_B1LS, bias_BHLS, scale, dropout_rate, rng)
+
+
+_recording: list | None = None
+
+
+@contextlib.contextmanager
+def record_weights():
+    """Within this context every attention() call runs the reference path and appends its softmax weights
+    (B, H, L, S) float32 to the yielded list, in call order (a model's layers, a decoder block's self
+    then cross attention). The list holds values of the trace it was filled in: call the model and
+    return the list from one function, with unrolled layers (scan_layers=False, remat='none')."""
+    global _recording
+    outer, _recording = _recording, []
+    try:
+        yield _recording
+    finally:
+        _recording = outer

@@ -9,6 +9,8 @@ import sys
 import jax
 from etils import epath
 
+from podformer import plot
+
 
 class MetricWriter:
     def __init__(self, workdir: str, enabled: bool | None = None):
@@ -50,10 +52,23 @@ class MetricWriter:
             if k != "step" and isinstance(v, int | float):
                 self._tb.add_scalar(k, v, step)
         self._tb.flush()
+        if any(k.startswith("eval_") for k in record):  # curves.png is redrawn at each evaluation
+            self.draw()
+
+    def draw(self) -> None:
+        """<workdir>/curves.png from metrics.jsonl (podformer/plot.py)."""
+        if not self.enabled or not self.path.exists():
+            return
+        try:
+            plot.curves(str(self.path.parent))
+        except Exception as e:  # a picture that cannot be drawn must not stop training; say why
+            print(f"podformer: warning: could not draw {self.path.parent}/curves.png ({type(e).__name__}: {e})",
+                  file=sys.stderr)  # fmt: skip
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+            self.draw()
 
 
 def _plain(v):

@@ -3,11 +3,13 @@ runner starts it first (it is the longest test) while the other files run beside
 
 import os
 import re
+import subprocess
+import sys
 import time
 
 import pytest
 
-from tests.helpers import read_metrics, run_cli
+from tests.helpers import env, read_metrics, run_cli
 
 
 @pytest.mark.slow
@@ -32,5 +34,18 @@ def test_default_run(tmp_path):
     assert any("eval_loss" in x for x in metrics)
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir / "tensorboard"))
     assert len((workdir / "sample.txt").read_text()) > len("def") + 10
+    assert (workdir / "curves.png").stat().st_size > 20_000  # drawn at each eval and at the end (test_look)
+    # The generate command on the run: its greedy continuation of the sample's prompt is sample.txt.
+    command = [
+        sys.executable,
+        "-m",
+        "podformer.generate",
+        "--model=runs/gpt_tiny",
+        "--prompt=def",
+        "--max_new_tokens=48",
+    ]
+    generated = subprocess.run(command, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
+    assert generated.returncode == 0, generated.stderr[-3000:]
+    assert generated.stdout == (workdir / "sample.txt").read_text() + "\n"
     again = run_cli("train.py", [], cwd=str(tmp_path), timeout=300)  # finished: one line, nothing recompiled
     assert again.stdout.startswith(f"podformer: {workdir} is complete (step 400") and again.stdout.count("\n") == 1

@@ -209,7 +209,7 @@ def test_a_default_gpt_run_exports_a_folder_that_generates_its_sample(tmp_path):
         generated = model.generate(**inputs, max_new_tokens=48, do_sample=False)[0, inputs["input_ids"].shape[1] :]
     assert prompt + tok.decode(generated, skip_special_tokens=True) == sample
     # podformer's own greedy continuation of the same prompt, from the checkpoint: the same tokens.
-    from podformer import generate
+    from podformer import generate, generate_cli
 
     family, cfg, flat, _ = params.read_workdir(workdir)
     ids = np.asarray([[sp.bos_id, *sp.encode(prompt)]], np.int32)
@@ -217,3 +217,6 @@ def test_a_default_gpt_run_exports_a_folder_that_generates_its_sample(tmp_path):
     ours = ours[0].tolist()
     n = len(generated)
     assert ours[:n] == generated.tolist() and (n == 48 or ours[n - 1] == 2)
+    # The generate command on the exported folder (its tokenizer.json frames the prompt with <s>): the same.
+    command = generate_cli.run([f"--model={out}", f"--prompt={prompt}", "--max_new_tokens=48"])
+    assert command[0]["tokens"] == [t for t in generated.tolist() if t != 2]

@@ -12,7 +12,7 @@ import re
 import pytest
 import tensorflow_datasets as tfds
 
-from podformer import finetune, train
+from podformer import finetune, generate_cli, train
 from podformer.data.tasks import embedded
 from podformer.model import hf
 from tests.helpers import SMALL
@@ -155,6 +155,7 @@ def test_glue_on_mock_data_train_eval_predict_from_a_podformer_checkpoint(ckpts,
     with tfds.testing.mock_data(num_examples=16):
         trained = _run(cfg, ckpts["podformer"], tmp_path, *src)
         assert set(trained["validation"]) == {"accuracy", "f1"} and trained["best_step"] in (2, 4)
+        assert generate_cli.best_step(str(tmp_path)) == trained["best_step"]  # what --step=best loads
         capsys.readouterr()
         assert _run(cfg, "", tmp_path, *src)["complete"]  # nothing trained, evaluated or compiled again
         (line,) = capsys.readouterr().out.strip().splitlines()
@@ -166,6 +167,7 @@ def test_glue_on_mock_data_train_eval_predict_from_a_podformer_checkpoint(ckpts,
     assert len(preds) == 16 and {p["prediction"] for p in preds} <= {"not_equivalent", "equivalent"}
     lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
     assert any("eval_f1" in x for x in lines) and any("loss" in x for x in lines)
+    assert (tmp_path / "curves.png").stat().st_size > 20_000  # with the task metrics' panel (test_look)
 
 
 @pytest.mark.slow

@@ -79,6 +79,7 @@ def test_the_wheel_holds_every_file_under_one_name(venv):
     assert {n.split("/")[0] for n in names} == {"podformer", next(n for n in names if ".dist-info" in n).split("/")[0]}
     assert "podformer-train = podformer.train:main" in entry_points
     assert "podformer-finetune = podformer.finetune:main" in entry_points
+    assert "podformer-generate = podformer.generate_cli:main" in entry_points
 
 
 @pytest.mark.slow
