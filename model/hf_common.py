@@ -115,8 +115,7 @@ def mlp(hf: str, ours: str, names: dict[str, str], D: int, F: int, *, bias: bool
 class Format:
     """How one transformers ``model_type`` maps onto one podformer family."""
 
-    model_type: str
-    family: str  # key of model.FAMILIES
+    model_type: str  # listed by its family's row (model/families.py hf_formats)
     # (config.json dict, state dict) -> the family config
     config_from_hf: Callable[[dict, dict], object]
     # family config -> config.json dict (architecture fields only; transformers fills in the rest)

@@ -467,15 +467,11 @@ _IGNORE = (
     r"rotary_emb\.inv_freq$",
 )
 FORMATS = [
-    Format("gpt2", "gpt", gpt2_config, gpt2_to_hf, gpt2_rules, "GPT2LMHeadModel", "transformer.", _IGNORE),
-    Format(
-        "gpt_neo", "gpt", gpt_neo_config, gpt_neo_to_hf, gpt_neo_rules, "GPTNeoForCausalLM", "transformer.", _IGNORE
-    ),
-    Format("gptj", "gpt", gptj_config, gptj_to_hf, gptj_rules, "GPTJForCausalLM", "transformer.", _IGNORE),
-    Format(
-        "gpt_neox", "gpt", gpt_neox_config, gpt_neox_to_hf, gpt_neox_rules, "GPTNeoXForCausalLM", "gpt_neox.", _IGNORE
-    ),
-    Format("opt", "gpt", opt_config, opt_to_hf, opt_rules, "OPTForCausalLM", "model.decoder.", _IGNORE),
-    Format("bloom", "gpt", bloom_config, bloom_to_hf, bloom_rules, "BloomForCausalLM", "transformer.", _IGNORE),
-    Format("llama", "gpt", llama_config, llama_to_hf, llama_rules, "LlamaForCausalLM", "model.", _IGNORE),
+    Format("gpt2", gpt2_config, gpt2_to_hf, gpt2_rules, "GPT2LMHeadModel", "transformer.", _IGNORE),
+    Format("gpt_neo", gpt_neo_config, gpt_neo_to_hf, gpt_neo_rules, "GPTNeoForCausalLM", "transformer.", _IGNORE),
+    Format("gptj", gptj_config, gptj_to_hf, gptj_rules, "GPTJForCausalLM", "transformer.", _IGNORE),
+    Format("gpt_neox", gpt_neox_config, gpt_neox_to_hf, gpt_neox_rules, "GPTNeoXForCausalLM", "gpt_neox.", _IGNORE),
+    Format("opt", opt_config, opt_to_hf, opt_rules, "OPTForCausalLM", "model.decoder.", _IGNORE),
+    Format("bloom", bloom_config, bloom_to_hf, bloom_rules, "BloomForCausalLM", "transformer.", _IGNORE),
+    Format("llama", llama_config, llama_to_hf, llama_rules, "LlamaForCausalLM", "model.", _IGNORE),
 ]

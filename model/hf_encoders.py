@@ -211,9 +211,8 @@ def _bert_arch(cfg) -> str:
 _IGNORE = (r"predictions\.decoder\.(weight|bias)$", r"lm_head\.decoder\.(weight|bias)$", r"position_ids$")
 
 FORMATS = [
-    Format("bert", "bert", bert_config, bert_to_hf, bert_rules, _bert_arch, "bert.", _IGNORE, _MLM_HEAD),
+    Format("bert", bert_config, bert_to_hf, bert_rules, _bert_arch, "bert.", _IGNORE, _MLM_HEAD),
     Format(
-        "roberta",
         "roberta",
         roberta_config,
         roberta_to_hf,
@@ -224,7 +223,6 @@ FORMATS = [
         _MLM_HEAD,
     ),
     Format(
-        "distilbert",
         "distilbert",
         distilbert_config,
         distilbert_to_hf,

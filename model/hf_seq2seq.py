@@ -196,7 +196,7 @@ _T5_IGNORE = (r"^(encoder|decoder)\.embed_tokens\.weight$", r"^lm_head\.weight$"
 _BART_IGNORE = (r"^model\.(encoder|decoder)\.embed_tokens\.weight$", r"^lm_head\.weight$")
 
 FORMATS = [
-    Format("t5", "t5", t5_config, t5_to_hf, t5_rules, "T5ForConditionalGeneration", "", _T5_IGNORE),
-    Format("mt5", "t5", mt5_config, mt5_to_hf, t5_rules, "MT5ForConditionalGeneration", "", _T5_IGNORE),
-    Format("bart", "bart", bart_config, bart_to_hf, bart_rules, "BartForConditionalGeneration", "model.", _BART_IGNORE),
+    Format("t5", t5_config, t5_to_hf, t5_rules, "T5ForConditionalGeneration", "", _T5_IGNORE),
+    Format("mt5", mt5_config, mt5_to_hf, t5_rules, "MT5ForConditionalGeneration", "", _T5_IGNORE),
+    Format("bart", bart_config, bart_to_hf, bart_rules, "BartForConditionalGeneration", "model.", _BART_IGNORE),
 ]
