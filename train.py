@@ -27,6 +27,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from podformer import (  # noqa: E402
+    aot,
     checkpoint,
     distillation,
     distributed,
@@ -78,8 +79,6 @@ def run(argv: list[str] | None = None) -> dict:
     make_teacher = teacher.make if teacher is not None else None
 
     if flags["compile_only"]:
-        from podformer import aot
-
         return aot.compile_only(flags["compile_only"], cfg, model_cfg, module_cls)
 
     mesh = mesh_lib.make_mesh(cfg.mesh)

@@ -17,7 +17,8 @@ from collections.abc import Iterable, Sequence
 import sentencepiece as spm
 
 from podformer.core.errors import UserError
-from podformer.data import special
+from podformer.data import sources, special
+from podformer.data.sources import cache_dir  # noqa: F401 (re-exported: callers find the cache here too)
 
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
 
@@ -178,12 +179,6 @@ def append_sentinels(model_proto: bytes, n: int) -> bytes:
     return proto.SerializeToString()
 
 
-def cache_dir(configured: str = "") -> str:
-    return (
-        configured or os.environ.get("PODFORMER_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "podformer")
-    )
-
-
 def atomic_write(path: str, data: bytes) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
@@ -226,8 +221,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     """``python -m podformer.data.tokenizer train ...``: train a SentencePiece model on any source."""
     import argparse
     import sys
-
-    from podformer.data import sources
 
     parser = argparse.ArgumentParser(prog="python -m podformer.data.tokenizer", description=main.__doc__)
     sub = parser.add_subparsers(dest="command", required=True)

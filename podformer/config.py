@@ -17,12 +17,12 @@ from typing import Any
 
 import ml_collections
 
-import podformer.configs
 from podformer.core.errors import UserError
 from podformer.model import families
 
-# The configs' folder: the checkout's configs/ or the installed podformer/configs/ (the same files).
-CONFIGS = os.path.dirname(os.path.abspath(podformer.configs.__file__))
+# The configs' folder: the checkout's configs/ or the installed podformer/configs/ (the same files). Found,
+# not imported: the library never imports the configs (they sit above it).
+CONFIGS = os.path.abspath(importlib.util.find_spec("podformer.configs").submodule_search_locations[0])
 
 # Sections and keys that every run config has; other code and scripts rely on these names.
 REQUIRED = {
