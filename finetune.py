@@ -100,7 +100,7 @@ def run(argv: list[str] | None = None) -> dict:
     )
     t = cfg.train
     seq_len = t.seq_len
-    if getattr(model_cfg, "position", "learned") == "learned" and seq_len > getattr(model_cfg, "max_len", seq_len):
+    if getattr(model_cfg, "position", "learned") == "learned" and seq_len > model_cfg.max_len:
         raise UserError(f"train.seq_len={seq_len} exceeds the model's max_len={model_cfg.max_len}; lower it")
 
     mesh = mesh_lib.make_mesh(cfg.mesh)

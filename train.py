@@ -66,11 +66,7 @@ def run(argv: list[str] | None = None) -> dict:
     model_cfg = config_lib.family_config(cfg.model, family.config)
     module_cls = family.module_class()
     t = cfg.train
-    if (
-        hasattr(model_cfg, "max_len")
-        and getattr(model_cfg, "position", "learned") == "learned"
-        and t.seq_len > model_cfg.max_len
-    ):
+    if getattr(model_cfg, "position", "learned") == "learned" and t.seq_len > model_cfg.max_len:
         raise UserError(
             f"train.seq_len={t.seq_len} exceeds model.max_len={model_cfg.max_len}; lower one or raise the other"
         )
