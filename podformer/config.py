@@ -152,8 +152,8 @@ def parse_args(argv: list[str], default_config: str, flags: dict[str, Any]) -> t
     overrides: list[tuple[str, str]] = []
     values = dict(flags)
     args = list(argv)
-    if "-h" in args or "--help" in args:
-        print(usage(_config_spec(args, default_config), default_config, flags))
+    if "-h" in args or "--help" in args:  # a config that does not load is an error, as without --help
+        print(usage(load_config_file(_config_spec(args, default_config)), default_config, flags))
         raise SystemExit(0)
     while args:
         arg = args.pop(0)
@@ -202,19 +202,16 @@ def _keys(node: ml_collections.ConfigDict, prefix: str = "") -> list[tuple[str, 
     return out
 
 
-def usage(spec: str, default_config: str, flags: dict[str, Any]) -> str:
-    """What ``--help`` prints: how to call, the flags, and every key of config ``spec`` with its value."""
+def usage(cfg: ml_collections.ConfigDict, default_config: str, flags: dict[str, Any]) -> str:
+    """What ``--help`` prints: how to call, the flags, and every key of the loaded config with its value."""
+    spec = cfg.config_spec
     lines = [
         "usage: [--config=configs/<family>.py[:variant]] [--config.<section>.<key>=<value> ...] "
         + " ".join(f"[--{k}=...]" for k in flags),
         f"  --config={spec}" + ("  (the default)" if spec == default_config else f"  (default: {default_config})"),
     ]
     lines += [f"  --{k}={v!r}" for k, v in flags.items()]
-    try:
-        cfg = load_config_file(spec)
-    except UserError as e:
-        return "\n".join(lines + [f"podformer: error: {e}"])
-    lines.append(f"keys of {cfg.config_spec}, by section (override any with --config.<key>=<value>):")
+    lines.append(f"keys of {spec}, by section (override any with --config.<key>=<value>):")
     sections: dict[str, list[tuple[str, Any]]] = {}
     for key, value in _keys(cfg):
         if key != "config_spec":

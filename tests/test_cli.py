@@ -42,6 +42,7 @@ def _probe(entry: str, *args: str) -> tuple[int, bool, str, str]:
         ("train.py", ["--config.model.family=gtp"], "model.family='gtp'; choose one of gpt, bert"),
         ("train.py", ["--config=configs/gtp.py"], "config file 'configs/gtp.py' does not exist"),
         ("train.py", ["--workdirr=x"], "unknown flag --workdirr; did you mean --workdir?"),
+        ("train.py", ["--help", "--config=configs/gtp.py"], "config file 'configs/gtp.py' does not exist"),
         ("finetune.py", ["--config.task.typo=1"], "unknown config key 'typo' in task; did you mean task.type?"),
     ],
 )
