@@ -35,23 +35,6 @@ from podformer.model.hf_tensors import read_safetensors, read_state_dict, read_t
 FORMATS: dict[str, Format] = {
     f.model_type: f for f in (*hf_decoders.FORMATS, *hf_encoders.FORMATS, *hf_seq2seq.FORMATS)
 }
-# transformers' base-model class of each format and the prefix its tensors carry inside the full model (what
-# export writes when no head exists; bare base-model checkpoints have no prefix).
-BASE_MODELS = {
-    "bert": ("BertModel", "bert."),
-    "roberta": ("RobertaModel", "roberta."),
-    "distilbert": ("DistilBertModel", "distilbert."),
-    "gpt2": ("GPT2Model", "transformer."),
-    "gpt_neo": ("GPTNeoModel", "transformer."),
-    "gptj": ("GPTJModel", "transformer."),
-    "gpt_neox": ("GPTNeoXModel", "gpt_neox."),
-    "opt": ("OPTModel", "model."),
-    "bloom": ("BloomModel", "transformer."),
-    "llama": ("LlamaModel", "model."),
-    "t5": ("T5Model", ""),
-    "mt5": ("MT5Model", ""),
-    "bart": ("BartModel", "model."),
-}
 # Files that make up a tokenizer in a model folder (copied along by the import/export command).
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -202,7 +185,7 @@ def to_hf(
     T5Model, ...); otherwise as the architecture of the heads that exist. A tensor is never invented."""
     fmt, hf_cfg = select_format(cfg, model_type)
     rules = fmt.rules(cfg)
-    base_cls, prefix = BASE_MODELS[fmt.model_type]
+    base_cls, prefix = fmt.base_model
     head = [r for r in rules if _in_head(r.hf, prefix)]
     have = [r for r in rules if all(n in flat for n in r.ours)]
     if base_model or (head and not any(r in have for r in head)):
@@ -328,7 +311,7 @@ def import_folder(hf_dir: str, workdir: str, *, scan_layers: bool = True) -> str
     family, cfg, flat, missing = load(hf_dir)
     hf_cfg = read_config(hf_dir)
     model = build(family, dataclasses.replace(cfg, scan_layers=scan_layers), flat)
-    base_cls = BASE_MODELS[hf_cfg["model_type"]][0]
+    base_cls = FORMATS[hf_cfg["model_type"]].base_model[0]
     meta = {
         "source": os.path.abspath(hf_dir),
         "hf_config": hf_cfg,

@@ -174,6 +174,9 @@ class Format:
     # Canonical parameters a checkpoint may lack (a base model without its LM head): they keep their
     # initial values, and the caller is told.
     optional: tuple[str, ...] = ()
+    # transformers' base-model class and the prefix its tensors carry inside the full model (what export
+    # writes when no head exists; bare base-model checkpoints have no prefix).
+    base_model: tuple[str, str] = ("", "")
 
 
 def architecture(fmt: Format, cfg) -> str:

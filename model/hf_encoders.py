@@ -200,7 +200,17 @@ def _bert_arch(cfg) -> str:
 _IGNORE = (r"predictions\.decoder\.(weight|bias)$", r"lm_head\.decoder\.(weight|bias)$", r"position_ids$")
 
 FORMATS = [
-    Format("bert", bert_config, bert_to_hf, bert_rules, _bert_arch, "bert.", _IGNORE, _MLM_HEAD),
+    Format(
+        "bert",
+        bert_config,
+        bert_to_hf,
+        bert_rules,
+        _bert_arch,
+        "bert.",
+        _IGNORE,
+        _MLM_HEAD,
+        base_model=("BertModel", "bert."),
+    ),
     Format(
         "roberta",
         roberta_config,
@@ -210,6 +220,7 @@ FORMATS = [
         "roberta.",
         _IGNORE,
         _MLM_HEAD,
+        base_model=("RobertaModel", "roberta."),
     ),
     Format(
         "distilbert",
@@ -220,5 +231,6 @@ FORMATS = [
         "distilbert.",
         (r"vocab_projector\.weight$", *_IGNORE),
         _MLM_HEAD,
+        base_model=("DistilBertModel", "distilbert."),
     ),
 ]

@@ -194,7 +194,27 @@ _T5_IGNORE = (r"^(encoder|decoder)\.embed_tokens\.weight$", r"^lm_head\.weight$"
 _BART_IGNORE = (r"^model\.(encoder|decoder)\.embed_tokens\.weight$", r"^lm_head\.weight$")
 
 FORMATS = [
-    Format("t5", t5_config, t5_to_hf, t5_rules, "T5ForConditionalGeneration", "", _T5_IGNORE),
-    Format("mt5", mt5_config, mt5_to_hf, t5_rules, "MT5ForConditionalGeneration", "", _T5_IGNORE),
-    Format("bart", bart_config, bart_to_hf, bart_rules, "BartForConditionalGeneration", "model.", _BART_IGNORE),
+    Format(
+        "t5", t5_config, t5_to_hf, t5_rules, "T5ForConditionalGeneration", "", _T5_IGNORE, base_model=("T5Model", "")
+    ),
+    Format(
+        "mt5",
+        mt5_config,
+        mt5_to_hf,
+        t5_rules,
+        "MT5ForConditionalGeneration",
+        "",
+        _T5_IGNORE,
+        base_model=("MT5Model", ""),
+    ),
+    Format(
+        "bart",
+        bart_config,
+        bart_to_hf,
+        bart_rules,
+        "BartForConditionalGeneration",
+        "model.",
+        _BART_IGNORE,
+        base_model=("BartModel", "model."),
+    ),
 ]
