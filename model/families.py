@@ -31,7 +31,7 @@ class Family:
     kind: str  # encoder | decoder | seq2seq: how it reads a sequence (fine-tuning heads, generation)
     objective: str  # the pretraining objective of its configs (data/pipeline.py), hence its tokenizer's tokens
     framing: Framing  # special tokens around texts (fine-tuning rows, exported tokenizers), decoder start
-    hf_formats: tuple[str, ...]  # transformers model_types it converts (model/hf_*.py); the first is exported
+    hf_formats: tuple[str, ...]  # transformers model_types it converts (model/hf_*.py); export tries them in order
     heads: tuple[str, ...]  # the fine-tuning heads it takes (model/heads.py HEADS)
 
     def module_class(self):
@@ -41,64 +41,70 @@ class Family:
 
 
 _ENCODER_HEADS = ("sequence", "span", "token")
-_BERT_FRAMING = Framing(start="[CLS]", sep="[SEP]")
-_ROBERTA_FRAMING = Framing(start="<s>", sep="</s>", double_sep=True)
+_SEQ2SEQ_HEADS = ("sequence", "lm")
 
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
         Family(
-            "gpt",
-            GPTConfig,
-            "podformer.model.gpt:GPT",
-            "decoder",
-            "causal_lm",
-            Framing(start="<s>", sep=None),
-            ("gpt2", "gpt_neo", "gptj", "gpt_neox", "opt", "bloom", "llama"),
-            ("sequence", "span", "token", "lm"),
+            name="gpt",
+            config=GPTConfig,
+            module="podformer.model.gpt:GPT",
+            kind="decoder",
+            objective="causal_lm",
+            framing=Framing(start="<s>", sep=None),  # documents start with bos
+            hf_formats=("gpt2", "gpt_neo", "gptj", "gpt_neox", "opt", "bloom", "llama"),
+            heads=("sequence", "span", "token", "lm"),
         ),
         Family(
-            "bert", BertConfig, "podformer.model.bert:Bert", "encoder", "mlm", _BERT_FRAMING, ("bert",), _ENCODER_HEADS
+            name="bert",
+            config=BertConfig,
+            module="podformer.model.bert:Bert",
+            kind="encoder",
+            objective="mlm",
+            framing=Framing(start="[CLS]", sep="[SEP]"),
+            hf_formats=("bert",),
+            heads=_ENCODER_HEADS,
         ),
         Family(
-            "roberta",
-            RobertaConfig,
-            "podformer.model.bert:Bert",
-            "encoder",
-            "roberta",
-            _ROBERTA_FRAMING,
-            ("roberta",),
-            _ENCODER_HEADS,
+            name="roberta",
+            config=RobertaConfig,
+            module="podformer.model.bert:Bert",
+            kind="encoder",
+            objective="roberta",
+            framing=Framing(start="<s>", sep="</s>", double_sep=True),
+            hf_formats=("roberta",),
+            heads=_ENCODER_HEADS,
         ),
         Family(
-            "distilbert",
-            DistilBertConfig,
-            "podformer.model.bert:Bert",
-            "encoder",
-            "distill",
-            _BERT_FRAMING,
-            ("distilbert",),
-            _ENCODER_HEADS,
+            name="distilbert",
+            config=DistilBertConfig,
+            module="podformer.model.bert:Bert",
+            kind="encoder",
+            objective="distill",  # from a BERT teacher; its tokenizer is BERT's
+            framing=Framing(start="[CLS]", sep="[SEP]"),
+            hf_formats=("distilbert",),
+            heads=_ENCODER_HEADS,
         ),
         Family(
-            "t5",
-            T5Config,
-            "podformer.model.t5:T5",
-            "seq2seq",
-            "span_corruption",
-            Framing(start=None, sep="</s>", decoder_start="pad"),
-            ("t5", "mt5"),
-            ("sequence", "lm"),
+            name="t5",
+            config=T5Config,
+            module="podformer.model.t5:T5",
+            kind="seq2seq",
+            objective="span_corruption",
+            framing=Framing(start=None, sep="</s>", decoder_start="pad"),
+            hf_formats=("t5", "mt5"),
+            heads=_SEQ2SEQ_HEADS,
         ),
         Family(
-            "bart",
-            BartConfig,
-            "podformer.model.t5:T5",
-            "seq2seq",
-            "bart",
-            Framing(start="<s>", sep="</s>", double_sep=True, decoder_start="eos"),
-            ("bart",),
-            ("sequence", "lm"),
+            name="bart",
+            config=BartConfig,
+            module="podformer.model.t5:T5",
+            kind="seq2seq",
+            objective="bart",
+            framing=Framing(start="<s>", sep="</s>", double_sep=True, decoder_start="eos"),
+            hf_formats=("bart",),
+            heads=_SEQ2SEQ_HEADS,
         ),
     )
 }
