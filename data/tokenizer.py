@@ -196,7 +196,7 @@ def get(
     corpus_name: str,
     corpus_fingerprint: str,
     texts_fn,
-    tokens: special.TokenSet | None = None,
+    tokens: special.TokenSet = GPT,
 ) -> SentencePieceTokenizer:
     """``data.tokenizer`` if set; else a tokenizer trained on the corpus with the special ``tokens`` (default:
     GPT's, none), cached by corpus and settings (GPT's name has no tag: existing caches and hashes hold)."""
