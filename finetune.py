@@ -10,29 +10,46 @@ python finetune.py --config=configs/finetune/glue.py:bert_base --workdir=runs/mr
 
 from __future__ import annotations
 
-import json
-import math
-import os
 import sys
 
-import jax
-import numpy as np
-from flax import nnx
-
-from podformer import checkpoint, cli, distributed, finetuning, hostmem, loop, optim, preemption, profiling, trainer
-from podformer import config as config_lib
-from podformer import finetune_tasks as tasks
-from podformer import flops as flops_lib
-from podformer import mesh as mesh_lib
-from podformer.core.errors import UserError
-from podformer.data.loader import Loader
-from podformer.data.tasks import features
-from podformer.finetune_eval import Evaluator
-from podformer.metrics import MetricWriter, log
+from podformer import cli
 
 DEFAULT_CONFIG = "configs/finetune/embedded.py:tiny"
 FLAGS = {"workdir": ""}
 MODES = ("train", "eval", "predict")
+
+if __name__ == "__main__":  # --help and config errors answer before JAX loads (it takes seconds)
+    cli.first_contact(sys.argv[1:], DEFAULT_CONFIG, FLAGS)
+
+import json  # noqa: E402  (the imports after the first-contact check)
+import math  # noqa: E402
+import os  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from podformer import (  # noqa: E402
+    checkpoint,
+    distributed,
+    finetuning,
+    hostmem,
+    loop,
+    optim,
+    preemption,
+    profiling,
+    trainer,
+)
+from podformer import config as config_lib  # noqa: E402
+from podformer import finetune_tasks as tasks  # noqa: E402
+from podformer import flops as flops_lib  # noqa: E402
+from podformer import mesh as mesh_lib  # noqa: E402
+from podformer.core.errors import UserError  # noqa: E402
+from podformer.data.loader import Loader  # noqa: E402
+from podformer.data.tasks import features  # noqa: E402
+from podformer.finetune_eval import Evaluator  # noqa: E402
+from podformer.metrics import MetricWriter, log  # noqa: E402
+from podformer.model import families, heads, params  # noqa: E402
 
 
 def run(argv: list[str] | None = None) -> dict:
@@ -47,9 +64,6 @@ def run(argv: list[str] | None = None) -> dict:
     workdir = workdir if "://" in workdir else os.path.abspath(workdir)
     checkpoint.check_workdir(workdir)
     profiler = profiling.Profiler(cfg.profile, workdir)
-
-    from podformer import model as models
-    from podformer.model import heads, params
 
     task = tasks.make_task(cfg.task, label_names=[])  # label names come later: they may need the data
     ckpt = checkpoint.Checkpointer(
@@ -68,9 +82,10 @@ def run(argv: list[str] | None = None) -> dict:
         raise UserError(f"mode={cfg.mode} needs a fine-tuned --workdir; {workdir} has no checkpoint (train first)")
     if cfg.mode == "train" and meta is not None and finished(workdir, cfg, meta, task.metric):
         return {"workdir": workdir, "step": latest, "complete": True, "preempted": False}
-    start = finetuning.resolve_start(cfg, config_lib, models, meta["model"] if meta else None)
+    start = finetuning.resolve_start(cfg, config_lib, meta["model"] if meta else None)
     finetuning.check_family(task.type, start.family, f"init.checkpoint {start.description}")
-    model_cfg, family, kind = start.model_cfg, start.family, heads.KINDS[start.family]
+    model_cfg, family = start.model_cfg, start.family
+    row = families.get(family)
     tok = finetuning.resolve_tokenizer(cfg, start, workdir, resumed=meta is not None)
     if tok.vocab_size > model_cfg.vocab_size:
         raise UserError(
@@ -80,10 +95,12 @@ def run(argv: list[str] | None = None) -> dict:
     if meta is not None and meta.get("tokenizer") != tok.fingerprint:
         raise UserError(f"{workdir} was fine-tuned with tokenizer {meta.get('tokenizer')}, not {tok.fingerprint}")
     task.label_names = meta["label_names"] if meta is not None else tasks.label_names(task)
-    lay = features.layout(family, kind, tok, type_vocab_size=getattr(model_cfg, "type_vocab_size", 0))
+    lay = features.layout(
+        row.framing, row.kind, tok, what=family, type_vocab_size=getattr(model_cfg, "type_vocab_size", 0)
+    )
     t = cfg.train
     seq_len = t.seq_len
-    if getattr(model_cfg, "position", "learned") == "learned" and seq_len > getattr(model_cfg, "max_len", seq_len):
+    if getattr(model_cfg, "position", "learned") == "learned" and seq_len > model_cfg.max_len:
         raise UserError(f"train.seq_len={seq_len} exceeds the model's max_len={model_cfg.max_len}; lower it")
 
     mesh = mesh_lib.make_mesh(cfg.mesh)
@@ -107,7 +124,7 @@ def run(argv: list[str] | None = None) -> dict:
 
     head_kind = finetuning.HEAD_OF[task.type]
     dropout = cfg.head.dropout if cfg.head.dropout >= 0 else getattr(model_cfg, "dropout", 0.0)
-    module_cls = models.FAMILIES[family][1]
+    module_cls = row.module_class()
 
     def make_model(rngs):
         backbone = module_cls(model_cfg, rngs=rngs)
@@ -204,8 +221,6 @@ def _train(cfg, task, evaluator, ckpt, writer, profiler, state, graphdef, shardi
            start_step, data_state, model_cfg, family, tok, start) -> tuple:  # fmt: skip
     """The loop: train steps, evaluation (and a checkpoint carrying the task metric) every eval_every steps
     and at the end, early stopping, preemption. Returns (state, {"step", "preempted", "early_stopped"})."""
-    from podformer.model import params
-
     t = cfg.train
     model_keys = {k: v for k, v in train_rows.items() if k not in tasks.MODEL_KEYS_DROPPED}
     loader = Loader(features.Rows(model_keys), global_batch=t.batch_size, mesh=mesh, rules=rules, seed=t.seed)

@@ -97,8 +97,8 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "podformer-train=podformer.train:main",
-            "podformer-finetune=podformer.finetune:main",
+            "podformer-train=podformer.cli:train",
+            "podformer-finetune=podformer.cli:finetune",
             "podformer-generate=podformer.generate_cli:main",
         ]
     },

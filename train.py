@@ -7,17 +7,28 @@ python train.py --workdir=runs/gpt_tiny                 # again: resumes from th
 
 from __future__ import annotations
 
-import dataclasses
-import os
 import sys
 
-import jax
-import numpy as np
-from flax import nnx
+from podformer import cli
 
-from podformer import (
+DEFAULT_CONFIG = "configs/gpt.py:tiny"
+# --compile_only=v5p:2x2x2 (or a named slice, v5p-64): compile the train step for that TPU topology on
+# this machine, print its per-device memory and whether it fits in HBM, and stop (podformer/aot.py).
+FLAGS = {"workdir": "", "compile_only": ""}
+
+if __name__ == "__main__":  # --help and config errors answer before JAX loads (it takes seconds)
+    cli.first_contact(sys.argv[1:], DEFAULT_CONFIG, FLAGS)
+
+import dataclasses  # noqa: E402  (the imports after the first-contact check)
+import os  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from podformer import (  # noqa: E402
+    aot,
     checkpoint,
-    cli,
     distillation,
     distributed,
     generate,
@@ -28,19 +39,15 @@ from podformer import (
     profiling,
     trainer,
 )
-from podformer import config as config_lib
-from podformer import flops as flops_lib
-from podformer import mesh as mesh_lib
-from podformer.core.errors import UserError
-from podformer.data import hf_tokenizer, pipeline
-from podformer.data.loader import Loader
-from podformer.losses import LOSSES
-from podformer.metrics import MetricWriter, log
-
-DEFAULT_CONFIG = "configs/gpt.py:tiny"
-# --compile_only=v5p:2x2x2 (or a named slice, v5p-64): compile the train step for that TPU topology on
-# this machine, print its per-device memory and whether it fits in HBM, and stop (podformer/aot.py).
-FLAGS = {"workdir": "", "compile_only": ""}
+from podformer import config as config_lib  # noqa: E402
+from podformer import flops as flops_lib  # noqa: E402
+from podformer import mesh as mesh_lib  # noqa: E402
+from podformer.core.errors import UserError  # noqa: E402
+from podformer.data import hf_tokenizer, pipeline  # noqa: E402
+from podformer.data.loader import Loader  # noqa: E402
+from podformer.losses import LOSSES  # noqa: E402
+from podformer.metrics import MetricWriter, log  # noqa: E402
+from podformer.model import families, hf, params  # noqa: E402
 
 
 def run(argv: list[str] | None = None) -> dict:
@@ -55,18 +62,11 @@ def run(argv: list[str] | None = None) -> dict:
     if done is not None:  # nothing to train: say so before any data is built or anything compiled
         return {"step": done, "complete": True, "preempted": False}
 
-    from podformer import model as models  # after distributed init: nothing may touch devices before it
-
-    if cfg.model.family not in models.FAMILIES:
-        raise UserError(f"model.family={cfg.model.family!r}; choose one of {', '.join(models.FAMILIES)}")
-    config_cls, module_cls = models.FAMILIES[cfg.model.family]
-    model_cfg = config_lib.family_config(cfg.model, config_cls)
+    family = families.get(cfg.model.family)
+    model_cfg = config_lib.family_config(cfg.model, family.config)
+    module_cls = family.module_class()
     t = cfg.train
-    if (
-        hasattr(model_cfg, "max_len")
-        and getattr(model_cfg, "position", "learned") == "learned"
-        and t.seq_len > model_cfg.max_len
-    ):
+    if getattr(model_cfg, "position", "learned") == "learned" and t.seq_len > model_cfg.max_len:
         raise UserError(
             f"train.seq_len={t.seq_len} exceeds model.max_len={model_cfg.max_len}; lower one or raise the other"
         )
@@ -75,8 +75,6 @@ def run(argv: list[str] | None = None) -> dict:
     make_teacher = teacher.make if teacher is not None else None
 
     if flags["compile_only"]:
-        from podformer import aot
-
         return aot.compile_only(flags["compile_only"], cfg, model_cfg, module_cls)
 
     mesh = mesh_lib.make_mesh(cfg.mesh)
@@ -275,8 +273,6 @@ def finished(workdir: str, steps: int) -> int | None:
 
 def init_from(path: str, family: str, model_cfg, graphdef, state):
     """``state`` with the model parameters of ``path`` (a podformer workdir or a Hugging Face folder)."""
-    from podformer.model import hf, params
-
     src_family, src_cfg, flat = hf.load_params(path)
     diff = params.arch_diff(src_cfg, model_cfg) if src_family == family else [f"family: {src_family} != {family}"]
     if diff:

@@ -1,7 +1,7 @@
 """The benchmark shapes: encoder, decoder and encoder-decoder, tiny (CPU) and realistic (accelerators).
 
 A shape is a run config (``configs/<family>.py:<variant>``) plus overrides, so the benchmark times
-exactly what ``train.py`` would run. Families that ``model.FAMILIES`` does not have yet are skipped.
+exactly what ``train.py`` would run. Families that ``model/families.py`` does not have yet are skipped.
 """
 
 from __future__ import annotations

@@ -49,11 +49,10 @@ from benchmarks.shapes import BY_NAME, SHAPES, Shape  # noqa: E402
 from podformer import config as config_lib  # noqa: E402
 from podformer import flops as flops_lib  # noqa: E402
 from podformer import mesh as mesh_lib  # noqa: E402
-from podformer import model as models  # noqa: E402
 from podformer import optim, trainer  # noqa: E402
 from podformer.core.errors import UserError  # noqa: E402
 from podformer.losses import LOSSES  # noqa: E402
-from podformer.model import host_blas  # noqa: E402
+from podformer.model import families, host_blas  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOKEN_KEYS = ("inputs", "targets", "encoder_inputs", "decoder_inputs", "decoder_targets")
@@ -102,12 +101,13 @@ class Bench:
             cfg, _ = config_lib.parse_args([*shape.overrides, *extra], shape.config, {})
         except UserError as e:
             raise Skip(f"{shape.config}: {e}") from None
-        if cfg.model.family not in models.FAMILIES:
-            raise Skip(f"model family {cfg.model.family!r} ({family}) is not in model.FAMILIES")
+        if cfg.model.family not in families.FAMILIES:
+            raise Skip(f"model family {cfg.model.family!r} ({family}) is not in model/families.py")
         if shape.accelerator:  # per-device batch
             with cfg.unlocked():
                 cfg.train.batch_size *= jax.device_count()
-        config_cls, module_cls = models.FAMILIES[cfg.model.family]
+        row = families.FAMILIES[cfg.model.family]
+        config_cls, module_cls = row.config, row.module_class()
         self.cfg, self.model_cfg = cfg, config_lib.family_config(cfg.model, config_cls)
         t = cfg.train
         self.mesh = mesh_lib.make_mesh(cfg.mesh)

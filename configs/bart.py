@@ -5,7 +5,7 @@ python train.py --config=configs/bart.py:large --config.mesh.fsdp=8 --workdir=gs
 """
 
 from podformer.configs import zoo
-from podformer.model.t5 import BartConfig
+from podformer.model.t5_config import BartConfig
 
 VARIANTS = ("tiny", "base", "large")
 
@@ -13,7 +13,7 @@ VARIANTS = ("tiny", "base", "large")
 def get_config(variant: str = "tiny"):
     if variant not in VARIANTS:
         raise KeyError(f"variants of configs/bart.py: {', '.join(VARIANTS)}")
-    c = zoo.encoder_or_seq2seq(f"bart_{variant}", "bart", getattr(BartConfig, variant)(), variant, "bart")
+    c = zoo.encoder_or_seq2seq(f"bart_{variant}", getattr(BartConfig, variant)(), variant, zoo.C4)
     if variant != "tiny":
         # BART-large's recipe (RoBERTa's): 8k x 512 tokens, 500k steps, lr 4e-4, b2 0.98, eps 1e-6.
         c.train.steps = 500_000

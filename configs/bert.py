@@ -5,7 +5,7 @@ python train.py --config=configs/bert.py:base_uncased --config.mesh.fsdp=8 --wor
 """
 
 from podformer.configs import zoo
-from podformer.model.bert import BertConfig
+from podformer.model.bert_config import BertConfig
 
 VARIANTS = ("tiny", "base_uncased", "large_uncased", "base_cased", "large_cased")
 
@@ -13,7 +13,7 @@ VARIANTS = ("tiny", "base_uncased", "large_uncased", "base_cased", "large_cased"
 def get_config(variant: str = "tiny"):
     if variant not in VARIANTS:
         raise KeyError(f"variants of configs/bert.py: {', '.join(VARIANTS)}")
-    c = zoo.encoder_or_seq2seq(f"bert_{variant}", "bert", getattr(BertConfig, variant)(), variant, "mlm")
+    c = zoo.encoder_or_seq2seq(f"bert_{variant}", getattr(BertConfig, variant)(), variant, zoo.WIKIPEDIA)
     if variant != "tiny":
         # BERT's recipe: 256 x 512 tokens, Adam (b2 0.999, eps 1e-6), lr 1e-4, 10k warmup, weight decay 0.01.
         c.train.steps = 1_000_000

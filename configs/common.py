@@ -4,6 +4,8 @@ import dataclasses
 
 import ml_collections
 
+from podformer.model import families
+
 # Logical axis -> mesh axes. Parameters are sharded over fsdp on their model dimension and over tensor
 # on heads / mlp / vocab; activations are sharded over data and fsdp on the batch dimension.
 RULES = (
@@ -18,12 +20,14 @@ RULES = (
 )
 
 
-def base(name: str, family: str, model) -> ml_collections.ConfigDict:
-    """A complete run config around the family dataclass instance ``model``."""
+def base(name: str, model) -> ml_collections.ConfigDict:
+    """A complete run config around the family dataclass instance ``model`` (its family's row, in
+    model/families.py, names the family and the pretraining objective)."""
+    family = families.of(model)
     c = ml_collections.ConfigDict()
     c.name = name  # default workdir: ./runs/<name>
 
-    c.model = ml_collections.ConfigDict({"family": family, **dataclasses.asdict(model)})
+    c.model = ml_collections.ConfigDict({"family": family.name, **dataclasses.asdict(model)})
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 1000
@@ -54,7 +58,7 @@ def base(name: str, family: str, model) -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "embedded"  # the Python standard library's own sources
-    c.data.objective = "causal_lm"
+    c.data.objective = family.objective
     c.data.tokenizer = ""  # a SentencePiece .model; '' trains one on the corpus (cached)
     c.data.tokenizer_type = "bpe"  # for a trained tokenizer: bpe | unigram
     c.data.cache_dir = ""  # tokenizers and token caches; '' = $PODFORMER_CACHE or ~/.cache/podformer

@@ -8,7 +8,7 @@ python train.py --config=configs/distilbert.py:base --config.distill.teacher=PAT
 """
 
 from podformer.configs import zoo
-from podformer.model.bert import DistilBertConfig
+from podformer.model.bert_config import DistilBertConfig
 
 VARIANTS = ("tiny", "base")
 
@@ -17,7 +17,7 @@ def get_config(variant: str = "tiny"):
     if variant not in VARIANTS:
         raise KeyError(f"variants of configs/distilbert.py: {', '.join(VARIANTS)}")
     model = getattr(DistilBertConfig, variant)()
-    c = zoo.encoder_or_seq2seq(f"distilbert_{variant}", "distilbert", model, variant, "distill")
+    c = zoo.encoder_or_seq2seq(f"distilbert_{variant}", model, variant, zoo.WIKIPEDIA)  # BERT's data
     if variant != "tiny":
         # DistilBERT's recipe: 4k-sequence batches of 512 tokens, lr 5e-4, Adam eps 1e-6.
         c.train.steps = 100_000

@@ -7,7 +7,7 @@ python train.py --config=configs/gpt.py:llama_7b --config.mesh.fsdp=64 --config.
 """
 
 from podformer.configs import common
-from podformer.model.gpt import PRESETS, GPTConfig
+from podformer.model.gpt_config import PRESETS, GPTConfig
 
 VARIANTS = ("tiny", *PRESETS)
 
@@ -16,7 +16,7 @@ def get_config(variant: str = "tiny"):
     if variant not in VARIANTS:
         raise KeyError(f"variants of configs/gpt.py: {', '.join(VARIANTS)}")
     model = getattr(GPTConfig, variant)()
-    c = common.base(f"gpt_{variant}", "gpt", model)
+    c = common.base(f"gpt_{variant}", model)
     if variant == "tiny":
         # Sized to train on 2 CPU cores in about five minutes (1.6M tokens). Unrolled layers: with 4
         # of them XLA's CPU backend runs the unrolled stack ~10% faster than a scan.

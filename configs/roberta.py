@@ -5,7 +5,7 @@ python train.py --config=configs/roberta.py:base --config.mesh.fsdp=8 --workdir=
 """
 
 from podformer.configs import zoo
-from podformer.model.bert import RobertaConfig
+from podformer.model.bert_config import RobertaConfig
 
 VARIANTS = ("tiny", "base", "large")
 
@@ -14,7 +14,7 @@ def get_config(variant: str = "tiny"):
     if variant not in VARIANTS:
         raise KeyError(f"variants of configs/roberta.py: {', '.join(VARIANTS)}")
     model = getattr(RobertaConfig, variant)()
-    c = zoo.encoder_or_seq2seq(f"roberta_{variant}", "roberta", model, variant, "roberta")
+    c = zoo.encoder_or_seq2seq(f"roberta_{variant}", model, variant, zoo.C4)
     if variant != "tiny":
         # RoBERTa's recipe: 8k x 512 tokens, lr 6e-4 (base), 24k warmup, b2 0.98, eps 1e-6, weight decay 0.01.
         c.train.steps = 500_000

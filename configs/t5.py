@@ -5,7 +5,7 @@ python train.py --config=configs/t5.py:v1_1_base --config.mesh.fsdp=8 --workdir=
 """
 
 from podformer.configs import zoo
-from podformer.model.t5 import T5_PRESETS, T5Config
+from podformer.model.t5_config import T5_PRESETS, T5Config
 
 VARIANTS = ("tiny", *T5_PRESETS)
 
@@ -13,7 +13,7 @@ VARIANTS = ("tiny", *T5_PRESETS)
 def get_config(variant: str = "tiny"):
     if variant not in VARIANTS:
         raise KeyError(f"variants of configs/t5.py: {', '.join(VARIANTS)}")
-    c = zoo.encoder_or_seq2seq(f"t5_{variant}", "t5", getattr(T5Config, variant)(), variant, "span_corruption")
+    c = zoo.encoder_or_seq2seq(f"t5_{variant}", getattr(T5Config, variant)(), variant, zoo.C4)
     if variant != "tiny":
         # T5's pretraining shape: 128 sequences of 512 tokens (2^16 tokens per batch), 2^19 steps. T5 used
         # Adafactor with an inverse-square-root schedule; podformer's AdamW at 1e-3 is the usual stand-in.

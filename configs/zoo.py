@@ -3,41 +3,30 @@
 import ml_collections
 
 from podformer.configs import common
+from podformer.model import families
 
 
-def encoder_or_seq2seq(name: str, family: str, model, variant: str, objective: str):
-    """A run config for a non-causal family: its pretraining objective (data/pipeline.py), no sample at the end."""
-    c = common.base(name, family, model)
-    c.data.objective = objective
+def encoder_or_seq2seq(name: str, model, variant: str, paper: tuple[str, str, str]):
+    """A run config for a non-causal family: its pretraining objective (data/pipeline.py), no sample at the
+    end; ``paper``: the (TFDS name, train split, validation split) closest to what its paper pretrained on
+    (read through tfds.data_source; a TPU VM points data.tfds_data_dir at gs://.../tensorflow_datasets)."""
+    c = common.base(name, model)
     c.train.sample_prompt = ""
-    if family in ("bert", "roberta", "distilbert"):
+    if families.of(model).kind == "encoder":  # any encoder can be a distilled student
         distill(c, "runs/bert_tiny" if variant == "tiny" else "")
     if variant == "tiny":
         tiny(c)
     else:
-        paper_data(c, family)
+        c.data.source = "tfds"
+        c.data.tfds_name, c.data.train_split, c.data.validation_split = paper
     return c
 
 
-# The TFDS datasets closest to what each paper pretrained on (read through tfds.data_source; a TPU VM
-# points data.tfds_data_dir at gs://.../tensorflow_datasets). BERT's BooksCorpus and the RoBERTa/BART
+# What each paper pretrained on, as the TFDS datasets closest to it. BERT's BooksCorpus and the RoBERTa/BART
 # 160 GB mix (books, CC-News, OpenWebText, Stories) are not in TFDS: add them as local files through
 # data.source=mixture, e.g. 'tfds:wikipedia/20230601.en=0.7, files:/data/books/*.txt=0.3'.
-PAPER_DATA = {
-    "bert": ("wikipedia/20230601.en", "train[:99%]", "train[99%:]"),  # + BooksCorpus in the paper
-    "distilbert": ("wikipedia/20230601.en", "train[:99%]", "train[99%:]"),  # BERT's data
-    "roberta": ("c4/en:3.1.0", "train", "validation"),  # web text, as most of RoBERTa's 160 GB
-    "bart": ("c4/en:3.1.0", "train", "validation"),  # RoBERTa's data in the paper
-    "t5": ("c4/en:3.1.0", "train", "validation"),  # the paper's own C4
-}
-
-
-def paper_data(c, family: str) -> None:
-    name, train, validation = PAPER_DATA[family]
-    c.data.source = "tfds"
-    c.data.tfds_name = name
-    c.data.train_split = train
-    c.data.validation_split = validation
+WIKIPEDIA = ("wikipedia/20230601.en", "train[:99%]", "train[99%:]")  # BERT's (+ BooksCorpus in the paper)
+C4 = ("c4/en:3.1.0", "train", "validation")  # T5's own; web text, as most of RoBERTa's and BART's 160 GB
 
 
 def distill(c, teacher: str) -> None:

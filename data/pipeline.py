@@ -22,7 +22,7 @@ import numpy as np
 from podformer.core.errors import UserError
 from podformer.data import corpus, hf_tokenizer, packing, rows, sources, special, store, tokenizer, tokens
 
-OBJECTIVES = tuple(special.OBJECTIVE_FAMILY)
+OBJECTIVES = tuple(special.OBJECTIVE_TOKENS)
 SOURCES = ("embedded", "tfds", "files", "mixture")
 _TOKENIZER_SAMPLE = 50_000  # documents a tokenizer is trained on, spread over the split
 
@@ -58,8 +58,7 @@ def tokenizer_for(data_cfg, vocab_size: int):
         return hf_tokenizer.get(
             data_cfg, vocab_size, corpus.NAME, corpus.fingerprint(pct), lambda: corpus.documents("train", pct)
         )
-    family = special.OBJECTIVE_FAMILY[data_cfg.objective]
-    return _tokenizer(data_cfg, vocab_size, _components(data_cfg), family)
+    return _tokenizer(data_cfg, vocab_size, _components(data_cfg), special.OBJECTIVE_TOKENS[data_cfg.objective])
 
 
 def _components(data_cfg) -> list[tuple[object, float]]:
@@ -99,7 +98,7 @@ def _key(src) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name)).strip("_")[:60]
 
 
-def _tokenizer(data_cfg, vocab_size: int, components, family: str):
+def _tokenizer(data_cfg, vocab_size: int, components, tokens: special.TokenSet):
     names = "+".join(_key(s) for s, _ in components)
     fp = hashlib.sha256("|".join(f"{s.corpus_fingerprint()}={w}" for s, w in components).encode()).hexdigest()[:16]
 
@@ -109,7 +108,7 @@ def _tokenizer(data_cfg, vocab_size: int, components, family: str):
 
     name = corpus.NAME if data_cfg.source == "embedded" else names
     fp = corpus.fingerprint(data_cfg.validation_percent) if data_cfg.source == "embedded" else fp
-    return hf_tokenizer.get(data_cfg, vocab_size, name, fp, texts, family=family)
+    return hf_tokenizer.get(data_cfg, vocab_size, name, fp, texts, tokens=tokens)
 
 
 def _store(data_cfg, src, split: str, tok, *, sentences: bool):
@@ -189,7 +188,7 @@ def build(data_cfg, *, vocab_size: int, seq_len: int, seed: int = 0) -> Data:
         entropy = stores["train"].unigram_entropy()
     else:
         components = _components(data_cfg)
-        tok = _tokenizer(data_cfg, vocab_size, components, special.OBJECTIVE_FAMILY[objective])
+        tok = _tokenizer(data_cfg, vocab_size, components, special.OBJECTIVE_TOKENS[objective])
         split_rows, parts = {}, []
         for split in ("train", "validation"):
             built = []

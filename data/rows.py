@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from podformer.data import denoising, masking, packing, plans, span_corruption
-from podformer.data.special import SpecialIds
+from podformer.data.special import SpecialIds, word_starts
 from podformer.data.store import SentenceStore
 
 
@@ -89,8 +89,6 @@ class MLMRows(_Rows):
     def _mask(self, tokens, rng):
         words = None
         if self.word_table is not None:
-            from podformer.data.special import word_starts
-
             words = word_starts(tokens, self.word_table)
         return masking.mask_tokens(
             tokens, rng, mask_id=self.ids.mask, vocab_size=self.ids.vocab_size,
@@ -263,8 +261,6 @@ class BartRows(_Rows):
         return {"index": np.int64(i), "blocks": blocks}
 
     def transform(self, example, rng):
-        from podformer.data.special import word_starts
-
         rng = self._rng(example, rng)
         sources, targets = [], []
         for tokens, starts in example["blocks"]:

@@ -18,6 +18,14 @@ from podformer.core.errors import UserError
 from podformer.data import corpus
 
 
+def cache_dir(configured: str = "") -> str:
+    """Where tokenizers, token caches and prepared corpora are kept: data.cache_dir, else $PODFORMER_CACHE,
+    else ~/.cache/podformer."""
+    return (
+        configured or os.environ.get("PODFORMER_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "podformer")
+    )
+
+
 @contextlib.contextmanager
 def quiet_absl():
     """TFDS logs a warning per custom config and per missing metadata folder; keep the run's log clean."""
@@ -145,7 +153,7 @@ class Files:
         return f"data.files={self.pattern!r}"
 
     def _config(self):
-        from podformer.data import local_corpus
+        from podformer.data import local_corpus  # here, not above: it imports TensorFlow Datasets (seconds)
 
         return local_corpus.config_for(
             self.pattern,
@@ -156,10 +164,10 @@ class Files:
 
     def prepare(self):
         """Build the ArrayRecord dataset (once); returns the builder."""
-        from podformer.data import local_corpus, tokenizer
+        from podformer.data import local_corpus  # here, not above: it imports TensorFlow Datasets (seconds)
 
         with quiet_absl():
-            builder = local_corpus.prepare(self._config(), os.path.join(tokenizer.cache_dir(self.cache_dir), "tfds"))
+            builder = local_corpus.prepare(self._config(), os.path.join(cache_dir(self.cache_dir), "tfds"))
         if builder.info.splits["train"].num_examples == 0:
             raise UserError(f"{self.name}: the corpus is empty (no file has any text)")
         return builder

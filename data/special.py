@@ -1,4 +1,5 @@
-"""Special tokens: which ones each family's objectives need, and how objectives find their ids.
+"""Special tokens: which ones each pretraining objective needs, how a family frames text with them, and
+how objectives find their ids.
 
 A tokenizer provides ``vocab_size``, ``pad_id``/``bos_id``/``eos_id``, ``piece_to_id(piece) -> int | None``
 and ``id_to_piece(id)`` (data/tokenizer.SentencePieceTokenizer; data/hf_tokenizer.py has the same
@@ -22,29 +23,51 @@ def sentinels(n: int = NUM_SENTINELS) -> tuple[str, ...]:
     return tuple(f"<extra_id_{i}>" for i in range(n))
 
 
-# Extra symbols a tokenizer trained for each family gets (<s>, </s>, <pad>, <unk> always exist).
-FAMILY_SYMBOLS = {
-    "gpt": (),
-    "bert": ("[CLS]", "[SEP]", "[MASK]"),
-    "roberta": ("<mask>",),
-    "bart": ("<mask>",),
-    "t5": (),  # sentinels, appended at the end of the vocabulary
-    "all": ("[CLS]", "[SEP]", "[MASK]", "<mask>"),
-}
-FAMILY_SENTINELS = {"t5": NUM_SENTINELS, "all": NUM_SENTINELS}
+@dataclasses.dataclass(frozen=True)
+class TokenSet:
+    """The special tokens a trained tokenizer gets beyond <s>, </s>, <pad>, <unk>, which always exist."""
 
-# The tokenizer family each pretraining objective needs.
-OBJECTIVE_FAMILY = {
-    "causal_lm": "gpt",
-    "mlm": "bert",
-    "mlm_nsp": "bert",
-    "mlm_sop": "bert",
-    "distill": "bert",
-    "roberta": "roberta",
-    "span_corruption": "t5",
-    "prefix_lm": "t5",
-    "bart": "bart",
+    name: str  # tags the cached tokenizer's file name (gpt's none: existing caches and hashes hold)
+    symbols: tuple[str, ...] = ()
+    sentinels: int = 0  # <extra_id_i>, appended at the end of the vocabulary
+
+
+TOKEN_SETS = {
+    t.name: t
+    for t in (
+        TokenSet("gpt"),
+        TokenSet("bert", ("[CLS]", "[SEP]", "[MASK]")),
+        TokenSet("roberta", ("<mask>",)),
+        TokenSet("bart", ("<mask>",)),
+        TokenSet("t5", (), NUM_SENTINELS),
+        TokenSet("all", ("[CLS]", "[SEP]", "[MASK]", "<mask>"), NUM_SENTINELS),
+    )
 }
+
+# The token set each pretraining objective needs (a family's tokenizer is its objective's: model/families.py).
+OBJECTIVE_TOKENS = {
+    "causal_lm": TOKEN_SETS["gpt"],
+    "mlm": TOKEN_SETS["bert"],
+    "mlm_nsp": TOKEN_SETS["bert"],
+    "mlm_sop": TOKEN_SETS["bert"],
+    "distill": TOKEN_SETS["bert"],
+    "roberta": TOKEN_SETS["roberta"],
+    "span_corruption": TOKEN_SETS["t5"],
+    "prefix_lm": TOKEN_SETS["t5"],
+    "bart": TOKEN_SETS["bart"],
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Framing:
+    """How a family frames text with special tokens; its row in model/families.py holds one. ``start`` and
+    ``sep`` are pieces (what an exported tokenizer adds around a text), ``decoder_start`` names the id an
+    encoder-decoder's decoder starts from."""
+
+    start: str | None  # before a text ([CLS], <s>); None: nothing (T5)
+    sep: str | None  # after each text ([SEP], </s>); None: nothing (GPT)
+    double_sep: bool = False  # two separators between a pair (RoBERTa, BART)
+    decoder_start: str = "pad"  # encoder-decoders: 'pad' (T5) or 'eos' (BART)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +87,8 @@ class SpecialIds:
         if missing:
             raise UserError(
                 f"{what} needs the tokenizer's {', '.join(missing)} token(s); train one with "
-                f"`python -m podformer.data.tokenizer train --family ...` or set data.tokenizer to one that has them"
+                "`python -m podformer.data.tokenizer train --family ...` (its token set) or set data.tokenizer to "
+                "one that has them"
             )
 
     def special_mask(self) -> np.ndarray:

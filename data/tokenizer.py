@@ -17,6 +17,8 @@ from collections.abc import Iterable, Sequence
 import sentencepiece as spm
 
 from podformer.core.errors import UserError
+from podformer.data import sources, special
+from podformer.data.sources import cache_dir  # noqa: F401 (re-exported: callers find the cache here too)
 
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
 
@@ -177,12 +179,6 @@ def append_sentinels(model_proto: bytes, n: int) -> bytes:
     return proto.SerializeToString()
 
 
-def cache_dir(configured: str = "") -> str:
-    return (
-        configured or os.environ.get("PODFORMER_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "podformer")
-    )
-
-
 def atomic_write(path: str, data: bytes) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
@@ -191,16 +187,22 @@ def atomic_write(path: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def get(
-    data_cfg, vocab_size: int, corpus_name: str, corpus_fingerprint: str, texts_fn, family: str = "gpt"
-) -> SentencePieceTokenizer:
-    """``data.tokenizer`` if set; else a tokenizer trained on the corpus with ``family``'s special tokens,
-    cached by corpus and settings (the GPT name has no family tag: existing caches and hashes hold)."""
-    from podformer.data import special
+GPT = special.TOKEN_SETS["gpt"]
 
+
+def get(
+    data_cfg,
+    vocab_size: int,
+    corpus_name: str,
+    corpus_fingerprint: str,
+    texts_fn,
+    tokens: special.TokenSet = GPT,
+) -> SentencePieceTokenizer:
+    """``data.tokenizer`` if set; else a tokenizer trained on the corpus with the special ``tokens`` (default:
+    GPT's, none), cached by corpus and settings (GPT's name has no tag: existing caches and hashes hold)."""
     if data_cfg.tokenizer:
         return SentencePieceTokenizer.load(data_cfg.tokenizer)
-    tag = "" if family == "gpt" else f"-{family}"
+    tag = "" if tokens.name == "gpt" else f"-{tokens.name}"
     name = f"{corpus_name}-{data_cfg.tokenizer_type}-{vocab_size}{tag}-{corpus_fingerprint}.model"
     path = os.path.join(cache_dir(data_cfg.cache_dir), "tokenizers", name)
     if not os.path.exists(path):
@@ -208,8 +210,8 @@ def get(
             texts_fn(),
             vocab_size,
             data_cfg.tokenizer_type,
-            user_defined_symbols=special.FAMILY_SYMBOLS[family],
-            extra_ids=special.FAMILY_SENTINELS.get(family, 0),
+            user_defined_symbols=tokens.symbols,
+            extra_ids=tokens.sentinels,
         )
         atomic_write(path, proto)
     return SentencePieceTokenizer.load(path)
@@ -220,8 +222,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     import argparse
     import sys
 
-    from podformer.data import sources, special
-
     parser = argparse.ArgumentParser(prog="python -m podformer.data.tokenizer", description=main.__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a SentencePiece unigram or BPE model")
@@ -229,7 +229,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     t.add_argument("--data-dir", default="", help="TFDS data_dir (local or gs://)")
     t.add_argument("--split", default="train")
     t.add_argument("--text-field", default="text", help="TFDS text feature / .jsonl and .parquet text field")
-    t.add_argument("--family", default="gpt", choices=sorted(special.FAMILY_SYMBOLS))
+    # The token sets are named after the families whose objectives use them (model/families.py).
+    t.add_argument("--family", default="gpt", choices=sorted(special.TOKEN_SETS), help="special tokens: whose")
     t.add_argument("--type", default="unigram", choices=("unigram", "bpe"))
     t.add_argument("--vocab-size", type=int, default=32000, help="total, sentinels included")
     t.add_argument("--max-documents", type=int, default=200_000, help="documents sampled for training")
@@ -242,8 +243,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             (docs[i] for i in range(0, len(docs), step)),
             args.vocab_size,
             args.type,
-            user_defined_symbols=special.FAMILY_SYMBOLS[args.family],
-            extra_ids=special.FAMILY_SENTINELS.get(args.family, 0),
+            user_defined_symbols=special.TOKEN_SETS[args.family].symbols,
+            extra_ids=special.TOKEN_SETS[args.family].sentinels,
             max_chunks=max(40_000, args.max_documents),
         )
     except UserError as e:

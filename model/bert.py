@@ -7,137 +7,19 @@ past its padding row), optional token types, an optional pooler + next-sentence 
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from podformer.core import sharding
 from podformer.model import layers, vocab
+from podformer.model.bert_config import BertConfig, DistilBertConfig, RobertaConfig  # noqa: F401 (re-exported)
 from podformer.model.layers import Array
 
 
-@dataclasses.dataclass(frozen=True)
-class BertConfig:
-    vocab_size: int = 30522  # the tokenizer's
-    # The token tables have padded_vocab_size rows (a multiple of this; 1: none), so they shard over tensor;
-    # the padding is masked out of every softmax and never leaves the model (model/vocab.py).
-    vocab_multiple: int = 128
-    max_len: int = 512  # longest sequence; the position table has max_len + pos_offset rows
-    type_vocab_size: int = 2  # token types (segments A/B); 0: none (DistilBERT)
-    d_model: int = 768
-    num_layers: int = 12
-    num_heads: int = 12
-    head_dim: int = 0  # 0: d_model // num_heads
-    d_ff: int = 3072
-    activation: str = "gelu"
-    norm_eps: float = 1e-12
-    pad_token_id: int = 0
-    # RoBERTa: positions count non-pad tokens from pad_token_id + 1, so row p + 2 holds position p and the
-    # positions of a padded row come from its input ids (exactly as fairseq and transformers do).
-    pos_offset: int = 0
-    positions_from_pad: bool = False
-    pooler: bool = True  # tanh dense layer on the first token ([CLS])
-    nsp_head: bool = True  # next-sentence prediction on the pooled output (BERT pretraining)
-    dropout: float = 0.1
-    attention_dropout: float = 0.1
-    init_std: float = 0.02
-    dtype: str = "float32"
-    scan_layers: bool = True
-    remat: str = "none"
-    attention_impl: str = "xla"
-
-    def __post_init__(self):
-        if self.d_model % self.num_heads and not self.head_dim:
-            raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}; set head_dim")
-        if self.nsp_head and not self.pooler:
-            raise ValueError("nsp_head needs the pooler (it classifies the pooled [CLS] vector)")
-
-    @property
-    def padded_vocab_size(self) -> int:
-        """The rows of the token tables: vocab_size rounded up to a multiple of vocab_multiple (model/vocab.py)."""
-        m = max(self.vocab_multiple, 1)
-        return -(-self.vocab_size // m) * m
-
-    @property
-    def resolved_head_dim(self) -> int:
-        return self.head_dim or self.d_model // self.num_heads
-
-    def block(self) -> layers.BlockOptions:
-        return layers.BlockOptions(
-            d_model=self.d_model,
-            num_heads=self.num_heads,
-            head_dim=self.resolved_head_dim,
-            d_ff=self.d_ff,
-            activation=self.activation,
-            norm="layernorm",
-            norm_eps=self.norm_eps,
-            norm_position="post",
-            causal=False,
-            dropout=self.dropout,
-            attention_dropout=self.attention_dropout,
-            init_std=self.init_std,
-            dtype=self.dtype,
-            attention_impl=self.attention_impl,
-        )
-
-    # Presets (Devlin et al. 2019; Liu et al. 2019; Sanh et al. 2019), sized as the released checkpoints.
-    @classmethod
-    def tiny(cls, **kw) -> BertConfig:
-        return cls(**{**dict(vocab_size=4096, max_len=128, d_model=128, num_layers=2, num_heads=4, d_ff=512), **kw})
-
-    @classmethod
-    def base_uncased(cls, **kw) -> BertConfig:
-        return cls(**kw)
-
-    @classmethod
-    def large_uncased(cls, **kw) -> BertConfig:
-        return cls(**{**dict(d_model=1024, num_layers=24, num_heads=16, d_ff=4096), **kw})
-
-    @classmethod
-    def base_cased(cls, **kw) -> BertConfig:
-        return cls(**{**dict(vocab_size=28996), **kw})
-
-    @classmethod
-    def large_cased(cls, **kw) -> BertConfig:
-        return cls.large_uncased(**{**dict(vocab_size=28996), **kw})
-
-
-@dataclasses.dataclass(frozen=True)
-class RobertaConfig(BertConfig):
-    """RoBERTa: BERT's architecture with a byte-level BPE vocabulary, no NSP, padding-offset positions."""
-
-    vocab_size: int = 50265
-    type_vocab_size: int = 1
-    norm_eps: float = 1e-5
-    pad_token_id: int = 1
-    pos_offset: int = 2
-    positions_from_pad: bool = True
-    pooler: bool = False
-    nsp_head: bool = False
-
-    @classmethod
-    def base(cls, **kw) -> RobertaConfig:
-        return cls(**kw)
-
-    @classmethod
-    def large(cls, **kw) -> RobertaConfig:
-        return cls(**{**dict(d_model=1024, num_layers=24, num_heads=16, d_ff=4096), **kw})
-
-
-@dataclasses.dataclass(frozen=True)
-class DistilBertConfig(BertConfig):
-    """DistilBERT: six layers, no token types, no pooler."""
-
-    num_layers: int = 6
-    type_vocab_size: int = 0
-    pooler: bool = False
-    nsp_head: bool = False
-
-    @classmethod
-    def base(cls, **kw) -> DistilBertConfig:
-        return cls(**kw)
+def block_options(cfg: BertConfig) -> layers.BlockOptions:
+    """Post-LayerNorm bidirectional blocks."""
+    return layers.block_options(cfg, norm="layernorm", norm_position="post", causal=False)
 
 
 class Bert(nnx.Module):
@@ -155,7 +37,7 @@ class Bert(nnx.Module):
         )
         norm = dict(kind="layernorm", eps=cfg.norm_eps, rngs=rngs)
         self.embed_norm = layers.Norm(D, **norm)
-        o = cfg.block()
+        o = block_options(cfg)
         self.blocks = layers.BlockStack(
             lambda r: layers.Block(o, rngs=r), cfg.num_layers, scan=cfg.scan_layers, remat=cfg.remat, rngs=rngs
         )

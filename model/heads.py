@@ -15,18 +15,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from podformer.model import layers
+from podformer.model import families, layers
 from podformer.model.layers import Array
 
-# family -> how it reads a sequence
-KINDS = {
-    "gpt": "decoder",
-    "bert": "encoder",
-    "roberta": "encoder",
-    "distilbert": "encoder",
-    "t5": "seq2seq",
-    "bart": "seq2seq",
-}
 # task type -> what the head outputs per example
 HEADS = ("sequence", "span", "token", "lm")
 
@@ -73,10 +64,11 @@ class FineTuneModel(nnx.Module):
     sequence (B, C), span (B, L, 2), token (B, L, C); for 'lm' heads the backbone is used directly."""
 
     def __init__(self, backbone: nnx.Module, family: str, head: str, num_outputs: int, *, dropout: float, rngs):
-        if head not in HEADS:
-            raise ValueError(f"head {head!r}: choose one of {', '.join(HEADS)}")
+        row = families.get(family)
+        if head not in row.heads:
+            raise ValueError(f"head {head!r}: a {family} model takes one of {', '.join(row.heads)}")
         self.backbone = backbone
-        self.kind, self.head_kind = KINDS[family], head
+        self.kind, self.head_kind = row.kind, head
         cfg = backbone.cfg
         std = cfg.init_std
         if head == "sequence":

@@ -28,29 +28,12 @@ from flax.core import spmd as flax_spmd
 from podformer.core import sharding
 from podformer.core.errors import UserError
 from podformer.data import hf_tokenizer
-from podformer.model import hf_decoders, hf_encoders, hf_seq2seq, params
+from podformer.model import families, hf_decoders, hf_encoders, hf_seq2seq, params
 from podformer.model.hf_common import Format, HFError, architecture
 from podformer.model.hf_tensors import read_safetensors, read_state_dict, read_torch_bin  # noqa: F401 (API)
 
 FORMATS: dict[str, Format] = {
     f.model_type: f for f in (*hf_decoders.FORMATS, *hf_encoders.FORMATS, *hf_seq2seq.FORMATS)
-}
-# transformers' base-model class of each format and the prefix its tensors carry inside the full model (what
-# export writes when no head exists; bare base-model checkpoints have no prefix).
-BASE_MODELS = {
-    "bert": ("BertModel", "bert."),
-    "roberta": ("RobertaModel", "roberta."),
-    "distilbert": ("DistilBertModel", "distilbert."),
-    "gpt2": ("GPT2Model", "transformer."),
-    "gpt_neo": ("GPTNeoModel", "transformer."),
-    "gptj": ("GPTJModel", "transformer."),
-    "gpt_neox": ("GPTNeoXModel", "gpt_neox."),
-    "opt": ("OPTModel", "model."),
-    "bloom": ("BloomModel", "transformer."),
-    "llama": ("LlamaModel", "model."),
-    "t5": ("T5Model", ""),
-    "mt5": ("MT5Model", ""),
-    "bart": ("BartModel", "model."),
 }
 # Files that make up a tokenizer in a model folder (copied along by the import/export command).
 TOKENIZER_FILES = (
@@ -118,15 +101,13 @@ def load(path: str) -> tuple[str, object, dict[str, np.ndarray], list[str]]:
     hf_cfg = read_config(path)
     format_for(hf_cfg.get("model_type"), path)  # an unsupported family fails before any tensor is read
     fmt, cfg, flat, missing = convert(hf_cfg, read_state_dict(path), path)
-    return fmt.family, cfg, flat, missing
+    return families.of_format(fmt.model_type).name, cfg, flat, missing
 
 
 def build(family: str, cfg, flat: dict[str, np.ndarray], *, seed: int = 0, mesh=None, rules=None) -> nnx.Module:
     """The family module holding ``flat``; placed by the logical rules when a mesh is given or active.
     Parameters absent from ``flat`` keep their random initialisation."""
-    from podformer import model as models
-
-    module_cls = models.FAMILIES[family][1]
+    module_cls = families.get(family).module_class()
     mesh = mesh if mesh is not None else jax.sharding.get_mesh()
     rules = rules if rules is not None else flax_spmd.get_logical_axis_rules()
     sharded = mesh is not None and not getattr(mesh, "empty", False) and rules
@@ -172,21 +153,11 @@ def load_params(path: str) -> tuple[str, object, dict[str, np.ndarray]]:
 # Export
 
 
-def _family_of(cfg) -> str:
-    from podformer import model as models
-
-    for family, (config_cls, _) in models.FAMILIES.items():
-        if type(cfg) is config_cls:
-            return family
-    raise HFError(f"{type(cfg).__name__} is not a podformer family config")
-
-
 def select_format(cfg, model_type: str | None = None) -> tuple[Format, dict]:
     """(format, config.json dict) for a family config. Without ``model_type`` the first transformers
     architecture that represents the config exactly is chosen: its config.json must read back to the
     same function, so a model transformers cannot express is never exported as something else."""
-    family = _family_of(cfg)
-    candidates = [format_for(model_type)] if model_type else [f for f in FORMATS.values() if f.family == family]
+    candidates = [format_for(model_type)] if model_type else [FORMATS[t] for t in families.of(cfg).hf_formats]
     reasons = []
     for fmt in candidates:
         try:
@@ -200,7 +171,9 @@ def select_format(cfg, model_type: str | None = None) -> tuple[Format, dict]:
         if not diff:
             return fmt, {**hf_cfg, "model_type": fmt.model_type, "architectures": [architecture(fmt, cfg)]}
         reasons.append(f"{fmt.model_type}: {diff[0]}")
-    raise HFError(f"no transformers architecture represents this {family} model ({'; '.join(reasons)[:600]})")
+    raise HFError(
+        f"no transformers architecture represents this {families.of(cfg).name} model ({'; '.join(reasons)[:600]})"
+    )
 
 
 def to_hf(
@@ -212,7 +185,7 @@ def to_hf(
     T5Model, ...); otherwise as the architecture of the heads that exist. A tensor is never invented."""
     fmt, hf_cfg = select_format(cfg, model_type)
     rules = fmt.rules(cfg)
-    base_cls, prefix = BASE_MODELS[fmt.model_type]
+    base_cls, prefix = fmt.base_model
     head = [r for r in rules if _in_head(r.hf, prefix)]
     have = [r for r in rules if all(n in flat for n in r.ours)]
     if base_model or (head and not any(r in have for r in head)):
@@ -289,8 +262,10 @@ def write_folder(
     for key, value in (token_ids or {}).items():  # the imported config's own ids stay (they match its tokenizer)
         config.setdefault(key, value)
     config["dtype"] = "float32"
-    if fmt.family in DECODER_START and DECODER_START[fmt.family] in config:
-        config.setdefault("decoder_start_token_id", config[DECODER_START[fmt.family]])
+    row = families.of_format(fmt.model_type)
+    start = f"{row.framing.decoder_start}_token_id"  # an encoder-decoder's decoder starts from pad (T5) or eos
+    if row.kind == "seq2seq" and start in config:
+        config.setdefault("decoder_start_token_id", config[start])
     _write_json(os.path.join(path, "config.json"), config)
     if arch_cfg["architectures"][0].endswith(("LMHeadModel", "ForCausalLM", "ForConditionalGeneration")):
         keys = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
@@ -318,9 +293,6 @@ def write_folder(
 
 
 # The decoder of an encoder-decoder starts from pad (T5) or eos (BART), as podformer's own generation does.
-DECODER_START = {"t5": "pad_token_id", "bart": "eos_token_id"}
-
-
 def _write_json(path: str, content: dict) -> None:
     with open(path, "w") as f:
         json.dump(content, f, indent=2, sort_keys=True)
@@ -339,7 +311,7 @@ def import_folder(hf_dir: str, workdir: str, *, scan_layers: bool = True) -> str
     family, cfg, flat, missing = load(hf_dir)
     hf_cfg = read_config(hf_dir)
     model = build(family, dataclasses.replace(cfg, scan_layers=scan_layers), flat)
-    base_cls = BASE_MODELS[hf_cfg["model_type"]][0]
+    base_cls = FORMATS[hf_cfg["model_type"]].base_model[0]
     meta = {
         "source": os.path.abspath(hf_dir),
         "hf_config": hf_cfg,
@@ -395,7 +367,11 @@ def export_workdir(workdir: str, hf_dir: str, *, model_type: str | None = None, 
     tok_dir, token_ids = os.path.join(workdir, "tokenizer"), {}
     if os.path.isdir(tok_dir):
         length = getattr(cfg, "max_len", 0) or 512
-        token_ids = hf_tokenizer.export(tok_dir, hf_dir, frame=FRAMES[fmt.family], model_max_length=length)
+        # Framed as podformer's objectives frame a text (a decoder's documents start with bos; BERT's
+        # [CLS] text [SEP]; T5's text </s>) when transformers' tokenizer adds special tokens.
+        framing = families.of_format(fmt.model_type).framing
+        frame = (framing.start, framing.sep)
+        token_ids = hf_tokenizer.export(tok_dir, hf_dir, frame=frame, model_max_length=length)
     elif meta.get("params_only"):  # imported from a folder without one: there is none to carry
         print(f"podformer: {meta.get('source', workdir)} had no tokenizer; {hf_dir} has none either", file=sys.stderr)
     else:
@@ -409,18 +385,6 @@ def export_workdir(workdir: str, hf_dir: str, *, model_type: str | None = None, 
     for name in sorted(os.listdir(extra)) if os.path.isdir(extra) else []:
         _copy(os.path.join(extra, name), os.path.join(hf_dir, name))
     return family
-
-
-# How a text is framed for each family when transformers' tokenizer adds special tokens: as podformer's
-# objectives frame it (a decoder's documents start with bos; BERT's [CLS] text [SEP]; T5's text </s>).
-FRAMES = {
-    "gpt": ("<s>", None),
-    "bert": ("[CLS]", "[SEP]"),
-    "distilbert": ("[CLS]", "[SEP]"),
-    "roberta": ("<s>", "</s>"),
-    "bart": ("<s>", "</s>"),
-    "t5": (None, "</s>"),
-}
 
 
 USAGE = """usage:

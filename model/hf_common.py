@@ -111,12 +111,57 @@ def mlp(hf: str, ours: str, names: dict[str, str], D: int, F: int, *, bias: bool
     return rules
 
 
+REQUIRED = object()  # a Field default: the key must be in config.json
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """One config.json key <-> one family-config field. A format's table of these is what its
+    ``config_from_hf`` reads and its ``config_to_hf`` writes: the mapping is written once, for both."""
+
+    hf: str
+    ours: str
+    # What an absent (or null) key means: a value, a function of the whole config.json, or REQUIRED.
+    default: object = REQUIRED
+    read: Callable[[object], object] = lambda v: v  # config.json value -> ours
+    write: Callable[[object], object] | None = None  # family config -> config.json value (None: the field)
+    written: bool = True  # False: read only (training settings such as dropout keep transformers' defaults)
+
+
+def fields_from_hf(fields: tuple[Field, ...], hf: dict) -> dict:
+    """The family-config fields the table sets, from a config.json dict (KeyError: a required key is absent)."""
+    out = {}
+    for f in fields:
+        value = hf.get(f.hf)
+        if value is None:
+            if f.default is REQUIRED:
+                raise KeyError(f.hf)
+            value = f.default(hf) if callable(f.default) else f.default
+        out[f.ours] = f.read(value)
+    return out
+
+
+def fields_to_hf(fields: tuple[Field, ...], cfg) -> dict:
+    """The config.json keys the table writes, from a family config."""
+    return {f.hf: f.write(cfg) if f.write else getattr(cfg, f.ours) for f in fields if f.written}
+
+
+def activation(hf: str, default: str) -> Field:
+    return Field(
+        hf, "activation", default, lambda v: activation_from_hf(v, hf), lambda c: activation_to_hf(c.activation)
+    )
+
+
+def training(hf: str, ours: str, default: float, read: Callable = lambda v: v) -> Field:
+    """A training setting (dropout, initialisation): read, never written."""
+    return Field(hf, ours, default, read, written=False)
+
+
 @dataclasses.dataclass(frozen=True)
 class Format:
     """How one transformers ``model_type`` maps onto one podformer family."""
 
-    model_type: str
-    family: str  # key of model.FAMILIES
+    model_type: str  # listed by its family's row (model/families.py hf_formats)
     # (config.json dict, state dict) -> the family config
     config_from_hf: Callable[[dict, dict], object]
     # family config -> config.json dict (architecture fields only; transformers fills in the rest)
@@ -129,6 +174,9 @@ class Format:
     # Canonical parameters a checkpoint may lack (a base model without its LM head): they keep their
     # initial values, and the caller is told.
     optional: tuple[str, ...] = ()
+    # transformers' base-model class and the prefix its tensors carry inside the full model (what export
+    # writes when no head exists; bare base-model checkpoints have no prefix).
+    base_model: tuple[str, str] = ("", "")
 
 
 def architecture(fmt: Format, cfg) -> str:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from podformer.model import gpt
 from podformer.model.hf_common import (
+    Field,
     Format,
     HFError,
-    activation_from_hf,
-    activation_to_hf,
+    activation,
     attention,
     conv1d,
+    fields_from_hf,
+    fields_to_hf,
     fused_qkv,
     linear,
     mlp,
@@ -17,6 +19,7 @@ from podformer.model.hf_common import (
     rope_from_hf,
     tensor,
     tied,
+    training,
     unembed,
 )
 
@@ -39,37 +42,32 @@ def _head(cfg: GPTConfig, hf: str, bias: str = "") -> list:
 # GPT-2 (and the GPT-3 presets, which share its architecture)
 
 
+# Each format's table maps config.json <-> GPTConfig both ways; the code beside it has what is fixed or derived.
+_D_FF = dict(write=lambda c: c.resolved_d_ff)  # written resolved: transformers has no "0 = 4 * d_model"
+_TRAINING = (training("initializer_range", "init_std", 0.02),)
+_GPT2 = (
+    Field("vocab_size", "vocab_size"),
+    Field("n_positions", "max_len"),
+    Field("n_embd", "d_model"),
+    Field("n_layer", "num_layers"),
+    Field("n_head", "num_heads"),
+    Field("n_inner", "d_ff", lambda hf: 4 * hf["n_embd"], **_D_FF),
+    activation("activation_function", "gelu_new"),
+    Field("layer_norm_epsilon", "norm_eps", 1e-5),
+    training("resid_pdrop", "dropout", 0.0),
+    training("attn_pdrop", "attention_dropout", 0.0),
+    *_TRAINING,
+)
+
+
 def gpt2_config(hf: dict, sd: dict) -> GPTConfig:
     if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("scale_attn_weights") is False:
         raise HFError("GPT-2 with scale_attn_by_inverse_layer_idx or without scale_attn_weights is not supported")
-    return GPTConfig(
-        vocab_size=hf["vocab_size"],
-        max_len=hf["n_positions"],
-        d_model=hf["n_embd"],
-        num_layers=hf["n_layer"],
-        num_heads=hf["n_head"],
-        d_ff=hf.get("n_inner") or 4 * hf["n_embd"],
-        activation=activation_from_hf(hf.get("activation_function", "gelu_new"), "activation_function"),
-        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-        dropout=hf.get("resid_pdrop", 0.0),
-        attention_dropout=hf.get("attn_pdrop", 0.0),
-        init_std=hf.get("initializer_range", 0.02),
-    )
+    return GPTConfig(**fields_from_hf(_GPT2, hf))
 
 
 def gpt2_to_hf(cfg: GPTConfig) -> dict:
-    D, H, G, K, F = _dims(cfg)
-    return dict(
-        vocab_size=cfg.vocab_size,
-        n_positions=cfg.max_len,
-        n_embd=D,
-        n_layer=cfg.num_layers,
-        n_head=H,
-        n_inner=F,
-        activation_function=activation_to_hf(cfg.activation),
-        layer_norm_epsilon=cfg.norm_eps,
-        tie_word_embeddings=True,
-    )
+    return dict(fields_to_hf(_GPT2, cfg), tie_word_embeddings=True)
 
 
 def gpt2_rules(cfg: GPTConfig) -> list:
@@ -96,42 +94,38 @@ def gpt2_rules(cfg: GPTConfig) -> list:
 # GPT-Neo
 
 
+_GPT_NEO = (
+    Field("vocab_size", "vocab_size"),
+    Field("max_position_embeddings", "max_len"),
+    Field("hidden_size", "d_model"),
+    Field("num_layers", "num_layers"),
+    Field("num_heads", "num_heads"),
+    Field("intermediate_size", "d_ff", lambda hf: 4 * hf["hidden_size"], **_D_FF),
+    activation("activation_function", "gelu_new"),
+    Field("layer_norm_epsilon", "norm_eps", 1e-5),
+    Field("window_size", "window_size", 256),
+    training("resid_dropout", "dropout", 0.0),
+    training("attention_dropout", "attention_dropout", 0.0),
+    *_TRAINING,
+)
+
+
 def gpt_neo_config(hf: dict, sd: dict) -> GPTConfig:
     layers = hf.get("attention_layers") or [k for kinds, n in hf["attention_types"] for _ in range(n) for k in kinds]
     return GPTConfig(
-        vocab_size=hf["vocab_size"],
-        max_len=hf["max_position_embeddings"],
-        d_model=hf["hidden_size"],
-        num_layers=hf["num_layers"],
-        num_heads=hf["num_heads"],
-        d_ff=hf.get("intermediate_size") or 4 * hf["hidden_size"],
-        activation=activation_from_hf(hf.get("activation_function", "gelu_new"), "activation_function"),
-        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        **fields_from_hf(_GPT_NEO, hf),
         qkv_bias=False,
         attn_scale=1.0,
         attention_layers=tuple(layers) if "local" in layers else (),
-        window_size=hf.get("window_size", 256),
-        dropout=hf.get("resid_dropout", 0.0),
-        attention_dropout=hf.get("attention_dropout", 0.0),
-        init_std=hf.get("initializer_range", 0.02),
     )
 
 
 def gpt_neo_to_hf(cfg: GPTConfig) -> dict:
-    D, H, G, K, F = _dims(cfg)
     kinds = list(cfg.attention_layers or ("global",) * cfg.num_layers)
     return dict(
-        vocab_size=cfg.vocab_size,
-        max_position_embeddings=cfg.max_len,
-        hidden_size=D,
-        num_layers=cfg.num_layers,
-        num_heads=H,
-        intermediate_size=F,
-        activation_function=activation_to_hf(cfg.activation),
-        layer_norm_epsilon=cfg.norm_eps,
+        fields_to_hf(_GPT_NEO, cfg),
         attention_types=[[[k], 1] for k in kinds],
         attention_layers=kinds,
-        window_size=cfg.window_size,
         tie_word_embeddings=True,
     )
 
@@ -153,44 +147,25 @@ def gpt_neo_rules(cfg: GPTConfig) -> list:
 # GPT-J
 
 
+# GPT-2's keys, plus the rotary width.
+_GPTJ = (*_GPT2, Field("rotary_dim", "rotary_dim", 0, write=lambda c: c.rotary_dim or c.resolved_head_dim))
+
+
 def gptj_config(hf: dict, sd: dict) -> GPTConfig:
     return GPTConfig(
-        vocab_size=hf["vocab_size"],
-        max_len=hf["n_positions"],
-        d_model=hf["n_embd"],
-        num_layers=hf["n_layer"],
-        num_heads=hf["n_head"],
-        d_ff=hf.get("n_inner") or 4 * hf["n_embd"],
-        activation=activation_from_hf(hf.get("activation_function", "gelu_new"), "activation_function"),
-        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        **fields_from_hf(_GPTJ, hf),
         qkv_bias=False,
         attn_out_bias=False,
         parallel_block=True,
         position="rotary",
-        rotary_dim=hf.get("rotary_dim") or 0,
         rotary_interleaved=True,
         tie_embeddings=False,
         lm_head_bias=True,
-        dropout=hf.get("resid_pdrop", 0.0),
-        attention_dropout=hf.get("attn_pdrop", 0.0),
-        init_std=hf.get("initializer_range", 0.02),
     )
 
 
 def gptj_to_hf(cfg: GPTConfig) -> dict:
-    D, H, G, K, F = _dims(cfg)
-    return dict(
-        vocab_size=cfg.vocab_size,
-        n_positions=cfg.max_len,
-        n_embd=D,
-        n_layer=cfg.num_layers,
-        n_head=H,
-        n_inner=F,
-        rotary_dim=cfg.rotary_dim or K,
-        activation_function=activation_to_hf(cfg.activation),
-        layer_norm_epsilon=cfg.norm_eps,
-        tie_word_embeddings=False,
-    )
+    return dict(fields_to_hf(_GPTJ, cfg), tie_word_embeddings=False)
 
 
 def gptj_rules(cfg: GPTConfig) -> list:
@@ -210,46 +185,42 @@ def gptj_rules(cfg: GPTConfig) -> list:
 # GPT-NeoX
 
 
+_GPT_NEOX = (
+    Field("vocab_size", "vocab_size"),
+    Field("max_position_embeddings", "max_len", 2048),
+    Field("hidden_size", "d_model"),
+    Field("num_hidden_layers", "num_layers"),
+    Field("num_attention_heads", "num_heads"),
+    Field("intermediate_size", "d_ff", **_D_FF),
+    activation("hidden_act", "gelu"),
+    Field("layer_norm_eps", "norm_eps", 1e-5),
+    Field("attention_bias", "qkv_bias", True),
+    Field("use_parallel_residual", "parallel_block", True),
+    training("hidden_dropout", "dropout", 0.0),
+    training("attention_dropout", "attention_dropout", 0.0),
+    *_TRAINING,
+)
+
+
 def gpt_neox_config(hf: dict, sd: dict) -> GPTConfig:
     theta, pct = rope_from_hf(hf, theta_key="rotary_emb_base", factor_key="rotary_pct", default_factor=0.25)
     K = hf["hidden_size"] // hf["num_attention_heads"]
-    bias = hf.get("attention_bias", True)
+    fields = fields_from_hf(_GPT_NEOX, hf)
     return GPTConfig(
-        vocab_size=hf["vocab_size"],
-        max_len=hf.get("max_position_embeddings", 2048),
-        d_model=hf["hidden_size"],
-        num_layers=hf["num_hidden_layers"],
-        num_heads=hf["num_attention_heads"],
-        d_ff=hf["intermediate_size"],
-        activation=activation_from_hf(hf.get("hidden_act", "gelu"), "hidden_act"),
-        norm_eps=hf.get("layer_norm_eps", 1e-5),
-        qkv_bias=bias,
-        attn_out_bias=bias,
-        parallel_block=hf.get("use_parallel_residual", True),
+        **fields,
+        attn_out_bias=fields["qkv_bias"],  # one switch for all attention biases
         shared_parallel_norm=False,
         position="rotary",
         rotary_dim=int(K * pct),
         rotary_base=theta,
         tie_embeddings=tied(hf, sd, "embed_out.weight", "gpt_neox.embed_in.weight", False),
-        dropout=hf.get("hidden_dropout", 0.0),
-        attention_dropout=hf.get("attention_dropout", 0.0),
-        init_std=hf.get("initializer_range", 0.02),
     )
 
 
 def gpt_neox_to_hf(cfg: GPTConfig) -> dict:
-    D, H, G, K, F = _dims(cfg)
+    K = cfg.resolved_head_dim
     return dict(
-        vocab_size=cfg.vocab_size,
-        max_position_embeddings=cfg.max_len,
-        hidden_size=D,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=H,
-        intermediate_size=F,
-        hidden_act=activation_to_hf(cfg.activation),
-        layer_norm_eps=cfg.norm_eps,
-        attention_bias=cfg.qkv_bias,
-        use_parallel_residual=cfg.parallel_block,
+        fields_to_hf(_GPT_NEOX, cfg),
         rope_parameters=dict(rope_type="default", rope_theta=cfg.rotary_base, partial_rotary_factor=cfg.rotary_dim / K),
         tie_word_embeddings=cfg.tie_embeddings,
     )
@@ -278,45 +249,42 @@ def gpt_neox_rules(cfg: GPTConfig) -> list:
 # OPT
 
 
+_OPT = (
+    Field("vocab_size", "vocab_size"),
+    Field("max_position_embeddings", "max_len"),
+    Field("hidden_size", "d_model"),
+    Field("num_hidden_layers", "num_layers"),
+    Field("num_attention_heads", "num_heads"),
+    Field("ffn_dim", "d_ff", **_D_FF),
+    activation("activation_function", "relu"),
+    Field("enable_bias", "qkv_bias", True),
+    training("dropout", "dropout", 0.0),
+    training("attention_dropout", "attention_dropout", 0.0),
+    training("init_std", "init_std", 0.02),
+)
+
+
 def opt_config(hf: dict, sd: dict) -> GPTConfig:
     D = hf["hidden_size"]
     if not hf.get("do_layer_norm_before", True) or hf.get("word_embed_proj_dim", D) != D:
         raise HFError("OPT with post-LayerNorm or a projected embedding (OPT-350m) is not supported")
     if not hf.get("layer_norm_elementwise_affine", True) or hf.get("_remove_final_layer_norm"):
         raise HFError("OPT without LayerNorm parameters or without the final LayerNorm is not supported")
-    bias = hf.get("enable_bias", True)
+    fields = fields_from_hf(_OPT, hf)
     return GPTConfig(
-        vocab_size=hf["vocab_size"],
-        max_len=hf["max_position_embeddings"],
-        d_model=D,
-        num_layers=hf["num_hidden_layers"],
-        num_heads=hf["num_attention_heads"],
-        d_ff=hf["ffn_dim"],
-        activation=activation_from_hf(hf.get("activation_function", "relu"), "activation_function"),
-        qkv_bias=bias,
-        attn_out_bias=bias,
-        mlp_bias=bias,
+        **fields,
+        attn_out_bias=fields["qkv_bias"],  # one switch for every bias
+        mlp_bias=fields["qkv_bias"],
         pos_offset=2,
         positions_from_mask=True,
         tie_embeddings=tied(hf, sd, "lm_head.weight", "model.decoder.embed_tokens.weight", True),
-        dropout=hf.get("dropout", 0.0),
-        attention_dropout=hf.get("attention_dropout", 0.0),
-        init_std=hf.get("init_std", 0.02),
     )
 
 
 def opt_to_hf(cfg: GPTConfig) -> dict:
-    D, H, G, K, F = _dims(cfg)
     return dict(
-        vocab_size=cfg.vocab_size,
-        max_position_embeddings=cfg.max_len,
-        hidden_size=D,
-        word_embed_proj_dim=D,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=H,
-        ffn_dim=F,
-        activation_function=activation_to_hf(cfg.activation),
-        enable_bias=cfg.qkv_bias,
+        fields_to_hf(_OPT, cfg),
+        word_embed_proj_dim=cfg.d_model,
         do_layer_norm_before=True,
         tie_word_embeddings=cfg.tie_embeddings,
     )
@@ -341,36 +309,32 @@ def opt_rules(cfg: GPTConfig) -> list:
 # BLOOM
 
 
+_BLOOM = (
+    Field("vocab_size", "vocab_size"),
+    Field("seq_length", "max_len", 2048),
+    Field("hidden_size", "d_model", lambda hf: hf["n_embed"]),  # older configs: n_embed
+    Field("n_layer", "num_layers"),
+    Field("n_head", "num_heads"),
+    Field("layer_norm_epsilon", "norm_eps", 1e-5),
+    training("hidden_dropout", "dropout", 0.0),
+    training("attention_dropout", "attention_dropout", 0.0),
+    *_TRAINING,
+)
+
+
 def bloom_config(hf: dict, sd: dict) -> GPTConfig:
     if hf.get("apply_residual_connection_post_layernorm"):
         raise HFError("BLOOM with apply_residual_connection_post_layernorm=true is not supported")
-    D = hf.get("hidden_size") or hf["n_embed"]
     return GPTConfig(
-        vocab_size=hf["vocab_size"],
-        max_len=hf.get("seq_length", 2048),
-        d_model=D,
-        num_layers=hf["n_layer"],
-        num_heads=hf["n_head"],
-        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        **fields_from_hf(_BLOOM, hf),
         embed_norm=True,
         position="alibi",
         tie_embeddings=tied(hf, sd, "lm_head.weight", "transformer.word_embeddings.weight", True),
-        dropout=hf.get("hidden_dropout", 0.0),
-        attention_dropout=hf.get("attention_dropout", 0.0),
-        init_std=hf.get("initializer_range", 0.02),
     )
 
 
 def bloom_to_hf(cfg: GPTConfig) -> dict:
-    return dict(
-        vocab_size=cfg.vocab_size,
-        seq_length=cfg.max_len,
-        hidden_size=cfg.d_model,
-        n_layer=cfg.num_layers,
-        n_head=cfg.num_heads,
-        layer_norm_epsilon=cfg.norm_eps,
-        tie_word_embeddings=cfg.tie_embeddings,
-    )
+    return dict(fields_to_hf(_BLOOM, cfg), tie_word_embeddings=cfg.tie_embeddings)
 
 
 def bloom_rules(cfg: GPTConfig) -> list:
@@ -395,49 +359,51 @@ def bloom_rules(cfg: GPTConfig) -> list:
 # LLaMA
 
 
+_LLAMA = (
+    Field("vocab_size", "vocab_size"),
+    Field("max_position_embeddings", "max_len", 2048),
+    Field("hidden_size", "d_model"),
+    Field("num_hidden_layers", "num_layers"),
+    Field("num_attention_heads", "num_heads"),
+    Field(
+        "num_key_value_heads",
+        "num_kv_heads",
+        lambda hf: hf["num_attention_heads"],
+        write=lambda c: c.num_kv_heads or c.num_heads,
+    ),
+    Field(
+        "head_dim",
+        "head_dim",
+        lambda hf: hf["hidden_size"] // hf["num_attention_heads"],
+        write=lambda c: c.resolved_head_dim,
+    ),
+    Field("intermediate_size", "d_ff", **_D_FF),
+    activation("hidden_act", "silu"),
+    Field("attention_bias", "qkv_bias", False),
+    Field("mlp_bias", "mlp_bias", False),
+    Field("rms_norm_eps", "norm_eps", 1e-6),
+    training("attention_dropout", "attention_dropout", 0.0),
+    *_TRAINING,
+)
+
+
 def llama_config(hf: dict, sd: dict) -> GPTConfig:
     theta, _ = rope_from_hf(hf)
-    H = hf["num_attention_heads"]
-    attn_bias = hf.get("attention_bias", False)
+    fields = fields_from_hf(_LLAMA, hf)
     return GPTConfig(
-        vocab_size=hf["vocab_size"],
-        max_len=hf.get("max_position_embeddings", 2048),
-        d_model=hf["hidden_size"],
-        num_layers=hf["num_hidden_layers"],
-        num_heads=H,
-        num_kv_heads=hf.get("num_key_value_heads") or H,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // H,
-        d_ff=hf["intermediate_size"],
-        activation=activation_from_hf(hf.get("hidden_act", "silu"), "hidden_act"),
+        **fields,
         gated_mlp=True,
-        qkv_bias=attn_bias,
-        attn_out_bias=attn_bias,
-        mlp_bias=hf.get("mlp_bias", False),
+        attn_out_bias=fields["qkv_bias"],  # one switch for all attention biases
         norm="rmsnorm",
-        norm_eps=hf.get("rms_norm_eps", 1e-6),
         position="rotary",
         rotary_base=theta,
         tie_embeddings=tied(hf, sd, "lm_head.weight", "model.embed_tokens.weight", False),
-        attention_dropout=hf.get("attention_dropout", 0.0),
-        init_std=hf.get("initializer_range", 0.02),
     )
 
 
 def llama_to_hf(cfg: GPTConfig) -> dict:
-    D, H, G, K, F = _dims(cfg)
     return dict(
-        vocab_size=cfg.vocab_size,
-        max_position_embeddings=cfg.max_len,
-        hidden_size=D,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=H,
-        num_key_value_heads=G,
-        head_dim=K,
-        intermediate_size=F,
-        hidden_act=activation_to_hf(cfg.activation),
-        attention_bias=cfg.qkv_bias,
-        mlp_bias=cfg.mlp_bias,
-        rms_norm_eps=cfg.norm_eps,
+        fields_to_hf(_LLAMA, cfg),
         rope_parameters=dict(rope_type="default", rope_theta=cfg.rotary_base),
         tie_word_embeddings=cfg.tie_embeddings,
     )
@@ -467,15 +433,74 @@ _IGNORE = (
     r"rotary_emb\.inv_freq$",
 )
 FORMATS = [
-    Format("gpt2", "gpt", gpt2_config, gpt2_to_hf, gpt2_rules, "GPT2LMHeadModel", "transformer.", _IGNORE),
     Format(
-        "gpt_neo", "gpt", gpt_neo_config, gpt_neo_to_hf, gpt_neo_rules, "GPTNeoForCausalLM", "transformer.", _IGNORE
+        "gpt2",
+        gpt2_config,
+        gpt2_to_hf,
+        gpt2_rules,
+        "GPT2LMHeadModel",
+        "transformer.",
+        _IGNORE,
+        base_model=("GPT2Model", "transformer."),
     ),
-    Format("gptj", "gpt", gptj_config, gptj_to_hf, gptj_rules, "GPTJForCausalLM", "transformer.", _IGNORE),
     Format(
-        "gpt_neox", "gpt", gpt_neox_config, gpt_neox_to_hf, gpt_neox_rules, "GPTNeoXForCausalLM", "gpt_neox.", _IGNORE
+        "gpt_neo",
+        gpt_neo_config,
+        gpt_neo_to_hf,
+        gpt_neo_rules,
+        "GPTNeoForCausalLM",
+        "transformer.",
+        _IGNORE,
+        base_model=("GPTNeoModel", "transformer."),
     ),
-    Format("opt", "gpt", opt_config, opt_to_hf, opt_rules, "OPTForCausalLM", "model.decoder.", _IGNORE),
-    Format("bloom", "gpt", bloom_config, bloom_to_hf, bloom_rules, "BloomForCausalLM", "transformer.", _IGNORE),
-    Format("llama", "gpt", llama_config, llama_to_hf, llama_rules, "LlamaForCausalLM", "model.", _IGNORE),
+    Format(
+        "gptj",
+        gptj_config,
+        gptj_to_hf,
+        gptj_rules,
+        "GPTJForCausalLM",
+        "transformer.",
+        _IGNORE,
+        base_model=("GPTJModel", "transformer."),
+    ),
+    Format(
+        "gpt_neox",
+        gpt_neox_config,
+        gpt_neox_to_hf,
+        gpt_neox_rules,
+        "GPTNeoXForCausalLM",
+        "gpt_neox.",
+        _IGNORE,
+        base_model=("GPTNeoXModel", "gpt_neox."),
+    ),
+    Format(
+        "opt",
+        opt_config,
+        opt_to_hf,
+        opt_rules,
+        "OPTForCausalLM",
+        "model.decoder.",
+        _IGNORE,
+        base_model=("OPTModel", "model."),
+    ),
+    Format(
+        "bloom",
+        bloom_config,
+        bloom_to_hf,
+        bloom_rules,
+        "BloomForCausalLM",
+        "transformer.",
+        _IGNORE,
+        base_model=("BloomModel", "transformer."),
+    ),
+    Format(
+        "llama",
+        llama_config,
+        llama_to_hf,
+        llama_rules,
+        "LlamaForCausalLM",
+        "model.",
+        _IGNORE,
+        base_model=("LlamaModel", "model."),
+    ),
 ]

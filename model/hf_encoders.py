@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from podformer.model import bert
 from podformer.model.hf_common import (
+    Field,
     Format,
     HFError,
-    activation_from_hf,
-    activation_to_hf,
+    activation,
     attention,
+    fields_from_hf,
+    fields_to_hf,
     linear,
     mlp,
     norm,
     tensor,
+    training,
 )
 
 # The MLM head a bare base-model checkpoint (BertModel, RobertaModel) lacks: it starts from its init.
@@ -23,40 +26,29 @@ def _dims(cfg: bert.BertConfig):
     return cfg.d_model, cfg.num_heads, cfg.num_heads, cfg.resolved_head_dim, cfg.d_ff
 
 
-def _common(hf: dict) -> dict:
+# config.json <-> BertConfig, both ways; RoBERTa's padding row defaults to 1.
+_COMMON = (
+    Field("vocab_size", "vocab_size"),
+    Field("type_vocab_size", "type_vocab_size", 2),
+    Field("hidden_size", "d_model"),
+    Field("num_hidden_layers", "num_layers"),
+    Field("num_attention_heads", "num_heads"),
+    Field("intermediate_size", "d_ff"),
+    activation("hidden_act", "gelu"),
+    Field("layer_norm_eps", "norm_eps", 1e-12),
+    training("hidden_dropout_prob", "dropout", 0.1),
+    training("attention_probs_dropout_prob", "attention_dropout", 0.1),
+    training("initializer_range", "init_std", 0.02),
+)
+_BERT = (*_COMMON, Field("pad_token_id", "pad_token_id", 0), Field("max_position_embeddings", "max_len"))
+_ROBERTA = (*_COMMON, Field("pad_token_id", "pad_token_id", 1))
+
+
+def _check(hf: dict) -> None:
     if hf.get("position_embedding_type", "absolute") != "absolute":
         raise HFError(f"position_embedding_type={hf['position_embedding_type']!r} is not supported (only absolute)")
     if hf.get("is_decoder") or hf.get("add_cross_attention"):
         raise HFError("BERT-style decoders (is_decoder / add_cross_attention) are not supported")
-    return dict(
-        vocab_size=hf["vocab_size"],
-        type_vocab_size=hf.get("type_vocab_size", 2),
-        d_model=hf["hidden_size"],
-        num_layers=hf["num_hidden_layers"],
-        num_heads=hf["num_attention_heads"],
-        d_ff=hf["intermediate_size"],
-        activation=activation_from_hf(hf.get("hidden_act", "gelu"), "hidden_act"),
-        norm_eps=hf.get("layer_norm_eps", 1e-12),
-        pad_token_id=hf.get("pad_token_id") or 0,
-        dropout=hf.get("hidden_dropout_prob", 0.1),
-        attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
-        init_std=hf.get("initializer_range", 0.02),
-    )
-
-
-def _common_to_hf(cfg: bert.BertConfig) -> dict:
-    return dict(
-        vocab_size=cfg.vocab_size,
-        type_vocab_size=cfg.type_vocab_size,
-        hidden_size=cfg.d_model,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        intermediate_size=cfg.d_ff,
-        hidden_act=activation_to_hf(cfg.activation),
-        layer_norm_eps=cfg.norm_eps,
-        pad_token_id=cfg.pad_token_id,
-        tie_word_embeddings=True,
-    )
 
 
 def _layers(cfg, p: str) -> list:
@@ -105,14 +97,15 @@ def _mlm(prefix: str, dense: str, layer_norm: str, bias: str, D: int) -> list:
 
 
 def bert_config(hf: dict, sd: dict) -> bert.BertConfig:
+    _check(hf)
     pooler, nsp = "bert.pooler.dense.weight" in sd, "cls.seq_relationship.weight" in sd
-    return bert.BertConfig(max_len=hf["max_position_embeddings"], pooler=pooler, nsp_head=nsp and pooler, **_common(hf))
+    return bert.BertConfig(pooler=pooler, nsp_head=nsp and pooler, **fields_from_hf(_BERT, hf))
 
 
 def bert_to_hf(cfg: bert.BertConfig) -> dict:
     if cfg.pos_offset or cfg.positions_from_pad:
         raise HFError("BERT has no position offset")
-    return dict(_common_to_hf(cfg), max_position_embeddings=cfg.max_len)
+    return dict(fields_to_hf(_BERT, cfg), tie_word_embeddings=True)
 
 
 def bert_rules(cfg: bert.BertConfig) -> list:
@@ -130,19 +123,23 @@ def bert_rules(cfg: bert.BertConfig) -> list:
 
 
 def roberta_config(hf: dict, sd: dict) -> bert.RobertaConfig:
-    pad = hf.get("pad_token_id", 1)
+    _check(hf)
+    fields = fields_from_hf(_ROBERTA, hf)
+    pad = fields["pad_token_id"]
     return bert.RobertaConfig(
         max_len=hf["max_position_embeddings"] - pad - 1,
         pos_offset=pad + 1,
         pooler="roberta.pooler.dense.weight" in sd,
-        **{**_common(hf), "pad_token_id": pad},
+        **fields,
     )
 
 
 def roberta_to_hf(cfg: bert.BertConfig) -> dict:
     if not cfg.positions_from_pad or cfg.pos_offset != cfg.pad_token_id + 1 or cfg.nsp_head:
         raise HFError("RoBERTa needs positions_from_pad, pos_offset = pad_token_id + 1 and no NSP head")
-    return dict(_common_to_hf(cfg), max_position_embeddings=cfg.max_len + cfg.pos_offset)
+    return dict(
+        fields_to_hf(_ROBERTA, cfg), max_position_embeddings=cfg.max_len + cfg.pos_offset, tie_word_embeddings=True
+    )
 
 
 def roberta_rules(cfg: bert.BertConfig) -> list:
@@ -154,38 +151,30 @@ def roberta_rules(cfg: bert.BertConfig) -> list:
 # DistilBERT
 
 
+_DISTILBERT = (
+    Field("vocab_size", "vocab_size"),
+    Field("max_position_embeddings", "max_len"),
+    Field("dim", "d_model"),
+    Field("n_layers", "num_layers"),
+    Field("n_heads", "num_heads"),
+    Field("hidden_dim", "d_ff"),
+    activation("activation", "gelu"),
+    Field("pad_token_id", "pad_token_id", 0),
+    training("dropout", "dropout", 0.1),
+    training("attention_dropout", "attention_dropout", 0.1),
+    training("initializer_range", "init_std", 0.02),
+)
+
+
 def distilbert_config(hf: dict, sd: dict) -> bert.DistilBertConfig:
     # sinusoidal_pos_embds checkpoints store their (frozen) sinusoids as the table: read as learned.
-    return bert.DistilBertConfig(
-        vocab_size=hf["vocab_size"],
-        max_len=hf["max_position_embeddings"],
-        d_model=hf["dim"],
-        num_layers=hf["n_layers"],
-        num_heads=hf["n_heads"],
-        d_ff=hf["hidden_dim"],
-        activation=activation_from_hf(hf.get("activation", "gelu"), "activation"),
-        pad_token_id=hf.get("pad_token_id") or 0,
-        dropout=hf.get("dropout", 0.1),
-        attention_dropout=hf.get("attention_dropout", 0.1),
-        init_std=hf.get("initializer_range", 0.02),
-    )
+    return bert.DistilBertConfig(**fields_from_hf(_DISTILBERT, hf))
 
 
 def distilbert_to_hf(cfg: bert.BertConfig) -> dict:
     if cfg.type_vocab_size or cfg.pooler or cfg.pos_offset or cfg.norm_eps != 1e-12:
         raise HFError("DistilBERT has no token types, no pooler, no position offset and LayerNorm eps 1e-12")
-    return dict(
-        vocab_size=cfg.vocab_size,
-        max_position_embeddings=cfg.max_len,
-        dim=cfg.d_model,
-        n_layers=cfg.num_layers,
-        n_heads=cfg.num_heads,
-        hidden_dim=cfg.d_ff,
-        activation=activation_to_hf(cfg.activation),
-        pad_token_id=cfg.pad_token_id,
-        sinusoidal_pos_embds=False,
-        tie_word_embeddings=True,
-    )
+    return dict(fields_to_hf(_DISTILBERT, cfg), sinusoidal_pos_embds=False, tie_word_embeddings=True)
 
 
 def distilbert_rules(cfg: bert.BertConfig) -> list:
@@ -211,9 +200,18 @@ def _bert_arch(cfg) -> str:
 _IGNORE = (r"predictions\.decoder\.(weight|bias)$", r"lm_head\.decoder\.(weight|bias)$", r"position_ids$")
 
 FORMATS = [
-    Format("bert", "bert", bert_config, bert_to_hf, bert_rules, _bert_arch, "bert.", _IGNORE, _MLM_HEAD),
     Format(
-        "roberta",
+        "bert",
+        bert_config,
+        bert_to_hf,
+        bert_rules,
+        _bert_arch,
+        "bert.",
+        _IGNORE,
+        _MLM_HEAD,
+        base_model=("BertModel", "bert."),
+    ),
+    Format(
         "roberta",
         roberta_config,
         roberta_to_hf,
@@ -222,9 +220,9 @@ FORMATS = [
         "roberta.",
         _IGNORE,
         _MLM_HEAD,
+        base_model=("RobertaModel", "roberta."),
     ),
     Format(
-        "distilbert",
         "distilbert",
         distilbert_config,
         distilbert_to_hf,
@@ -233,5 +231,6 @@ FORMATS = [
         "distilbert.",
         (r"vocab_projector\.weight$", *_IGNORE),
         _MLM_HEAD,
+        base_model=("DistilBertModel", "distilbert."),
     ),
 ]

@@ -4,20 +4,42 @@ from __future__ import annotations
 
 from podformer.model import t5
 from podformer.model.hf_common import (
+    Field,
     Format,
     HFError,
+    activation,
     activation_from_hf,
     activation_to_hf,
     attention,
+    fields_from_hf,
+    fields_to_hf,
     mlp,
     norm,
     tensor,
     tied,
+    training,
     unembed,
 )
 
 # ---------------------------------------------------------------------------------------------------
 # T5 and mT5
+
+
+# config.json <-> T5Config, both ways (the MLP's kind and activation are one key: see _t5_common).
+_T5 = (
+    Field("vocab_size", "vocab_size"),
+    Field("d_model", "d_model"),
+    Field("num_layers", "num_layers"),
+    Field("num_decoder_layers", "num_decoder_layers", lambda hf: hf["num_layers"], write=lambda c: c.decoder_layers),
+    Field("num_heads", "num_heads"),
+    Field("d_kv", "head_dim", write=lambda c: c.resolved_head_dim),
+    Field("d_ff", "d_ff"),
+    Field("layer_norm_epsilon", "norm_eps", 1e-6),
+    Field("relative_attention_num_buckets", "relative_buckets", 32),
+    Field("relative_attention_max_distance", "relative_max_distance", 128),
+    training("dropout_rate", "dropout", 0.1),
+    training("initializer_factor", "init_std", 1.0, lambda v: v * 0.02),
+)
 
 
 def _t5_common(hf: dict, sd: dict) -> dict:
@@ -26,21 +48,10 @@ def _t5_common(hf: dict, sd: dict) -> dict:
     # transformers maps 'gated-gelu' to the tanh GELU ('gelu_new'); any other name is taken as written.
     act = "gelu_new" if hf.get("feed_forward_proj") == "gated-gelu" else proj[-1]
     return dict(
-        vocab_size=hf["vocab_size"],
-        d_model=hf["d_model"],
-        num_layers=hf["num_layers"],
-        num_decoder_layers=hf.get("num_decoder_layers") or hf["num_layers"],
-        num_heads=hf["num_heads"],
-        head_dim=hf["d_kv"],
-        d_ff=hf["d_ff"],
+        fields_from_hf(_T5, hf),
         activation=activation_from_hf(act, "feed_forward_proj"),
         gated_mlp=gated,
-        norm_eps=hf.get("layer_norm_epsilon", 1e-6),
-        relative_buckets=hf.get("relative_attention_num_buckets", 32),
-        relative_max_distance=hf.get("relative_attention_max_distance", 128),
         tie_embeddings=tied(hf, sd, "lm_head.weight", "shared.weight", True),
-        dropout=hf.get("dropout_rate", 0.1),
-        init_std=hf.get("initializer_factor", 1.0) * 0.02,
     )
 
 
@@ -68,17 +79,8 @@ def t5_to_hf(cfg: t5.T5Config) -> dict:
     else:
         proj = act
     return dict(
-        vocab_size=cfg.vocab_size,
-        d_model=cfg.d_model,
-        num_layers=cfg.num_layers,
-        num_decoder_layers=cfg.decoder_layers,
-        num_heads=cfg.num_heads,
-        d_kv=cfg.resolved_head_dim,
-        d_ff=cfg.d_ff,
+        fields_to_hf(_T5, cfg),
         feed_forward_proj=proj,
-        layer_norm_epsilon=cfg.norm_eps,
-        relative_attention_num_buckets=cfg.relative_buckets,
-        relative_attention_max_distance=cfg.relative_max_distance,
         tie_word_embeddings=cfg.tie_embeddings,
         scale_decoder_outputs=cfg.scale_output,
     )
@@ -121,27 +123,30 @@ def t5_rules(cfg: t5.T5Config) -> list:
 # BART
 
 
+# config.json <-> BartConfig, both ways.
+_BART = (
+    Field("vocab_size", "vocab_size"),
+    Field("d_model", "d_model"),
+    Field("encoder_layers", "num_layers"),
+    Field("decoder_layers", "num_decoder_layers", write=lambda c: c.decoder_layers),
+    Field("encoder_attention_heads", "num_heads"),
+    Field("encoder_ffn_dim", "d_ff"),
+    activation("activation_function", "gelu"),
+    Field("max_position_embeddings", "max_len"),
+    Field("scale_embedding", "scale_embeddings", False, bool),
+    training("dropout", "dropout", 0.1),
+    training("attention_dropout", "attention_dropout", 0.0),
+    training("init_std", "init_std", 0.02),
+)
+
+
 def bart_config(hf: dict, sd: dict) -> t5.BartConfig:
     for a, b in (("encoder_attention_heads", "decoder_attention_heads"), ("encoder_ffn_dim", "decoder_ffn_dim")):
         if hf.get(a) != hf.get(b):
             raise HFError(f"BART with {a}={hf.get(a)} != {b}={hf.get(b)} is not supported")
     if hf.get("normalize_before") or hf.get("add_final_layer_norm"):
         raise HFError("pre-LayerNorm BART variants (normalize_before / add_final_layer_norm) are not supported")
-    return t5.BartConfig(
-        vocab_size=hf["vocab_size"],
-        d_model=hf["d_model"],
-        num_layers=hf["encoder_layers"],
-        num_decoder_layers=hf["decoder_layers"],
-        num_heads=hf["encoder_attention_heads"],
-        d_ff=hf["encoder_ffn_dim"],
-        activation=activation_from_hf(hf.get("activation_function", "gelu"), "activation_function"),
-        max_len=hf["max_position_embeddings"],
-        scale_embeddings=bool(hf.get("scale_embedding", False)),
-        logits_bias="final_logits_bias" in sd,
-        dropout=hf.get("dropout", 0.1),
-        attention_dropout=hf.get("attention_dropout", 0.0),
-        init_std=hf.get("init_std", 0.02),
-    )
+    return t5.BartConfig(**fields_from_hf(_BART, hf), logits_bias="final_logits_bias" in sd)
 
 
 def bart_to_hf(cfg: t5.T5Config) -> dict:
@@ -149,18 +154,11 @@ def bart_to_hf(cfg: t5.T5Config) -> dict:
         raise HFError("BART is post-LayerNorm with learned positions offset by 2")
     if not cfg.use_bias or not cfg.embed_norm or cfg.final_norm or not cfg.tie_embeddings or cfg.attn_scale:
         raise HFError("BART has biases, an embedding LayerNorm, no final norm, a tied head and 1/sqrt(K) scaling")
+    # One head count and MLP width for both stacks (bart_config refuses others).
     return dict(
-        vocab_size=cfg.vocab_size,
-        d_model=cfg.d_model,
-        encoder_layers=cfg.num_layers,
-        decoder_layers=cfg.decoder_layers,
-        encoder_attention_heads=cfg.num_heads,
+        fields_to_hf(_BART, cfg),
         decoder_attention_heads=cfg.num_heads,
-        encoder_ffn_dim=cfg.d_ff,
         decoder_ffn_dim=cfg.d_ff,
-        activation_function=activation_to_hf(cfg.activation),
-        max_position_embeddings=cfg.max_len,
-        scale_embedding=cfg.scale_embeddings,
         tie_word_embeddings=True,
     )
 
@@ -196,7 +194,27 @@ _T5_IGNORE = (r"^(encoder|decoder)\.embed_tokens\.weight$", r"^lm_head\.weight$"
 _BART_IGNORE = (r"^model\.(encoder|decoder)\.embed_tokens\.weight$", r"^lm_head\.weight$")
 
 FORMATS = [
-    Format("t5", "t5", t5_config, t5_to_hf, t5_rules, "T5ForConditionalGeneration", "", _T5_IGNORE),
-    Format("mt5", "t5", mt5_config, mt5_to_hf, t5_rules, "MT5ForConditionalGeneration", "", _T5_IGNORE),
-    Format("bart", "bart", bart_config, bart_to_hf, bart_rules, "BartForConditionalGeneration", "model.", _BART_IGNORE),
+    Format(
+        "t5", t5_config, t5_to_hf, t5_rules, "T5ForConditionalGeneration", "", _T5_IGNORE, base_model=("T5Model", "")
+    ),
+    Format(
+        "mt5",
+        mt5_config,
+        mt5_to_hf,
+        t5_rules,
+        "MT5ForConditionalGeneration",
+        "",
+        _T5_IGNORE,
+        base_model=("MT5Model", ""),
+    ),
+    Format(
+        "bart",
+        bart_config,
+        bart_to_hf,
+        bart_rules,
+        "BartForConditionalGeneration",
+        "model.",
+        _BART_IGNORE,
+        base_model=("BartModel", "model."),
+    ),
 ]

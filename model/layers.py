@@ -30,6 +30,7 @@ from podformer.model.attention import (  # noqa: F401  (re-exported)
     make_attention_mask,
     t5_relative_buckets,
 )
+from podformer.model.config import ModelConfig
 from podformer.model.kv_cache import KVCache
 
 Array = jax.Array
@@ -85,6 +86,25 @@ class BlockOptions:
     @property
     def compute_dtype(self):
         return DTYPES[self.dtype]
+
+
+def block_options(cfg: ModelConfig, **options) -> BlockOptions:
+    """The block a family config describes: the fields every family shares (model/config.py), plus the
+    family's own ``options``. The one place those fields become block options."""
+    return BlockOptions(
+        d_model=cfg.d_model,
+        num_heads=cfg.num_heads,
+        head_dim=cfg.resolved_head_dim,
+        d_ff=cfg.resolved_d_ff,
+        activation=cfg.activation,
+        norm_eps=cfg.norm_eps,
+        dropout=cfg.dropout,
+        attention_dropout=cfg.attention_dropout,
+        init_std=cfg.init_std,
+        dtype=cfg.dtype,
+        attention_impl=cfg.attention_impl,
+        **options,
+    )
 
 
 def param(rngs: nnx.Rngs, init, shape: tuple[int, ...], axes: tuple[str | None, ...]) -> nnx.Param:

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from podformer.model import layers
+from podformer.model import families, layers
 
 # Saved with the model: trained parameters and untrained buffers (BART's final_logits_bias).
 SAVED = (nnx.Param, layers.Buffer)
@@ -274,14 +274,12 @@ def config_to_dict(family: str, cfg) -> dict:
 
 def config_from_dict(d: dict):
     """(family, family config) from a checkpoint's ``config.model`` section."""
-    from podformer import model as models  # the registry imports every family
-
     family = d.get("family")
-    if family not in models.FAMILIES:
-        raise ValueError(f"model family {family!r} is not one of {', '.join(models.FAMILIES)}")
+    if family not in families.FAMILIES:
+        raise ValueError(f"model family {family!r} is not one of {', '.join(families.FAMILIES)}")
     # Checkpoints written before vocabularies were padded hold tables of exactly vocab_size rows.
     d = {"vocab_multiple": 1, **d}
-    config_cls = models.FAMILIES[family][0]
+    config_cls = families.FAMILIES[family].config
     fields = {f.name for f in dataclasses.fields(config_cls)}
     return family, config_cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in fields})
 
@@ -322,9 +320,8 @@ def read_workdir(workdir: str, step: int | None = None) -> tuple[str, object, di
         raise FileNotFoundError(f"{workdir}: no complete checkpoint in {workdir}/checkpoints")
     meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     family, cfg = config_from_dict(meta["config"]["model"])
-    from podformer import model as models
-
-    abstract = nnx.eval_shape(lambda: models.FAMILIES[family][1](cfg, rngs=nnx.Rngs(0)))
+    module_cls = families.FAMILIES[family].module_class()
+    abstract = nnx.eval_shape(lambda: module_cls(cfg, rngs=nnx.Rngs(0)))
     target = {"model": nnx.state(abstract)}
     # Restore onto the default device, whatever the mesh that saved it: values are read back to numpy.
     device = jax.local_devices()[0]

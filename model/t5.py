@@ -8,8 +8,6 @@ an embedding LayerNorm, a final LayerNorm, and how the output projection is tied
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -18,167 +16,24 @@ from podformer.core import sharding
 from podformer.model import layers, vocab
 from podformer.model.kv_cache import KVCache
 from podformer.model.layers import Array
+from podformer.model.t5_config import T5_PRESETS, BartConfig, T5Config  # noqa: F401 (re-exported)
 
 
-@dataclasses.dataclass(frozen=True)
-class T5Config:
-    vocab_size: int = 32128  # the tokenizer's
-    # The token tables have padded_vocab_size rows (a multiple of this; 1: none), so they shard over tensor;
-    # the padding is masked out of every softmax and never leaves the model (model/vocab.py).
-    vocab_multiple: int = 128
-    d_model: int = 512
-    num_layers: int = 6  # encoder layers
-    num_decoder_layers: int = 0  # 0: num_layers
-    num_heads: int = 8
-    head_dim: int = 64  # T5's d_kv: num_heads * head_dim need not equal d_model (T5 3B, 11B)
-    d_ff: int = 2048
-    activation: str = "relu"
-    gated_mlp: bool = False
-    use_bias: bool = False  # biases in every projection (BART) or none (T5)
-    norm: str = "rmsnorm"
-    norm_eps: float = 1e-6
-    norm_position: str = "pre"
-    position: str = "relative"  # relative (T5 buckets) | learned (BART)
-    relative_buckets: int = 32
-    relative_max_distance: int = 128
-    max_len: int = 1024  # learned positions: table rows = max_len + pos_offset
-    pos_offset: int = 0  # BART: 2
-    embed_norm: bool = False  # LayerNorm on the embeddings (BART's layernorm_embedding)
-    final_norm: bool = True  # a norm after each stack's last block (T5; not BART)
-    scale_embeddings: bool = False  # multiply embeddings by sqrt(d_model) (BART's scale_embedding)
-    tie_embeddings: bool = True
-    scale_output: bool = True  # decoder output * d_model**-0.5 before the LM head (T5 v1.0's, with tied head)
-    logits_bias: bool = False  # BART's final_logits_bias (a saved, untrained buffer)
-    attn_scale: float = 1.0  # T5 folds 1/sqrt(head_dim) into its init: 1.0; 0: 1/sqrt(head_dim) (BART)
-    dropout: float = 0.1
-    attention_dropout: float = 0.0
-    init_std: float = 0.02
-    dtype: str = "float32"
-    scan_layers: bool = True
-    remat: str = "none"
-    attention_impl: str = "xla"
-
-    def __post_init__(self):
-        if self.position not in ("relative", "learned"):
-            raise ValueError(f"position={self.position!r}: choose relative or learned")
-
-    @property
-    def decoder_layers(self) -> int:
-        return self.num_decoder_layers or self.num_layers
-
-    @property
-    def padded_vocab_size(self) -> int:
-        """The rows of the token tables: vocab_size rounded up to a multiple of vocab_multiple (model/vocab.py)."""
-        m = max(self.vocab_multiple, 1)
-        return -(-self.vocab_size // m) * m
-
-    @property
-    def resolved_head_dim(self) -> int:
-        return self.head_dim or self.d_model // self.num_heads
-
-    def block(self, *, decoder: bool) -> layers.BlockOptions:
-        return layers.BlockOptions(
-            d_model=self.d_model,
-            num_heads=self.num_heads,
-            head_dim=self.resolved_head_dim,
-            d_ff=self.d_ff,
-            activation=self.activation,
-            gated_mlp=self.gated_mlp,
-            qkv_bias=self.use_bias,
-            out_bias=self.use_bias,
-            mlp_bias=self.use_bias,
-            norm=self.norm,
-            norm_eps=self.norm_eps,
-            norm_bias=self.use_bias,
-            norm_position=self.norm_position,
-            causal=decoder,
-            cross_attention=decoder,
-            attn_scale=self.attn_scale,
-            dropout=self.dropout,
-            attention_dropout=self.attention_dropout,
-            init_std=self.init_std,
-            dtype=self.dtype,
-            attention_impl=self.attention_impl,
-        )
-
-    # T5 (Raffel et al. 2020) and T5 v1.1 / mT5 (Xue et al. 2021), sized as Google's released checkpoints.
-    @classmethod
-    def tiny(cls, **kw) -> T5Config:
-        fields = dict(vocab_size=4096, d_model=128, num_layers=2, num_heads=4, head_dim=32, d_ff=512, dropout=0.0)
-        return cls(**{**fields, **kw})
-
-
-def _sizes(d_model, num_layers, num_heads, head_dim, d_ff):
-    return dict(d_model=d_model, num_layers=num_layers, num_heads=num_heads, head_dim=head_dim, d_ff=d_ff)
-
-
-# v1.1 and mT5: gated GELU, untied output projection without the rescale, no dropout in pretraining.
-_V1_1 = dict(activation="gelu_tanh", gated_mlp=True, tie_embeddings=False, scale_output=False, dropout=0.0)
-_MT5 = dict(_V1_1, vocab_size=250112)
-T5_PRESETS = {
-    "small": _sizes(512, 6, 8, 64, 2048),
-    "base": _sizes(768, 12, 12, 64, 3072),
-    "large": _sizes(1024, 24, 16, 64, 4096),
-    "t5_3b": _sizes(1024, 24, 32, 128, 16384),
-    "t5_11b": _sizes(1024, 24, 128, 128, 65536),
-    "v1_1_small": dict(_V1_1, **_sizes(512, 8, 6, 64, 1024)),
-    "v1_1_base": dict(_V1_1, **_sizes(768, 12, 12, 64, 2048)),
-    "v1_1_large": dict(_V1_1, **_sizes(1024, 24, 16, 64, 2816)),
-    "v1_1_xl": dict(_V1_1, **_sizes(2048, 24, 32, 64, 5120)),
-    "v1_1_xxl": dict(_V1_1, **_sizes(4096, 24, 64, 64, 10240)),
-    "mt5_small": dict(_MT5, **_sizes(512, 8, 6, 64, 1024)),
-    "mt5_base": dict(_MT5, **_sizes(768, 12, 12, 64, 2048)),
-    "mt5_large": dict(_MT5, **_sizes(1024, 24, 16, 64, 2816)),
-    "mt5_xl": dict(_MT5, **_sizes(2048, 24, 32, 64, 5120)),
-    "mt5_xxl": dict(_MT5, **_sizes(4096, 24, 64, 64, 10240)),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class BartConfig(T5Config):
-    """BART (Lewis et al. 2020): post-LayerNorm, GELU, biases, learned positions offset by 2, a LayerNorm
-    on the embeddings, no final LayerNorm, tied output projection plus final_logits_bias."""
-
-    vocab_size: int = 50265
-    d_model: int = 768
-    num_layers: int = 6
-    num_heads: int = 12
-    head_dim: int = 0
-    d_ff: int = 3072
-    activation: str = "gelu"
-    use_bias: bool = True
-    norm: str = "layernorm"
-    norm_eps: float = 1e-5
-    norm_position: str = "post"
-    position: str = "learned"
-    max_len: int = 1024
-    pos_offset: int = 2
-    embed_norm: bool = True
-    final_norm: bool = False
-    scale_output: bool = False
-    logits_bias: bool = True
-    attn_scale: float = 0.0
-
-    @classmethod
-    def tiny(cls, **kw) -> BartConfig:
-        fields = dict(vocab_size=4096, max_len=128, d_model=128, num_layers=2, num_heads=4, d_ff=512, dropout=0.0)
-        return cls(**{**fields, **kw})
-
-    @classmethod
-    def base(cls, **kw) -> BartConfig:
-        return cls(**kw)
-
-    @classmethod
-    def large(cls, **kw) -> BartConfig:
-        return cls(**{**dict(d_model=1024, num_layers=12, num_heads=16, d_ff=4096), **kw})
-
-
-def _preset(fields: dict):
-    return classmethod(lambda cls, **kw: cls(**{**fields, **kw}))
-
-
-for _name, _fields in T5_PRESETS.items():
-    setattr(T5Config, _name, _preset(_fields))
+def block_options(cfg: T5Config, *, decoder: bool) -> layers.BlockOptions:
+    """An encoder block, or a causal decoder block with cross-attention."""
+    return layers.block_options(
+        cfg,
+        gated_mlp=cfg.gated_mlp,
+        qkv_bias=cfg.use_bias,
+        out_bias=cfg.use_bias,
+        mlp_bias=cfg.use_bias,
+        norm=cfg.norm,
+        norm_bias=cfg.use_bias,
+        norm_position=cfg.norm_position,
+        causal=decoder,
+        cross_attention=decoder,
+        attn_scale=cfg.attn_scale,
+    )
 
 
 class Stack(nnx.Module):
@@ -203,7 +58,7 @@ class Stack(nnx.Module):
                 rngs=rngs,
             )
         self.embed_norm = layers.Norm(D, **norm) if cfg.embed_norm else None
-        o = cfg.block(decoder=decoder)
+        o = block_options(cfg, decoder=decoder)
         n = cfg.decoder_layers if decoder else cfg.num_layers
         self.blocks = layers.BlockStack(
             lambda r: layers.Block(o, rngs=r), n, scan=cfg.scan_layers, remat=cfg.remat, rngs=rngs

@@ -18,8 +18,10 @@ import re
 import numpy as np
 
 from podformer import mesh as mesh_lib
-from podformer import trainer
+from podformer import optim, trainer
 from podformer.core.errors import UserError
+from podformer.data import pipeline
+from podformer.losses import LOSSES
 from podformer.metrics import log
 from podformer.model import attention, host_blas
 
@@ -113,10 +115,6 @@ def topology_devices(spec: str) -> tuple[Generation, list]:
 def compile_only(spec: str, cfg, model_cfg, module_cls) -> dict:
     """train.py --compile_only: the run's own model, optimizer, loss and batch layout, compiled for
     topology ``spec``; logs and returns the per-device memory figures."""
-    from podformer import optim
-    from podformer.data import pipeline
-    from podformer.losses import LOSSES
-
     t = cfg.train
     data = pipeline.build(cfg.data, vocab_size=model_cfg.vocab_size, seq_len=t.seq_len)
     return compile_train_step(

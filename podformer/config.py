@@ -17,11 +17,12 @@ from typing import Any
 
 import ml_collections
 
-import podformer.configs
 from podformer.core.errors import UserError
+from podformer.model import families
 
-# The configs' folder: the checkout's configs/ or the installed podformer/configs/ (the same files).
-CONFIGS = os.path.dirname(os.path.abspath(podformer.configs.__file__))
+# The configs' folder: the checkout's configs/ or the installed podformer/configs/ (the same files). Found,
+# not imported: the library never imports the configs (they sit above it).
+CONFIGS = os.path.abspath(importlib.util.find_spec("podformer.configs").submodule_search_locations[0])
 
 # Sections and keys that every run config has; other code and scripts rely on these names.
 REQUIRED = {
@@ -141,18 +142,21 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
             raise UserError(f"train.{key}={t[key]} must be positive")
     if t.batch_size % t.grad_accum:
         raise UserError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
+    family_config(cfg.model, families.get(cfg.model.family).config)  # bad model values fail here, before JAX
 
 
 def parse_args(argv: list[str], default_config: str, flags: dict[str, Any]) -> tuple[ml_collections.ConfigDict, dict]:
-    """Split ``argv`` into the config (with overrides applied, then locked) and the other flags."""
+    """Split ``argv`` into the config (with overrides applied, then locked) and the other flags. ``--help``
+    prints the chosen config's sections and keys (``--config`` picks it) and exits 0."""
     spec = default_config
     overrides: list[tuple[str, str]] = []
     values = dict(flags)
     args = list(argv)
+    if "-h" in args or "--help" in args:  # a config that does not load is an error, as without --help
+        print(usage(load_config_file(_config_spec(args, default_config)), default_config, flags))
+        raise SystemExit(0)
     while args:
         arg = args.pop(0)
-        if arg in ("-h", "--help"):
-            raise SystemExit(usage(default_config, flags))
         if not arg.startswith("--"):
             raise UserError(f"unexpected argument {arg!r}; flags look like --config.train.steps=100")
         name, eq, text = arg[2:].partition("=")
@@ -177,12 +181,44 @@ def parse_args(argv: list[str], default_config: str, flags: dict[str, Any]) -> t
     return cfg, values
 
 
-def usage(default_config: str, flags: dict[str, Any]) -> str:
+def _config_spec(args: list[str], default_config: str) -> str:
+    """The ``--config`` among ``args`` (the last one given), else the default."""
+    spec = default_config
+    for i, arg in enumerate(args):
+        if arg.startswith("--config="):
+            spec = arg[len("--config=") :]
+        elif arg == "--config" and i + 1 < len(args):
+            spec = args[i + 1]
+    return spec
+
+
+def _keys(node: ml_collections.ConfigDict, prefix: str = "") -> list[tuple[str, Any]]:
+    out = []
+    for key, value in node.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            out += _keys(value, f"{prefix}{key}.")
+        else:
+            out.append((prefix + key, value))
+    return out
+
+
+def usage(cfg: ml_collections.ConfigDict, default_config: str, flags: dict[str, Any]) -> str:
+    """What ``--help`` prints: how to call, the flags, and every key of the loaded config with its value."""
+    spec = cfg.config_spec
     lines = [
-        "usage: --config=configs/<family>.py[:variant] [--config.<section>.<key>=<value> ...]",
-        f"  default config: {default_config}",
+        "usage: [--config=configs/<family>.py[:variant]] [--config.<section>.<key>=<value> ...] "
+        + " ".join(f"[--{k}=...]" for k in flags),
+        f"  --config={spec}" + ("  (the default)" if spec == default_config else f"  (default: {default_config})"),
     ]
     lines += [f"  --{k}={v!r}" for k, v in flags.items()]
+    lines.append(f"keys of {spec}, by section (override any with --config.<key>=<value>):")
+    sections: dict[str, list[tuple[str, Any]]] = {}
+    for key, value in _keys(cfg):
+        if key != "config_spec":
+            sections.setdefault(key.split(".")[0] if "." in key else "", []).append((key, value))
+    for section, keys in sorted(sections.items(), key=lambda kv: kv[0] != ""):  # top-level keys first
+        lines.append(f"  [{section}]" if section else "  [top level]")
+        lines += [f"    {key} = {value!r}" for key, value in keys]
     return "\n".join(lines)
 
 

@@ -11,12 +11,18 @@ import dataclasses
 import os
 import re
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from podformer.core.errors import UserError
 from podformer.metrics import log
+from podformer.model import families, hf, params
+from podformer.objective_losses import make_distillation
 
-ENCODERS = ("bert", "roberta", "distilbert")
+# The families a teacher and a student may be: the encoders (model/families.py).
+ENCODERS = tuple(name for name, f in families.FAMILIES.items() if f.kind == "encoder")
 
 
 @dataclasses.dataclass
@@ -30,10 +36,6 @@ class Teacher:
 
 def load(cfg, model_cfg) -> Teacher:
     """The teacher named by ``cfg.distill.teacher``, checked against the student (``model_cfg``)."""
-    from podformer import model as models
-    from podformer.model import hf
-    from podformer.objective_losses import make_distillation
-
     if cfg.model.family not in ENCODERS or "distill" not in cfg:
         raise UserError(
             f"data.objective=distill trains a BERT-family student; model.family={cfg.model.family!r} is not "
@@ -74,7 +76,7 @@ def load(cfg, model_cfg) -> Teacher:
         attention_dropout=0.0,
         vocab_multiple=model_cfg.vocab_multiple,
     )
-    module_cls = models.FAMILIES[family][1]
+    module_cls = families.get(family).module_class()
     loss = make_distillation(d.temperature, d.alpha_ce, d.alpha_mlm, d.alpha_cos)
     student_init = None
     if d.init_student and not cfg.init.checkpoint:
@@ -118,12 +120,6 @@ def student_from_teacher(flat: dict[str, np.ndarray], teacher_layers: int, stude
 
 def place(teacher: Teacher, graphdef, state):
     """A fresh train state with the teacher's parameters in place (and the student's start, if any)."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from podformer.model import params
-
     ts = nnx.merge(graphdef, state)
     missing = params.set_params(ts.teacher, teacher.params, strict=False, allow_missing=True)
     # A teacher checkpoint lacks what was never imported nor trained (model/params.py read_workdir); only what

@@ -8,7 +8,7 @@ import numpy as np
 from flax import nnx
 
 from podformer import finetune_tasks as tasks
-from podformer import finetuning, trainer
+from podformer import finetuning, generate, trainer
 from podformer.data.loader import Loader
 from podformer.data.tasks import features
 
@@ -73,8 +73,6 @@ class Evaluator:
 
     def generate(self, state, examples: list[dict], rows: dict[str, np.ndarray]) -> list[str]:
         """Greedy or beam-search outputs (task.num_beams) with a KV cache (podformer/generate.py)."""
-        from podformer import generate
-
         c, lay = self.task.cfg, self.lay
         if self.task.type == "text2text":
             ids, mask = rows["encoder_inputs"], rows["encoder_segment_ids"]

@@ -12,8 +12,9 @@ import dataclasses
 
 import numpy as np
 
+from podformer import task_metrics
 from podformer.core.errors import UserError
-from podformer.data.tasks import embedded, features
+from podformer.data.tasks import embedded, features, qa, sources
 
 # The metric the best checkpoint is chosen by, when task.metric is '' (GLUE: the official one per task).
 GLUE_METRIC = {"cola": "mcc", "stsb": "pearson", "mrpc": "f1", "qqp": "f1", "ax": "mcc"}
@@ -64,8 +65,6 @@ class Task:
         if c.source == "embedded":
             examples = embedded.examples(split)
         else:
-            from podformer.data.tasks import sources
-
             examples = sources.read_examples(
                 self.type,
                 c.source,
@@ -96,15 +95,11 @@ def label_names(task: Task) -> list[str] | None:
     src = task.cfg.source
     if src == "embedded":
         return list(embedded.CLASSES)
-    from podformer.data.tasks import sources
-
     c = task.cfg
     return sources.label_names(task.type, src, data_dir=c.data_dir or None, text_fields=tuple(c.text_fields) or None)
 
 
 def _metrics(task: Task, pred: list, gold: list) -> dict:
-    from podformer import task_metrics
-
     if task.glue:
         return task_metrics.glue(task.glue, pred, gold)
     return (task_metrics.classification if task.type == "classification" else task_metrics.regression)(pred, gold)
@@ -130,8 +125,6 @@ def rows(task: Task, examples: list[dict], tok, lay, seq_len: int, *, training: 
         return features.text2text(examples, tok, lay, seq_len, c.target_len, prefix=c.prefix)
     if task.type == "sft":
         return features.sft(examples, tok, lay, seq_len)
-    from podformer.data.tasks import qa
-
     w = qa.make_windows(
         examples,
         tok,
@@ -175,8 +168,6 @@ def labelled(task: Task, examples: list[dict]) -> bool:
 def score(task: Task, examples: list[dict], outputs, rows_: dict[str, np.ndarray], tok) -> tuple[dict, list[dict]]:
     """(metrics, predictions) from the model's outputs for ``examples``: head outputs for classification,
     regression, QA and tagging (already cut to the real rows), generated texts for text2text and sft."""
-    from podformer import task_metrics
-
     scored = labelled(task, examples)
     if task.type == "classification":
         pred = np.argmax(outputs, axis=-1).tolist()
@@ -210,8 +201,6 @@ def score(task: Task, examples: list[dict], outputs, rows_: dict[str, np.ndarray
         ]
         return (task_metrics.entities(preds, [ex["tags"] for ex in examples]) if scored else {}), records
     if task.type == "qa":
-        from podformer.data.tasks import qa
-
         c = task.cfg
         windows = {k: rows_[k] for k in ("example_index", "offsets")}
         windows.update(input_ids=rows_["inputs"], attention_mask=rows_["segment_ids"])

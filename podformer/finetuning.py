@@ -13,13 +13,14 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from podformer.core.errors import UserError
+from podformer.data import hf_tokenizer, pipeline
 from podformer.losses import LOSSES, Loss
-from podformer.model.heads import KINDS
+from podformer.model import families, hf, params
 
 # task type -> the head it trains
 HEAD_OF = {"classification": "sequence", "regression": "sequence", "qa": "span", "tagging": "token"}
 HEAD_OF.update(text2text="lm", sft="lm")
-# task type -> the model kinds it fine-tunes (model/heads.py KINDS)
+# task type -> the model kinds it fine-tunes (model/families.py Family.kind)
 KINDS_OF = {
     "classification": ("encoder", "decoder", "seq2seq"),
     "regression": ("encoder", "decoder", "seq2seq"),
@@ -36,7 +37,7 @@ TRAINING_FIELDS = ("dropout", "attention_dropout", "dtype", "scan_layers", "rema
 
 
 def check_family(task_type: str, family: str, where: str) -> None:
-    kind = KINDS[family]
+    kind = families.get(family).kind
     if kind not in KINDS_OF[task_type]:
         advice = _ADVICE.get(task_type, f"use an {' or '.join(KINDS_OF[task_type])} checkpoint")
         raise UserError(
@@ -57,11 +58,9 @@ class Start:
     description: str
 
 
-def resolve_start(cfg, config_lib, model_registry, resumed_model: dict | None) -> Start:
+def resolve_start(cfg, config_lib, resumed_model: dict | None) -> Start:
     """The model to build. Resume order: this workdir's checkpoint (its saved model) -> init.checkpoint
     (its architecture; the run config's training fields such as dropout apply) -> the run config's model."""
-    from podformer.model import hf, params
-
     if resumed_model is not None:
         family, model_cfg = params.config_from_dict(resumed_model)
         return Start(family, model_cfg, None, {}, "resumed")
@@ -72,7 +71,7 @@ def resolve_start(cfg, config_lib, model_registry, resumed_model: dict | None) -
         path = ""
         print(f"podformer: no checkpoint at {cfg.init.checkpoint}: fine-tuning a fresh, untrained model", flush=True)
     if not path:
-        config_cls = model_registry.FAMILIES[cfg.model.family][0]
+        config_cls = families.get(cfg.model.family).config
         return Start(cfg.model.family, config_lib.family_config(cfg.model, config_cls), None, {}, "a fresh model")
     try:
         if params.is_workdir(path):
@@ -86,29 +85,10 @@ def resolve_start(cfg, config_lib, model_registry, resumed_model: dict | None) -
     return Start(family, dataclasses.replace(src_cfg, **overrides), flat, meta, path)
 
 
-# The objective each family's tiny pretraining config uses: its tokenizer (with that family's special tokens)
-# is the one a fresh model of the family gets.
-PRETRAIN_OBJECTIVE = {"gpt": "causal_lm", "bert": "mlm", "distilbert": "mlm", "roberta": "roberta"}
-PRETRAIN_OBJECTIVE.update(t5="span_corruption", bart="bart")
-
-
-def _fresh_data_section(family: str):
-    """The data section of the family's tiny pretraining config (embedded corpus), whose tokenizer is
-    trained on first use and cached, for fine-tuning a model that has no checkpoint."""
-    from podformer import model as models
-    from podformer.configs import common
-
-    data = common.base("fresh", family, models.FAMILIES[family][0]()).data
-    data.objective = PRETRAIN_OBJECTIVE[family]
-    return data
-
-
 def resolve_tokenizer(cfg, start: Start, workdir: str, resumed: bool):
     """The tokenizer: data.tokenizer if set; a resumed run's own copy (<workdir>/tokenizer); the init
     checkpoint's (a Hugging Face folder's files, an imported workdir's tokenizer/, or the tokenizer the
     pretraining run built, checked against its fingerprint); else the family's embedded-corpus one."""
-    from podformer.data import hf_tokenizer, pipeline
-
     if cfg.data.tokenizer:
         return hf_tokenizer.load(cfg.data.tokenizer)
     own = os.path.join(workdir, "tokenizer")
@@ -129,7 +109,9 @@ def resolve_tokenizer(cfg, start: Start, workdir: str, resumed: bool):
                 f"{tok.fingerprint}; set data.tokenizer to the one it used"
             )
         return tok
-    return pipeline.tokenizer_for(_fresh_data_section(start.family), start.model_cfg.vocab_size)
+    # A fresh model: the tokenizer its family's pretraining config trains (configs/finetune/base.py data.fresh).
+    fresh = ml_collections.ConfigDict({**cfg.data.fresh.to_dict(), "cache_dir": cfg.data.cache_dir})
+    return pipeline.tokenizer_for(fresh, start.model_cfg.vocab_size)
 
 
 _TOKENIZER_NAMES = ("tokenizer.json", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model")
@@ -137,8 +119,6 @@ _TOKENIZER_NAMES = ("tokenizer.json", "spiece.model", "sentencepiece.bpe.model",
 
 def save_tokenizer(tok, workdir: str) -> None:
     """A copy of the tokenizer in <workdir>/tokenizer, so eval/predict and resumes find the same one."""
-    from podformer.data import hf_tokenizer
-
     if jax.process_index() == 0:
         hf_tokenizer.keep(tok, os.path.join(workdir, "tokenizer"))
 

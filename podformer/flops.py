@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from podformer.model import families
+
 # bf16 dense peak FLOP/s per device (chip) from the vendors' spec sheets.
 PEAK_FLOPS = {
     "tpu v4": 275e12,
@@ -63,9 +65,8 @@ def per_token(model_cfg, named_sizes: dict[str, int], seq_len: int, decoder_len:
     decoder rows' length (default ``seq_len``)."""
     # Encoders' MLM heads always project onto the tied embedding (no tie_embeddings field: tied).
     tied = getattr(model_cfg, "tie_embeddings", True)
-    head_dim = model_cfg.head_dim or model_cfg.d_model // model_cfg.num_heads
-    per_pair = 12 * model_cfg.num_heads * head_dim  # one query-key pair, one layer
-    if not hasattr(model_cfg, "decoder_layers"):
+    per_pair = 12 * model_cfg.num_heads * model_cfg.resolved_head_dim  # one query-key pair, one layer
+    if families.of(model_cfg).kind != "seq2seq":
         n = matmul_params(named_sizes, tied)
         return 6.0 * n + per_pair * model_cfg.num_layers * seq_len
     L_e, L_d = seq_len, decoder_len or seq_len

@@ -21,7 +21,7 @@ from flax import nnx
 
 from podformer import sampling as sampling_lib
 from podformer.core.errors import UserError
-from podformer.model import gpt, t5
+from podformer.model import families, gpt, t5
 
 Array = jax.Array
 PLAIN = sampling_lib.Sampling()  # sampling from the model's own distribution
@@ -81,12 +81,14 @@ def _check_inputs(model, input_ids, attention_mask, max_new_tokens: int, decoder
         raise UserError(f"generate: max_new_tokens={max_new_tokens} must be >= 1")
     if not mask.any(axis=1).all():
         raise UserError("generate: a row of attention_mask is all padding; every input needs at least one token")
-    seq2seq = isinstance(model, t5.T5)
+    family = families.find(getattr(model, "cfg", None))
+    kind = family.kind if family is not None else None
+    seq2seq = kind == "seq2seq"
     if seq2seq:
         if decoder_start_id is None:
             raise UserError("generate: an encoder-decoder needs decoder_start_id (T5: the pad id; BART: the eos id)")
         longest = max_new_tokens  # decoder positions 0 .. max_new_tokens - 1 are fed
-    elif isinstance(model, gpt.GPT):
+    elif kind == "decoder":
         if (np.diff(mask, axis=1) < 0).any():
             raise UserError("generate: decoder-only prompts must be left-padded (attention_mask 0s before 1s)")
         longest = int(mask.sum(axis=1).max()) + max_new_tokens - 1

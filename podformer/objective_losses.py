@@ -1,5 +1,5 @@
 """Pretraining losses beyond causal LM: masked LM (+ NSP/SOP), encoder-decoder LM (T5 span corruption,
-prefix LM, BART) and DistilBERT's distillation. Registered into podformer.losses.LOSSES.
+prefix LM, BART) and DistilBERT's distillation. podformer/losses.py LOSSES lists them.
 
 The math is in plain functions on arrays (tested on their own); the ``Loss`` wrappers call the model.
 Model outputs: an encoder returns the MLM logits, or a dict with ``logits`` and, where the objective
@@ -14,8 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from podformer.losses import LOSSES as _REGISTRY
-from podformer.losses import Loss, token_cross_entropy
+from podformer.loss_base import Loss, token_cross_entropy
 
 
 def _outputs(out) -> dict:
@@ -193,5 +192,3 @@ LOSSES = {
     "bart": seq2seq,
     "distill": make_distillation(),
 }
-
-_REGISTRY.update(LOSSES)

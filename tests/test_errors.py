@@ -6,6 +6,7 @@ import pytest
 
 from podformer import config as config_lib
 from podformer.core.errors import UserError
+from podformer.model import families
 from tests.helpers import SMALL, run_cli
 
 
@@ -33,7 +34,7 @@ def test_wrong_type_is_an_error():
     with pytest.raises(UserError, match="not a field of GPTConfig"):
         with cfg.unlocked():
             cfg.model.nonsense = 1
-        config_lib.family_config(cfg.model, __import__("model").FAMILIES["gpt"][0])
+        config_lib.family_config(cfg.model, families.get("gpt").config)
 
 
 def test_mesh_that_does_not_match_the_devices(tmp_path):

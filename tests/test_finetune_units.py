@@ -14,7 +14,7 @@ from flax import nnx
 from podformer import finetune, finetuning
 from podformer.core.errors import UserError
 from podformer.data.tasks import features
-from podformer.model import bert, gpt, heads, t5
+from podformer.model import bert, families, gpt, heads, t5
 from tests.helpers import REPO, env
 from tests.test_finetune import _tokenizer_files
 
@@ -51,11 +51,11 @@ def test_sequence_head_reads_the_right_token_and_ignores_padding(family):
     """Outputs (B, C) that do not change when padding is appended: encoders read [CLS], decoders and
     encoder-decoders the last real token."""
     cfg = FAMILIES[family]
-    kind = heads.KINDS[family]
+    row = families.get(family)
     model = heads.FineTuneModel(
         MODULES[family](cfg, rngs=nnx.Rngs(0)), family, "sequence", 3, dropout=0.0, rngs=nnx.Rngs(1)
     )
-    lay = features.layout(family, kind, Tok(), type_vocab_size=getattr(cfg, "type_vocab_size", 0))
+    lay = features.layout(row.framing, row.kind, Tok(), what=family, type_vocab_size=getattr(cfg, "type_vocab_size", 0))
     ex = [{"text": "a bb ccc", "text_pair": "dddd e", "label": 1}]
     short, long = features.sequence(ex, Tok(), lay, 12), features.sequence(ex, Tok(), lay, 20)
     forward = nnx.jit(lambda m, batch: m(batch))  # one compiled program, not op-by-op dispatch
@@ -65,14 +65,19 @@ def test_sequence_head_reads_the_right_token_and_ignores_padding(family):
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+def _layout(family: str, tok, **kw):
+    row = families.get(family)
+    return features.layout(row.framing, row.kind, tok, what=family, **kw)
+
+
 def test_layouts_follow_the_reference_formats():
     ex = [{"text": "a bb", "text_pair": "ccc", "label": 0}]
-    enc = features.sequence(ex, Tok(), features.layout("bert", "encoder", Tok(), type_vocab_size=2), 10)
+    enc = features.sequence(ex, Tok(), _layout("bert", Tok(), type_vocab_size=2), 10)
     assert enc["inputs"][0].tolist() == [3, 11, 12, 4, 13, 4, 0, 0, 0, 0]  # [CLS] a bb [SEP] ccc [SEP]
     assert enc["token_types"][0].tolist() == [0, 0, 0, 0, 1, 1, 0, 0, 0, 0]
-    dec = features.sequence(ex, Tok(), features.layout("gpt", "decoder", Tok()), 8)
+    dec = features.sequence(ex, Tok(), _layout("gpt", Tok()), 8)
     assert dec["inputs"][0].tolist()[:6] == [1, 11, 12, 2, 13, 2]  # <bos> a bb <eos> ccc <eos>
-    s2s = features.sequence(ex, Tok(), features.layout("t5", "seq2seq", Tok()), 8)
+    s2s = features.sequence(ex, Tok(), _layout("t5", Tok()), 8)
     assert s2s["encoder_inputs"][0].tolist()[:5] == [11, 12, 2, 13, 2]
     assert s2s["decoder_inputs"][0].tolist()[:5] == [0, 11, 12, 2, 13]  # shifted right after T5's start (pad)
 
@@ -80,11 +85,11 @@ def test_layouts_follow_the_reference_formats():
 def test_tagging_labels_first_subtokens_and_sft_weights_the_completion():
     tok = Tok()
     tok.encode = lambda text: [10 + len(w)] * len(w.strip()) if (w := text) else []  # one piece per character
-    lay = features.layout("bert", "encoder", tok, type_vocab_size=2)
+    lay = _layout("bert", tok, type_vocab_size=2)
     rows = features.tagging([{"tokens": ["ab", "c"], "tags": ["B-PER", "O"]}], tok, lay, 10, ["O", "B-PER"])
     assert rows["label_weights"][0].tolist()[:5] == [0, 1, 0, 1, 0]  # [CLS] a(b) b c [SEP]
     assert rows["labels"][0].tolist()[:4] == [0, 1, 0, 0] and rows["word_ids"][0].tolist()[:5] == [-1, 0, -1, 1, -1]
-    lay = features.layout("gpt", "decoder", Tok())
+    lay = _layout("gpt", Tok())
     rows = features.sft([{"prompt": "a bb", "completion": "ccc"}], Tok(), lay, 8)
     # <bos> a bb ccc <eos>: the targets after "bb" (ccc) and after "ccc" (<eos>) are trained
     assert rows["inputs"][0].tolist()[:4] == [1, 11, 12, 13] and rows["targets"][0].tolist()[:4] == [11, 12, 13, 2]

@@ -249,7 +249,7 @@ def _cfg(**kw):
     from podformer.configs import common
     from podformer.model.gpt import GPTConfig
 
-    c = common.base("t", "gpt", GPTConfig.tiny()).distributed
+    c = common.base("t", GPTConfig.tiny()).distributed
     for k, v in kw.items():
         c[k] = v
     return c

@@ -182,7 +182,7 @@ def test_bf16_first_moment():
 SCAN_COMPILE = """
 import sys, time
 import numpy as np
-from podformer import model as models
+from podformer.model import families
 from podformer import config as config_lib, mesh as mesh_lib, optim, trainer
 from podformer.losses import LOSSES
 scan = str(sys.argv[1] == "scan").lower()
@@ -190,7 +190,7 @@ sizes = dict(vocab_size=32, max_len=8, d_model=8, num_layers=48, num_heads=1, d_
 args = [f"--config.model.{k}={v}" for k, v in sizes.items()]
 args += ["--config.train.seq_len=8", "--config.train.batch_size=2"]
 cfg, _ = config_lib.parse_args(args, "configs/gpt.py:tiny", {})
-config_cls, module_cls = models.FAMILIES[cfg.model.family]
+config_cls, module_cls = families.get(cfg.model.family).config, families.get(cfg.model.family).module_class()
 model_cfg = config_lib.family_config(cfg.model, config_cls)
 mesh, rules = mesh_lib.make_mesh(cfg.mesh), tuple(tuple(r) for r in cfg.mesh.rules)
 tx = optim.make_optimizer(cfg.opt, 10)

@@ -146,7 +146,7 @@ def test_an_optimizer_step_leaves_the_padding_zero():
     """Zero rows with zero gradients stay zero under AdamW (decoupled decay of zero is zero) and clipping."""
     module_cls, cfg, _, _ = CASES["gpt_untied_bias"]
     model = module_cls(cfg, rngs=nnx.Rngs(0))
-    opt_cfg = common.base("t", "gpt", cfg).opt
+    opt_cfg = common.base("t", cfg).opt
     opt_cfg.warmup_steps = 0
     optimizer = nnx.Optimizer(model, optim.make_optimizer(opt_cfg, 10), wrt=nnx.Param)
     batch = _decoder_batch(np.random.default_rng(3))

@@ -77,8 +77,8 @@ def test_the_wheel_holds_every_file_under_one_name(venv):
     assert "podformer/configs/finetune/embedded.py" in names and "podformer/data/tasks/embedded.py" in names
     assert "podformer/model/csrc/host_gemm.cc" in names
     assert {n.split("/")[0] for n in names} == {"podformer", next(n for n in names if ".dist-info" in n).split("/")[0]}
-    assert "podformer-train = podformer.train:main" in entry_points
-    assert "podformer-finetune = podformer.finetune:main" in entry_points
+    assert "podformer-train = podformer.cli:train" in entry_points
+    assert "podformer-finetune = podformer.cli:finetune" in entry_points
     assert "podformer-generate = podformer.generate_cli:main" in entry_points
 
 

@@ -9,6 +9,7 @@ from podformer import train
 from podformer.core.errors import UserError
 from podformer.data import tokenizer
 from podformer.model import hf
+from podformer.model.bert import DistilBertConfig
 from tests.helpers import read_metrics, train_losses
 
 transformers = pytest.importorskip("transformers")
@@ -112,7 +113,7 @@ def test_tiny_config_trains_and_the_loss_falls(family, corpus, tmp_path):
 
 def test_init_checkpoint_of_another_model_is_refused(tmp_path):
     path = _hf_folder("distilbert", str(tmp_path / "hf"))
-    cfg = __import__("model").bert.DistilBertConfig.tiny(vocab_size=VOCAB, d_model=64, num_layers=1, num_heads=4)
+    cfg = DistilBertConfig.tiny(vocab_size=VOCAB, d_model=64, num_layers=1, num_heads=4)
     with pytest.raises(UserError, match="different model than the run config.*d_model: 32 != 64"):
         train.init_from(path, "distilbert", cfg, None, None)
     with pytest.raises(UserError, match="family: distilbert != bert"):

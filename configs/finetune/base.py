@@ -4,30 +4,31 @@ fine-tuning recipe (BERT's: AdamW, warmup + linear decay, dropout 0.1), and the 
 import ml_collections
 
 from podformer.configs import common
-from podformer.model.bert import BertConfig, DistilBertConfig, RobertaConfig
-from podformer.model.gpt import GPTConfig
-from podformer.model.t5 import BartConfig, T5Config
+from podformer.model.bert_config import BertConfig, DistilBertConfig, RobertaConfig
+from podformer.model.gpt_config import GPTConfig
+from podformer.model.t5_config import BartConfig, T5Config
 
-# variant -> (family, model). With init.checkpoint set, the checkpoint's architecture is used and only the
-# model's training fields (dropout, dtype, scan_layers, remat, attention_impl) come from here.
+# variant -> its model (whose config class names the family: model/families.py). With init.checkpoint set, the
+# checkpoint's architecture is used and only the model's training fields (dropout, dtype, scan_layers, remat,
+# attention_impl) come from here.
 MODELS = {
     "tiny": None,  # the task's tiny CPU model (TINY below)
-    "bert_tiny": ("bert", lambda: BertConfig.tiny(scan_layers=False)),
-    "gpt_tiny": ("gpt", lambda: GPTConfig.tiny(scan_layers=False)),
-    "t5_tiny": ("t5", lambda: T5Config.tiny(scan_layers=False)),
-    "bart_tiny": ("bart", lambda: BartConfig.tiny(scan_layers=False)),
-    "bert_base": ("bert", BertConfig.base_uncased),
-    "bert_large": ("bert", BertConfig.large_uncased),
-    "roberta_base": ("roberta", RobertaConfig.base),
-    "roberta_large": ("roberta", RobertaConfig.large),
-    "distilbert_base": ("distilbert", DistilBertConfig.base),
-    "gpt2_small": ("gpt", GPTConfig.gpt2_small),
-    "gpt2_medium": ("gpt", GPTConfig.gpt2_medium),
-    "t5_small": ("t5", T5Config.small),
-    "t5_base": ("t5", T5Config.base),
-    "t5_v1_1_base": ("t5", T5Config.v1_1_base),
-    "bart_base": ("bart", BartConfig.base),
-    "bart_large": ("bart", BartConfig.large),
+    "bert_tiny": lambda: BertConfig.tiny(scan_layers=False),
+    "gpt_tiny": lambda: GPTConfig.tiny(scan_layers=False),
+    "t5_tiny": lambda: T5Config.tiny(scan_layers=False),
+    "bart_tiny": lambda: BartConfig.tiny(scan_layers=False),
+    "bert_base": BertConfig.base_uncased,
+    "bert_large": BertConfig.large_uncased,
+    "roberta_base": RobertaConfig.base,
+    "roberta_large": RobertaConfig.large,
+    "distilbert_base": DistilBertConfig.base,
+    "gpt2_small": GPTConfig.gpt2_small,
+    "gpt2_medium": GPTConfig.gpt2_medium,
+    "t5_small": T5Config.small,
+    "t5_base": T5Config.base,
+    "t5_v1_1_base": T5Config.v1_1_base,
+    "bart_base": BartConfig.base,
+    "bart_large": BartConfig.large,
 }
 
 
@@ -36,9 +37,8 @@ def config(task: str, variant: str, variants: tuple[str, ...], *, tiny: str, tas
     the tiny variant the task uses)."""
     if variant not in variants:
         raise KeyError(f"variants of configs/finetune/{task}.py: {', '.join(variants)}")
-    family, make = MODELS[tiny if variant == "tiny" else variant]
-    model = make()
-    c = common.base(f"finetune_{task}_{variant}", family, model)
+    model = MODELS[tiny if variant == "tiny" else variant]()
+    c = common.base(f"finetune_{task}_{variant}", model)
     c.mode = "train"  # train | eval (evaluate a fine-tuned workdir) | predict (write predictions.jsonl)
     if variant != "tiny" and not variant.endswith("_tiny"):
         c.model.dropout = 0.1
@@ -71,6 +71,9 @@ def config(task: str, variant: str, variants: tuple[str, ...], *, tiny: str, tas
     c.data = ml_collections.ConfigDict()
     c.data.tokenizer = ""  # '' = the checkpoint's (HF folder files, an imported workdir's, the pretraining run's)
     c.data.cache_dir = ""  # where a fresh model's tokenizer is trained and cached; '' = $PODFORMER_CACHE
+    # A model without a checkpoint gets the tokenizer its family's pretraining config trains (embedded corpus,
+    # the family's special tokens): that config's data section.
+    c.data.fresh = common.base("fresh", model).data
 
     c.head = ml_collections.ConfigDict()
     c.head.dropout = -1.0  # dropout before the task head; -1: the model's dropout

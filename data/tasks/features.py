@@ -1,4 +1,4 @@
-"""Task examples -> fixed-length numpy feature rows, laid out the way each family reads a sequence.
+"""Task examples -> fixed-length numpy feature rows, laid out the way each kind of model reads a sequence.
 
 Rows use the project's batch schema (segment id 0 = padding, positions restart at 0) plus the task's
 labels: ``labels`` with ``label_weights`` (0 for padding rows and, for token classification, every
@@ -32,30 +32,32 @@ class Layout:
     eos: int | None
 
 
-def layout(family: str, kind: str, tok, *, type_vocab_size: int = 0) -> Layout:
+def layout(framing: special.Framing, kind: str, tok, *, what: str, type_vocab_size: int = 0) -> Layout:
+    """The layout of a ``kind`` model framed by ``framing`` (its family's, model/families.py); ``what`` names
+    the model in errors."""
     ids = special.special_ids(tok)
     if kind == "encoder":
         start = ids.cls if ids.cls is not None else ids.bos
         sep = ids.sep if ids.sep is not None else ids.eos
         if start is None or sep is None:
             raise UserError(
-                f"the tokenizer has no [CLS]/<s> or [SEP]/</s> token, which a {family} encoder needs; set "
+                f"the tokenizer has no [CLS]/<s> or [SEP]/</s> token, which a {what} encoder needs; set "
                 "data.tokenizer to the checkpoint's tokenizer"
             )
     elif kind == "decoder":
         start, sep = ids.bos, ids.eos
     else:
-        start, sep = (ids.bos if family == "bart" else None), ids.eos
+        start, sep = (ids.bos if framing.start is not None else None), ids.eos
     if sep is None:
-        raise UserError(f"the tokenizer has no end-of-sequence token, which {family} fine-tuning needs")
+        raise UserError(f"the tokenizer has no end-of-sequence token, which {what} fine-tuning needs")
     return Layout(
         kind=kind,
         start=start,
         sep=sep,
         pad=ids.pad,
-        double_sep=family in ("roberta", "bart"),
+        double_sep=framing.double_sep,
         token_types=kind == "encoder" and type_vocab_size >= 2,
-        decoder_start=ids.eos if family == "bart" else ids.pad,
+        decoder_start=ids.eos if framing.decoder_start == "eos" else ids.pad,
         eos=ids.eos,
     )
 
