@@ -11,7 +11,6 @@ _beam_search, transformers 5): the top 2N continuations per item, finished hypot
 from __future__ import annotations
 
 import functools
-import sys
 from collections.abc import Iterator
 
 import jax
@@ -404,7 +403,8 @@ def _stream_step(graphdef, state, tokens_B, cache, enc_mask):
     return _step(nnx.merge(graphdef, state), tokens_B, cache, enc_mask)
 
 
-if __name__ == "__main__":  # python -m podformer.generate; the command line lives beside this module
-    from podformer import generate_cli
+if __name__ == "__main__":  # python -m podformer.generate; the command line lives beside this module, which
+    # imports this one: run it by name, so the two do not import each other
+    import runpy
 
-    sys.exit(generate_cli.main())
+    runpy.run_module("podformer.generate_cli", run_name="__main__", alter_sys=True)
