@@ -40,7 +40,12 @@ def _env_mode() -> str:
     return value
 
 
-_mode = _env_mode()
+# Read at import, which the entries do before parsing flags (so outside their one-line error handling):
+# a bad value is raised by the first kernel traced, inside the run.
+try:
+    _mode, _bad_env = _env_mode(), None
+except UserError as e:
+    _mode, _bad_env = "xla", e
 if _mode == "blas":
     host_blas.load()  # now, before any trace: a build must never run inside one
 
@@ -68,6 +73,8 @@ def use(chosen: str):
 
 def host_path(*arrays: Array) -> bool:
     """Whether an op over these arrays, traced now, runs on the host BLAS."""
+    if _bad_env is not None:
+        raise _bad_env
     if _mode != "blas" or not host_blas.loaded():
         return False
     if any(a.dtype != jnp.float32 for a in arrays) or jax.default_backend() != "cpu":

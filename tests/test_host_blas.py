@@ -127,6 +127,11 @@ def test_xla_is_the_default_and_blas_is_opt_in(monkeypatch):
     monkeypatch.setenv("PODFORMER_CPU_MATMUL", "openblas")
     with pytest.raises(UserError, match="PODFORMER_CPU_MATMUL='openblas'; set it to 'xla'"):
         kernels._env_mode()
+    # Read at import (outside the entries' error handling): the first kernel traced in the run says it.
+    monkeypatch.setattr(kernels, "_bad_env", UserError("PODFORMER_CPU_MATMUL='openblas'; set it to 'xla' ..."))
+    with pytest.raises(UserError, match="openblas"):
+        kernels.contract(f32, f32, 1)
+    monkeypatch.undo()
     with kernels.use("blas"):
         assert kernels.host_path(f32, f32)
         assert not kernels.host_path(f32, bf16)
