@@ -386,6 +386,8 @@ def combine_runs(reports: list[dict]) -> list[dict]:
         for k in PER_RUN:
             if k in first:
                 merged[k] = statistics.median(r[k] for r in runs)
+        if "paths" in first:
+            merged["paths"] = {}  # a new dict: first["paths"] stays that run's own, under "runs"
         for path, figures in first.get("paths", {}).items():
             merged["paths"][path] = {
                 k: statistics.median(r["paths"][path][k] for r in runs) if k in PER_RUN else v
