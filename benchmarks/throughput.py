@@ -2,23 +2,25 @@
 
     python benchmarks/throughput.py --torch              # the CPU suite + PyTorch reference -> results/throughput.json
     python benchmarks/throughput.py --shapes=decoder-cpu --rounds=5 --steps=8
+    python benchmarks/throughput.py --torch --shapes=decoder-cpu --runs=3   # XLA's path and the host BLAS's
     python benchmarks/throughput.py --shapes=decoder-gpt2-small      # on a GPU/TPU: realistic shapes
 
-For each shape: compile time, per-device memory (XLA's analysis) and peak host RSS, then ``rounds``
-rounds of: ``steps`` train steps on synthetic tokens already on the device; the same float32 matmul
-that defines the machine's ceiling; the PyTorch eager reference (``--torch``, decoder-cpu only, in a
-separate process that waits while podformer runs); ``steps`` steps fed by the real input pipeline.
-Interleaving puts every measurement of a round under the same machine load, so the ratios per round
-(podformer / PyTorch, model FLOP/s / ceiling, pipeline / synthetic) are reported as medians over
-rounds; absolute figures are medians over rounds too. Steps are dispatched back to back as in
-train.py (the host prepares step N+1 while step N runs), and timed over the whole run of steps.
+For each shape and each CPU path (``--paths``; on a CPU both XLA's own ops, the default, and the
+opt-in host BLAS of model/kernels.py, each its own compiled step and state): compile time, per-device
+memory (XLA's analysis) and peak host RSS, then ``rounds`` rounds of: ``steps`` train steps on synthetic
+tokens already on the device, per path; the same float32 matmul that defines the machine's ceiling; the
+PyTorch eager reference (``--torch``, decoder-cpu only, in a separate process that waits while podformer
+runs); ``steps`` steps of the first path fed by the real input pipeline. Interleaving puts every
+measurement of a round under the same machine load, so the ratios per round (each path / PyTorch,
+model FLOP/s / ceiling, pipeline / synthetic) are reported as medians over rounds; absolute figures
+are medians over rounds too. Steps are dispatched back to back as in train.py (the host prepares step
+N+1 while step N runs), and timed over the whole run of steps.
 
 The ceiling: the best rate, over 3 tries per round, of one 2048 x 2048 x 2048 float32 matmul, through
-XLA's dot and through the host BLAS that podformer's float32 CPU matmuls use (podformer/host_blas.py),
-whichever is faster. It is what this machine delivers on a large square GEMM -- an upper bound for
-the model's matmuls, which are smaller or skinnier -- not the cores' FMA peak. MFU on an
-accelerator uses the spec-sheet bf16 peak (podformer/flops.py); on a CPU it is model FLOP/s over this
-ceiling.
+XLA's dot and, where it is built, through the host BLAS (model/host_blas.py), whichever is faster.
+It is what this machine delivers on a large square GEMM -- an upper bound for the model's matmuls,
+which are smaller or skinnier -- not the cores' FMA peak. MFU on an accelerator uses the spec-sheet
+bf16 peak (podformer/flops.py); on a CPU it is model FLOP/s over this ceiling.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ from podformer import mesh as mesh_lib  # noqa: E402
 from podformer import optim, trainer  # noqa: E402
 from podformer.core.errors import UserError  # noqa: E402
 from podformer.losses import LOSSES  # noqa: E402
-from podformer.model import families, host_blas  # noqa: E402
+from podformer.model import families, host_blas, kernels  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOKEN_KEYS = ("inputs", "targets", "encoder_inputs", "decoder_inputs", "decoder_targets")
@@ -71,10 +73,10 @@ def synthetic(batch: dict, vocab: int, seed: int = 0) -> dict:
 
 def matmul_ceiling(tries: int = 3) -> dict:
     """FLOP/s of one 2048^3 float32 matmul, best of ``tries``, through each path podformer's CPU step
-    can take: XLA's dot and the host BLAS (podformer/host_blas.py). The ceiling is the faster one."""
+    can take: XLA's dot and, where built, the host BLAS (model/host_blas.py). The ceiling is the faster one."""
     x = jnp.ones((CEILING_N, CEILING_N), jnp.float32)
     paths = {"xla": jax.jit(lambda a: jnp.matmul(a, a))}
-    if host_blas.enabled(x):
+    if host_blas.loaded():
         paths["host_blas"] = jax.jit(lambda a: host_blas.matmul(a, a))
     rates = {}
     for name, f in paths.items():
@@ -89,9 +91,10 @@ def matmul_ceiling(tries: int = 3) -> dict:
 
 
 class Bench:
-    """One shape: the compiled train step, its state, a synthetic batch on device and a loader."""
+    """One shape: per CPU path (model/kernels.py) a compiled train step and its own state (steps donate
+    it), a synthetic batch on device and a loader."""
 
-    def __init__(self, shape: Shape, extra: list[str], with_pipeline: bool = True):
+    def __init__(self, shape: Shape, extra: list[str], with_pipeline: bool = True, paths: tuple[str, ...] = ("xla",)):
         self.shape = shape
         name, _, _ = shape.config.partition(":")
         family = os.path.basename(name).removesuffix(".py")
@@ -140,13 +143,16 @@ class Bench:
         else:
             raise Skip(f"synthetic batches without the pipeline exist for causal_lm only, not {cfg.data.objective}")
         example = synthetic(layout, self.model_cfg.vocab_size)
-        t0 = time.perf_counter()
-        graphdef, self.state, shardings = trainer.create_state(make, tx, self.mesh, self.rules, t.seed)
-        self.step_fn, bshard = trainer.compile_train_step(
-            graphdef, self.state, shardings, example, loss=LOSSES[cfg.data.objective], train_cfg=t, mesh=self.mesh,
-            rules=self.rules, schedule=optim.schedule(cfg.opt, t.steps),
-        )  # fmt: skip
-        self.compile_s = time.perf_counter() - t0
+        self.paths, self.step_fns, self.states, self.compile_s = paths, {}, {}, {}
+        for path in paths:
+            t0 = time.perf_counter()
+            with kernels.use(path):  # traced (and compiled) on this path; the compiled step keeps it
+                graphdef, self.states[path], shardings = trainer.create_state(make, tx, self.mesh, self.rules, t.seed)
+                self.step_fns[path], bshard = trainer.compile_train_step(
+                    graphdef, self.states[path], shardings, example, loss=LOSSES[cfg.data.objective], train_cfg=t,
+                    mesh=self.mesh, rules=self.rules, schedule=optim.schedule(cfg.opt, t.steps),
+                )  # fmt: skip
+            self.compile_s[path] = time.perf_counter() - t0
         self.batch = {k: jax.device_put(v, bshard[k]) for k, v in example.items()}
         _, abstract = trainer.abstract_state(make, tx, 0)
         self.sizes = {k: int(np.prod(s)) for k, s in trainer.named_param_shapes(abstract).items()}
@@ -159,8 +165,8 @@ class Bench:
         self.tokens_per_step = t.batch_size * t.seq_len
         self.loss = float("nan")
 
-    def memory(self) -> dict:
-        m = self.step_fn.memory_analysis()
+    def memory(self, path: str) -> dict:
+        m = self.step_fns[path].memory_analysis()
         if m is None:
             return {}
         mib = 2.0**20
@@ -171,16 +177,20 @@ class Bench:
             "peak_mib": peak / mib,
         }
 
-    def steps(self, n: int, pipeline: bool) -> float:
-        """Seconds per step over ``n`` steps dispatched back to back (as train.py does)."""
+    def steps(self, n: int, pipeline: bool, path: str | None = None) -> float:
+        """Seconds per step over ``n`` steps of ``path`` (default: the first) dispatched back to back (as
+        train.py does)."""
+        path = path or self.paths[0]
+        step_fn, state = self.step_fns[path], self.states[path]
         with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
-            jax.block_until_ready(self.state)
+            jax.block_until_ready(state)
             t = time.perf_counter()
             for _ in range(n):
                 batch = next(self.loader) if pipeline else self.batch
-                self.state, metrics = self.step_fn(self.state, batch)
-            jax.block_until_ready((self.state, metrics))
+                state, metrics = step_fn(state, batch)
+            jax.block_until_ready((state, metrics))
             elapsed = time.perf_counter() - t
+        self.states[path] = state
         self.loss = float(metrics["loss"])
         return elapsed / n
 
@@ -206,17 +216,30 @@ class TorchWorker:
         self.proc.wait(timeout=60)
 
 
-def run_shape(shape: Shape, *, steps: int, warmup: int, rounds: int, torch: bool, extra: list[str]) -> dict:
-    b = Bench(shape, extra)
+def run_shape(
+    shape: Shape,
+    *,
+    steps: int,
+    warmup: int,
+    rounds: int,
+    torch: bool,
+    extra: list[str],
+    paths: tuple[str, ...] = ("xla",),
+) -> dict:
+    """One shape's figures. The top-level ones are the first path's (XLA's by default); ``paths`` has
+    every path's step time, tokens/s, MFU and speed over PyTorch, all from the same rounds."""
+    b = Bench(shape, extra, paths=paths)
     on_cpu = jax.devices()[0].platform == "cpu"
     worker = TorchWorker() if torch and shape.torch_reference else None
     spec_peak, peak_source = flops_lib.peak_per_device(b.cfg.metrics.peak_tflops) if not on_cpu else (0.0, "")
-    b.steps(warmup, pipeline=False)
+    for path in paths:
+        b.steps(warmup, pipeline=False, path=path)
     b.steps(warmup, pipeline=True)
     per_round = []
     try:
         for _ in range(rounds):
-            r = {"synthetic_step_s": b.steps(steps, pipeline=False)}
+            r = {f"{path}_step_s": b.steps(steps, pipeline=False, path=path) for path in paths}
+            r["synthetic_step_s"] = r[f"{paths[0]}_step_s"]
             if on_cpu:
                 r.update(matmul_ceiling())
             if worker is not None:
@@ -236,6 +259,24 @@ def run_shape(shape: Shape, *, steps: int, warmup: int, rounds: int, torch: bool
 
     n_dev = jax.device_count()
     model_flops = lambda step_s: b.tokens_per_step / step_s * b.flops_per_token / n_dev  # noqa: E731
+
+    def figures(path: str) -> dict:
+        key = f"{path}_step_s"
+        f = {
+            "step_time_s": med(key),
+            "tokens_per_sec": b.tokens_per_step / med(key),
+            "model_tflops_per_device": model_flops(med(key)) / 1e12,
+            "compile_s": b.compile_s[path],
+        }
+        if on_cpu:
+            f["mfu"] = ratio(lambda r: model_flops(r[key]) / r["ceiling_flops"])
+        else:
+            f["mfu"] = model_flops(med(key)) / spec_peak
+        if worker is not None:
+            f["speedup_vs_torch"] = ratio(lambda r: r["torch_step_s"] / r[key])
+        return f
+
+    by_path = {path: figures(path) for path in paths}
     out = {
         "shape": shape.name,
         "kind": shape.kind,
@@ -245,20 +286,18 @@ def run_shape(shape: Shape, *, steps: int, warmup: int, rounds: int, torch: bool
         "parameters": sum(b.sizes.values()),
         "flops_per_token": b.flops_per_token,
         "tokens_per_step": b.tokens_per_step,
-        "compile_s": b.compile_s,
-        "memory_per_device": b.memory(),
+        "path": paths[0],
+        **by_path[paths[0]],
+        "memory_per_device": b.memory(paths[0]),
         "host_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "final_loss": b.loss,
-        "step_time_s": med("synthetic_step_s"),
-        "tokens_per_sec": b.tokens_per_step / med("synthetic_step_s"),
-        "model_tflops_per_device": model_flops(med("synthetic_step_s")) / 1e12,
         "pipeline_step_time_s": med("pipeline_step_s"),
         "pipeline_over_synthetic": ratio(lambda r: r["pipeline_step_s"] / r["synthetic_step_s"]),
+        "paths": {path: {**f, "memory_per_device": b.memory(path)} for path, f in by_path.items()},
         "rounds": per_round,
     }
     if on_cpu:
         out["matmul_ceiling_flops"] = med("ceiling_flops")
-        out["mfu"] = ratio(lambda r: model_flops(r["synthetic_step_s"]) / r["ceiling_flops"])
         out["matmul_ceiling_by_path_flops"] = {
             k.removeprefix("ceiling_").removesuffix("_flops"): med(k)
             for k in per_round[0]
@@ -266,12 +305,10 @@ def run_shape(shape: Shape, *, steps: int, warmup: int, rounds: int, torch: bool
         }
         out["peak_source"] = f"measured float32 {CEILING_N}^3 matmul, faster of XLA and host BLAS, same run"
     else:
-        out["mfu"] = model_flops(med("synthetic_step_s")) / spec_peak
         out["peak_source"] = peak_source
     if worker is not None:
         out["torch"] = {**worker.info, "step_time_s": med("torch_step_s")}
         out["torch"]["tokens_per_sec"] = b.tokens_per_step / med("torch_step_s")
-        out["speedup_vs_torch"] = ratio(lambda r: r["torch_step_s"] / r["synthetic_step_s"])
     return out
 
 
@@ -289,19 +326,36 @@ def machine() -> dict:
         info["load_average_at_start"] = os.getloadavg()[0]
     except (OSError, StopIteration):
         pass
+    # The host path's speed is numpy's OpenBLAS's: which kernels it runs (OPENBLAS_CORETYPE can pin older ones).
+    info["openblas_coretype_env"] = os.environ.get("OPENBLAS_CORETYPE")
+    try:
+        import threadpoolctl
+
+        blas = [i for i in threadpoolctl.threadpool_info() if i.get("internal_api") == "openblas"]
+        info["numpy_openblas"] = (
+            {k: blas[0].get(k) for k in ("version", "architecture", "num_threads")} if blas else None
+        )
+    except ImportError:
+        pass
     return info
 
 
+PATH_NAMES = {"xla": "XLA's ops", "blas": "host BLAS"}
+
+
 def print_row(r: dict) -> None:
-    line = (
-        f"{r['shape']:>24}: {r['step_time_s'] * 1e3:7.1f} ms/step {r['tokens_per_sec']:8.0f} tok/s "
-        f"{r['model_tflops_per_device']:6.3f} TFLOP/s/dev  MFU {r['mfu']:5.1%}  pipeline/synthetic "
-        f"{r['pipeline_over_synthetic']:.2f}  compile {r['compile_s']:.0f}s  "
-        f"peak {r['memory_per_device'].get('peak_mib', float('nan')):.0f} MiB/dev"
-    )
+    line = f"{r['shape']:>24}: pipeline/synthetic {r['pipeline_over_synthetic']:.2f}"
+    line += f"  peak {r['memory_per_device'].get('peak_mib', float('nan')):.0f} MiB/dev"
     if "torch" in r:
-        torch_tps = r["torch"]["tokens_per_sec"]
-        line += f"\n{'':>24}  PyTorch eager {torch_tps:8.0f} tok/s: podformer {r['speedup_vs_torch']:.2f}x"
+        line += f"  PyTorch eager {r['torch']['tokens_per_sec']:.0f} tok/s"
+    for path, f in r.get("paths", {r.get("path", "xla"): r}).items():
+        line += (
+            f"\n{PATH_NAMES.get(path, path):>24}: {f['step_time_s'] * 1e3:7.1f} ms/step "
+            f"{f['tokens_per_sec']:8.0f} tok/s "
+            f"{f['model_tflops_per_device']:6.3f} TFLOP/s/dev  MFU {f['mfu']:5.1%}  compile {f['compile_s']:.0f}s"
+        )
+        if "speedup_vs_torch" in f:
+            line += f"  {f['speedup_vs_torch']:.2f}x PyTorch"
     print(line, flush=True)
 
 
@@ -332,13 +386,22 @@ def combine_runs(reports: list[dict]) -> list[dict]:
         for k in PER_RUN:
             if k in first:
                 merged[k] = statistics.median(r[k] for r in runs)
+        if "paths" in first:
+            merged["paths"] = {}  # a new dict: first["paths"] stays that run's own, under "runs"
+        for path, figures in first.get("paths", {}).items():
+            merged["paths"][path] = {
+                k: statistics.median(r["paths"][path][k] for r in runs) if k in PER_RUN else v
+                for k, v in figures.items()
+            }
         if "torch" in first:
             merged["torch"] = {
                 **first["torch"],
                 "step_time_s": statistics.median(r["torch"]["step_time_s"] for r in runs),
                 "tokens_per_sec": statistics.median(r["torch"]["tokens_per_sec"] for r in runs),
             }
-        merged["runs"] = [{**{k: r[k] for k in PER_RUN if k in r}, "rounds": r["rounds"]} for r in runs]
+        merged["runs"] = [
+            {**{k: r[k] for k in PER_RUN if k in r}, "paths": r.get("paths"), "rounds": r["rounds"]} for r in runs
+        ]
         shapes.append(merged)
     return shapes
 
@@ -353,6 +416,7 @@ def run_in_fresh_processes(args, extra: list[str]) -> list[dict]:
             out = os.path.join(tmp, f"run{i}.json")
             argv = ["--shapes", args.shapes, "--steps", str(args.steps), "--warmup", str(args.warmup)]
             argv += ["--rounds", str(args.rounds), "--out", out, *(["--torch"] if args.torch else []), *extra]
+            argv += ["--paths", args.paths]
             print(f"run {i + 1} of {args.runs} (a fresh process):", flush=True)
             subprocess.run([sys.executable, os.path.abspath(__file__), *argv], check=True)
             with open(out) as f:
@@ -369,7 +433,21 @@ def main() -> None:
     p.add_argument("--torch", action="store_true", help="also time benchmarks/torch_reference.py (decoder-cpu)")
     p.add_argument("--runs", type=int, default=1, help="repeat in fresh processes; medians over runs are reported")
     p.add_argument("--out", default=os.path.join(HERE, "results", "throughput.json"))
+    p.add_argument(
+        "--paths",
+        default="",
+        help="comma-separated CPU paths of model/kernels.py to time side by side: xla (the default path), blas "
+        "(the opt-in host BLAS); default: both on a CPU, xla elsewhere",
+    )
     args, extra = p.parse_known_args()
+    on_cpu = jax.devices()[0].platform == "cpu"
+    args.paths = args.paths or ("xla,blas" if on_cpu else "xla")
+    paths = tuple(x for x in args.paths.split(",") if x)
+    if any(x not in kernels.MODES for x in paths) or not paths:
+        p.error(f"--paths={args.paths}: choose from {', '.join(kernels.MODES)}")
+    if "blas" in paths and not (on_cpu and host_blas.load()):  # load() has said why not
+        paths = tuple(x for x in paths if x != "blas") or ("xla",)
+        args.paths = ",".join(paths)
     if args.runs > 1:
         reports = run_in_fresh_processes(args, extra)
         report = {**reports[0], "command": " ".join(sys.argv), "runs": args.runs, "shapes": combine_runs(reports)}
@@ -392,7 +470,13 @@ def main() -> None:
     for name in names:
         try:
             r = run_shape(
-                BY_NAME[name], steps=args.steps, warmup=args.warmup, rounds=args.rounds, torch=args.torch, extra=extra
+                BY_NAME[name],
+                steps=args.steps,
+                warmup=args.warmup,
+                rounds=args.rounds,
+                torch=args.torch,
+                extra=extra,
+                paths=paths,
             )
         except Skip as e:
             print(f"{name:>24}: skipped: {e}", flush=True)

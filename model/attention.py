@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from podformer.core.errors import UserError
-from podformer.model import host_blas
+from podformer.model import host_blas, kernels
 
 Array = jax.Array
 
@@ -119,10 +119,7 @@ def _attention_jax(implementation):
     def fn(q, k, v, mask, bias, scale, dropout_rate, rng):
         if dropout_rate > 0.0 and rng is not None:
             return _attention_reference(q, k, v, mask, bias, scale, dropout_rate, rng)
-        if bias is None and host_blas.enabled(q, k, v):
-            qh, kh, vh = _heads_first(q, k, v)
-            return jnp.swapaxes(_host_attention(qh, kh, vh, mask, scale), 1, 2)
-        return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation=implementation)
+        return _dot_product_attention(q, k, v, mask, bias, scale, implementation)
 
     return fn
 
@@ -135,7 +132,7 @@ def _bmm(a, b, **kw):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _host_attention(q_BHLK, k_BHSK, v_BHSK, mask_B1LS, scale):
-    """float32 attention on a CPU, its batched matmuls on the host BLAS (podformer/host_blas.py), with
+    """float32 attention on a CPU, its batched matmuls on the host BLAS (model/host_blas.py), with
     the flash-attention backward: dS = P * (dP - rowsum(dO * O)), a reduction over the head dim
     instead of autodiff's over the keys."""
     return _host_attention_fwd(q_BHLK, k_BHSK, v_BHSK, mask_B1LS, scale)[0]
@@ -161,6 +158,18 @@ def _host_attention_bwd(scale, res, d_out):
 
 
 _host_attention.defvjp(_host_attention_fwd, _host_attention_bwd)
+
+
+def _dot_product_attention_host(q, k, v, mask, bias, scale, implementation):
+    qh, kh, vh = _heads_first(q, k, v)
+    return jnp.swapaxes(_host_attention(qh, kh, vh, mask, scale), 1, 2)
+
+
+@kernels.dispatch(host=_dot_product_attention_host, supports=lambda q, k, v, mask, bias, *_: bias is None)
+def _dot_product_attention(q, k, v, mask, bias, scale, implementation):
+    """Attention without dropout: XLA's (jax.nn.dot_product_attention), or on the host BLAS
+    (model/kernels.py) where there is no additive bias."""
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation=implementation)
 
 
 def _refuse(impl: str, why: str):

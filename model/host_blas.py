@@ -1,28 +1,32 @@
-"""float32 matmuls on a CPU through the host's BLAS (the OpenBLAS numpy ships), as an XLA custom call.
+"""float32 matmuls on a CPU through the host's BLAS (the OpenBLAS numpy ships), as XLA custom calls.
 
-On the 2-core CPU benchmark shape XLA:CPU's own GEMMs (YNNPACK/Eigen) reach 110-165 GFLOP/s on the
-language-model head's 2048 x 256 x 32000 products where OpenBLAS reaches 170-270 with the same cores,
-and a training step there is ~85% GEMMs. ``matmul`` hands a rank-2 float32 product to
-``csrc/host_gemm.cc``: an XLA FFI handler that splits it over XLA's own intra-op threads and calls
-numpy's ``sgemm`` once per part. It is used (``enabled``) only where it is exact and cheap to get
-right: on the CPU backend, for float32 operands, outside any multi-device mesh (XLA would gather
-the operands of a custom call), and with a C++ compiler on the host to build the handler once
-(cached under ``$PODFORMER_CACHE``). Everything else -- accelerators, bf16, sharded meshes, ahead-of-
-time compilation for a TPU -- keeps XLA's dot, as does ``PODFORMER_CPU_MATMUL=xla``.
+The opt-in CPU path behind model/kernels.py (``PODFORMER_CPU_MATMUL=blas``); XLA's own ops are the
+default. ``matmul`` hands a rank-2 (or batched rank-3) float32 product to ``csrc/host_gemm.cc``: an XLA
+FFI handler that splits it over XLA's own intra-op threads and calls numpy's ``sgemm`` once per part;
+``softmax_cross_entropy`` is the language-model head's loss and logits gradient in one pass per row.
+``load`` builds the handlers with the host's C++ compiler (``-march=native``) once per machine, keyed by
+the CPU's identity, the compiler, jaxlib and the source, and registers them; it is called eagerly when
+the path is chosen, never inside a trace. A failed build is recorded next to where the library would
+be, so other processes do not try again: the path then says so once and XLA's ops stay.
+
+Its speed depends on the machine's OpenBLAS more than on this code: numpy's OpenBLAS picks its kernels
+by CPU at load time, and ``OPENBLAS_CORETYPE`` (set on some CI machines) can pin it to older, slower
+ones. OpenBLAS also gives identical rows different bits depending on where they sit in the matrix, so
+bit-exact invariants (causality, padding) hold on XLA's path only; this path equals XLA's within 1e-5
+(tests/test_host_blas.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import dataclasses
 import functools
 import hashlib
 import os
+import platform
 import subprocess
 import sys
 import tempfile
-import threading
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +36,14 @@ Array = jax.Array
 TARGET = "podformer_host_gemm"
 XENT_TARGET = "podformer_softmax_cross_entropy"
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "host_gemm.cc")
-
-_state = threading.local()
+# Built on the host it runs on, so for this CPU's vector units. No -ffast-math: NaNs must survive.
+# Without -fno-trapping-math GCC keeps the softmax loops' exp scalar-speed (4x slower).
+FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros")
+FLAGS += ("-std=c++17", "-shared", "-fPIC", "-w")
+# /proc/cpuinfo fields that say which instructions -march=native may use: x86's model and feature flags,
+# aarch64's implementer/part numbers and features (it has no model name). Per-core lines are deduplicated.
+CPU_FIELDS = ("vendor_id", "model name", "flags", "cpu family", "model\t", "CPU implementer", "CPU architecture")
+CPU_FIELDS += ("CPU variant", "CPU part", "CPU revision", "Features", "isa", "uarch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,91 +77,127 @@ def _cache_dir() -> str:
     return os.environ.get("PODFORMER_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "podformer")
 
 
-def _cpu_id() -> bytes:
-    """The CPU model and feature flags: a cache shared between machines must not mix -march=native builds."""
+def cpu_id(cpuinfo: bytes | None = None) -> bytes:
+    """What -march=native compiles for: the architecture and /proc/cpuinfo's model and feature fields
+    (x86: model name, flags; aarch64: CPU implementer/part, Features). A cache shared between machines
+    (a home directory on NFS) must not hand one CPU's build to another."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", "rb") as f:
+                cpuinfo = f.read()
+        except OSError:
+            cpuinfo = b""
+    fields = tuple(f.encode() for f in CPU_FIELDS)
+    lines = sorted({ln.strip() for ln in cpuinfo.splitlines() if ln.startswith(fields)})
+    return b"\n".join([platform.machine().encode(), *lines])
+
+
+def _compiler() -> tuple[str, str]:
+    """(the C++ compiler's command, its version line), or (command, "") when it does not run."""
+    cxx = os.environ.get("CXX", "c++")
     try:
-        with open("/proc/cpuinfo", "rb") as f:
-            return b"".join(sorted({ln for ln in f if ln.startswith((b"model name", b"flags"))}))
-    except OSError:
-        return b""
+        proc = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return cxx, ""
+    return cxx, (proc.stdout.splitlines() or [""])[0] if proc.returncode == 0 else ""
 
 
-def _build() -> str:
-    """Compile the handlers against this jaxlib's FFI headers, once per source, flags, jaxlib and CPU."""
-    include = jax.ffi.include_dir()
-    # Built on the host it runs on, so for this CPU's vector units. No -ffast-math: NaNs must survive.
-    # Without -fno-trapping-math GCC keeps the softmax loops' exp scalar-speed (4x slower).
-    flags = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros"]
-    flags += ["-std=c++17", "-shared", "-fPIC", "-w", f"-I{include}"]
+def build_key(cxx: str, version: str, include: str) -> str:
+    """The cache key of one build: source, flags, jaxlib (its FFI headers), compiler and CPU."""
     with open(SOURCE, "rb") as f:
-        key = hashlib.sha256(f.read() + " ".join(flags).encode() + jax.__version__.encode() + _cpu_id())
-    out = os.path.join(_cache_dir(), "host_blas", f"host_gemm-{key.hexdigest()[:16]}.so")
+        parts = [f.read(), " ".join(FLAGS).encode(), include.encode(), jax.__version__.encode()]
+    parts += [cxx.encode(), version.encode(), cpu_id()]
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def build() -> tuple[str | None, str]:
+    """(path of the built library, "") or (None, why not). Tried once per machine and key: a failure is
+    written to ``<key>.failed`` and read back by every later process (delete it to try again). A
+    compiler installed later changes the key, so it is tried then."""
+    include = jax.ffi.include_dir()
+    cxx, version = _compiler()
+    key = build_key(cxx, version, include)
+    folder = os.path.join(_cache_dir(), "host_blas")
+    out, failed = os.path.join(folder, f"host_gemm-{key}.so"), os.path.join(folder, f"host_gemm-{key}.failed")
     if os.path.exists(out):
-        return out
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(out), prefix=".tmp-", suffix=".so")
+        return out, ""
+    if os.path.exists(failed):
+        with open(failed, errors="replace") as f:
+            return None, f"{f.read().strip()} (recorded in {failed}; delete it to try again)"
+    os.makedirs(folder, exist_ok=True)
+    if not version:
+        why = f"no C++ compiler: `{cxx} --version` did not run (install g++, or point CXX at one)"
+        _atomic_write(failed, why.encode())
+        return None, why
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".so")
     os.close(fd)
-    cmd = [os.environ.get("CXX", "c++"), *flags, SOURCE, "-o", tmp]
     try:
-        subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
-        os.replace(tmp, out)  # atomic: concurrent test workers may build it at the same time
+        proc = subprocess.run(
+            [cxx, *FLAGS, f"-I{include}", SOURCE, "-o", tmp], capture_output=True, text=True, timeout=600
+        )
+        if proc.returncode != 0:
+            why = f"{cxx} failed building {SOURCE}: {' '.join(proc.stderr.split())[:300]}"
+            _atomic_write(failed, why.encode())
+            return None, why
+        os.replace(tmp, out)  # atomic: processes building at the same time all end with one complete file
+    except subprocess.TimeoutExpired:  # a loaded machine, not a broken compiler: not recorded
+        return None, f"{cxx} took over 600 s building {SOURCE}"
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    return out
+    return out, ""
+
+
+_loaded = False
 
 
 @functools.cache
-def _library() -> _Blas | None:
-    """The BLAS and the registered handler, or None (with one warning saying why) to stay on XLA."""
+def load() -> bool:
+    """Build (once per machine) and register the handlers; False, said once on stderr, to stay on XLA.
+    Call it before tracing (model/kernels.py does, when the path is chosen)."""
+    global _loaded
     blas = _loaded_blas()
-    if blas is None:
-        return None  # no OpenBLAS-style numpy here (macOS Accelerate, ...): XLA's dot, silently
-    try:
-        lib = ctypes.CDLL(_build())
-    except (OSError, subprocess.SubprocessError) as e:
-        detail = getattr(e, "stderr", "") or str(e)
-        print(
-            f"podformer: CPU matmuls stay on XLA: building {SOURCE} failed ({detail.strip()[:300]}). "
-            "Install a C++ compiler (g++) for faster float32 training on CPU, or set PODFORMER_CPU_MATMUL=xla "
-            "to skip the attempt.",
-            file=sys.stderr,
-        )
-        return None
+    why = "numpy's BLAS has no cblas_sgemm this process can find (not OpenBLAS, or not Linux)"
+    path = None
+    if blas is not None:
+        path, why = build()
+    if path is not None:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError as e:
+            path, why = None, f"loading {path} failed: {e}"
+    if path is None:
+        print(f"podformer: PODFORMER_CPU_MATMUL=blas: {why}; CPU matmuls stay on XLA's own ops.", file=sys.stderr)
+        return False
     lib.PodformerSetBlas.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
     lib.PodformerSetBlas(blas.sgemm, blas.set_threads, int(blas.ilp64))
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.HostGemm), platform="cpu")
     jax.ffi.register_ffi_target(XENT_TARGET, jax.ffi.pycapsule(lib.SoftmaxCrossEntropy), platform="cpu")
-    return blas
+    _loaded = True
+    return True
 
 
-@contextlib.contextmanager
-def disabled():
-    """Trace with XLA's dot only: for programs compiled for another platform on this host (AOT)."""
-    saved = getattr(_state, "off", False)
-    _state.off = True
-    try:
-        yield
-    finally:
-        _state.off = saved
+def loaded() -> bool:
+    """Whether ``load`` has run and succeeded (never builds: safe inside a trace)."""
+    return _loaded
 
 
-def enabled(*arrays: Array) -> bool:
-    """Whether a product of these arrays, traced now, goes to the host BLAS."""
-    if getattr(_state, "off", False) or os.environ.get("PODFORMER_CPU_MATMUL", "blas") == "xla":
-        return False
-    if any(a.dtype != jnp.float32 for a in arrays) or jax.default_backend() != "cpu":
-        return False
-    mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and mesh.size > 1:
-        return False
-    return _library() is not None
+def _check_loaded() -> None:
+    if not _loaded:  # a bug in the caller, not bad input: kernels.py loads before it dispatches here
+        raise RuntimeError("host_blas.load() must succeed before host_blas ops are traced")
 
 
 def matmul(a: Array, b: Array, *, transpose_a: bool = False, transpose_b: bool = False) -> Array:
-    """op(a) @ op(b) for float32 arrays on the host BLAS (``enabled`` must hold): rank 2, or rank 3 for a
-    batch of products (op transposes the last two dims)."""
-    _library()  # registers the handler
+    """op(a) @ op(b) for float32 arrays on the host BLAS: rank 2, or rank 3 for a batch of products
+    (op transposes the last two dims)."""
+    _check_loaded()
     m = a.shape[-1] if transpose_a else a.shape[-2]
     n = b.shape[-2] if transpose_b else b.shape[-1]
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(a.shape[:-2] + (m, n), jnp.float32), vmap_method="sequential")
@@ -189,7 +235,7 @@ def softmax_cross_entropy(logits_MV: Array, targets_M: Array, weights_M: Array, 
     with ``grad``, ``weights * (softmax - onehot(targets))``, the gradient of the weighted sum of the
     cross-entropies, written over the logits (one pass per row instead of XLA's three over the whole
     array). No autodiff: model/lm_head.py calls it inside its own custom VJP."""
-    _library()  # registers the handler
+    _check_loaded()
     M, V = logits_MV.shape
     row = jax.ShapeDtypeStruct((M,), jnp.float32)
     call = jax.ffi.ffi_call(

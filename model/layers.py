@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from podformer.core import sharding
-from podformer.model import host_blas
+from podformer.model import kernels
 from podformer.model.attention import (  # noqa: F401  (re-exported)
     alibi_bias,
     attention,
@@ -244,46 +244,13 @@ class Dense(nnx.Module):
         self.bias = param(rngs, zeros, out_shape, out_axes) if use_bias else None
 
     def __call__(self, x: Array) -> Array:
-        k = self.kernel[...].astype(x.dtype)
-        if host_blas.enabled(x, k):
-            y = host_blas.contract(x, k, self.n_in)
-        else:
-            contracting = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
-            y = jax.lax.dot_general(x, k, (contracting, ((), ())))
+        y = kernels.contract(x, self.kernel[...].astype(x.dtype), self.n_in)
         if self.bias is not None:
             y = y + self.bias[...].astype(x.dtype)
         return y
 
 
-@jax.custom_vjp
-def unembed(x_BLD: Array, w_VD: Array) -> Array:
-    """Output projection onto a (V, D) embedding table: logits_BLV = x_BLD @ w_VD^T."""
-    if host_blas.enabled(x_BLD, w_VD):
-        B, L, D = x_BLD.shape
-        return host_blas.matmul(x_BLD.reshape(B * L, D), w_VD, transpose_b=True).reshape(B, L, -1)
-    return jnp.einsum("BLD,VD->BLV", x_BLD, w_VD)
-
-
-def _unembed_fwd(x_BLD, w_VD):
-    return unembed(x_BLD, w_VD), (x_BLD, w_VD)
-
-
-def _unembed_bwd(res, g_BLV):
-    # The weight gradient is formed as (x^T g)^T: both backward matmuls then read the vocabulary-sized
-    # gradient in its natural row-major layout. Left to autodiff, XLA's CPU backend materialises it a
-    # second time, transposed (a 2048x32000 float32 copy per step at the benchmark shape).
-    x_BLD, w_VD = res
-    if host_blas.enabled(x_BLD, w_VD, g_BLV):
-        B, L, D = x_BLD.shape
-        g_MV, x_MD = g_BLV.reshape(B * L, -1), x_BLD.reshape(B * L, D)
-        dx = host_blas.matmul(g_MV, w_VD).reshape(B, L, D)
-        return dx, host_blas.matmul(g_MV, x_MD, transpose_a=True)
-    dx = jnp.einsum("BLV,VD->BLD", g_BLV, w_VD)
-    dw_DV = jnp.einsum("BLD,BLV->DV", x_BLD, g_BLV)
-    return dx, dw_DV.T.astype(w_VD.dtype)
-
-
-unembed.defvjp(_unembed_fwd, _unembed_bwd)
+unembed = kernels.unembed  # logits_BLV = x_BLD @ w_VD^T, XLA's or the host BLAS's (model/kernels.py)
 
 
 def rotary(x_BLHK: Array, positions_BL: Array, rotary_dim: int, base: float, interleaved: bool) -> Array:
@@ -386,13 +353,10 @@ class Attention(nnx.Module):
         parameters stay three Dense layers (checkpoints, Hugging Face mappings)."""
         dense = (self.query, self.key, self.value)
         w = jnp.stack([d.kernel[...] for d in dense], axis=1).astype(x_BLD.dtype)
-        if host_blas.enabled(x_BLD, w):
-            y = host_blas.contract(x_BLD, w, 1)
-        else:
-            y = jnp.einsum("BLD,DTHK->BLTHK", x_BLD, w)
+        y_BLTHK = kernels.contract(x_BLD, w, 1)
         if self.o.qkv_bias:
-            y = y + jnp.stack([d.bias[...] for d in dense]).astype(x_BLD.dtype)
-        return y[:, :, 0], y[:, :, 1], y[:, :, 2]
+            y_BLTHK = y_BLTHK + jnp.stack([d.bias[...] for d in dense]).astype(x_BLD.dtype)
+        return y_BLTHK[:, :, 0], y_BLTHK[:, :, 1], y_BLTHK[:, :, 2]
 
 
 class MLP(nnx.Module):

@@ -15,7 +15,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from podformer.model import host_blas, vocab
+from podformer.model import host_blas, kernels, vocab
 
 Array = jax.Array
 
@@ -59,7 +59,7 @@ def _chunk_stats(x_BcD, w_VD, b_V, t_Bc, vocab_size):
 
 
 def _host_chunk(x_BcD, w_VD, b_V, t_Bc, wt_Bc, grad: bool, vocab_size: int):
-    """A chunk on a CPU (podformer/host_blas.py): the logits from the host BLAS, then the loss and, with
+    """A chunk on a CPU (model/host_blas.py): the logits from the host BLAS, then the loss and, with
     ``grad``, the logits' gradient in one pass per row. Returns (gradient (B*c, V) or None, ce, correct)."""
     B, c, D = x_BcD.shape
     logits_MV = host_blas.matmul(x_BcD.reshape(B * c, D), w_VD, transpose_b=True)
@@ -68,6 +68,43 @@ def _host_chunk(x_BcD, w_VD, b_V, t_Bc, wt_Bc, grad: bool, vocab_size: int):
     logits_MV = vocab.mask(logits_MV, vocab_size)
     g_MV, ce, correct = host_blas.softmax_cross_entropy(logits_MV, t_Bc.reshape(-1), wt_Bc.reshape(-1), grad=grad)
     return g_MV, ce.reshape(B, c), correct.reshape(B, c)
+
+
+def _chunk_loss_host(x_BcD, w_VD, b_V, t_Bc, wt_Bc, vocab_size):
+    _, ce, correct = _host_chunk(x_BcD, w_VD, b_V, t_Bc, wt_Bc, grad=False, vocab_size=vocab_size)
+    return ce, correct
+
+
+@kernels.dispatch(host=_chunk_loss_host)
+def _chunk_loss(x_BcD, w_VD, b_V, t_Bc, wt_Bc, vocab_size):
+    """A chunk's (token cross-entropies, correct predictions)."""
+    _, _, ce, correct = _chunk_stats(x_BcD, w_VD, b_V, t_Bc, vocab_size)
+    return ce, correct
+
+
+def _chunk_grads_host(x_BcD, w_VD, b_V, t_Bc, wt_Bc, vocab_size):
+    B, c, D = x_BcD.shape
+    g_MV, ce, correct = _host_chunk(x_BcD, w_VD, b_V, t_Bc, wt_Bc, grad=True, vocab_size=vocab_size)
+    dx = host_blas.matmul(g_MV, w_VD).reshape(B, c, D)
+    dw_DV = host_blas.matmul(x_BcD.reshape(B * c, D), g_MV, transpose_a=True)
+    db_V = None if b_V is None else jnp.sum(g_MV, axis=0)
+    return ce, correct, dx, dw_DV, db_V
+
+
+@kernels.dispatch(host=_chunk_grads_host)
+def _chunk_grads(x_BcD, w_VD, b_V, t_Bc, wt_Bc, vocab_size):
+    """A chunk's (ce, correct) and the gradients of sum(wt * ce): dx, this chunk's dw (D, V) and db."""
+    V = w_VD.shape[0]
+    e, s, ce, correct = _chunk_stats(x_BcD, w_VD, b_V, t_Bc, vocab_size)
+    # d(sum_i wt_i * ce_i) / d logits = wt * (softmax - one_hot(target)).
+    g = e * (wt_Bc / s)[..., None] - jax.nn.one_hot(t_Bc, V, dtype=jnp.float32) * wt_Bc[..., None]
+    g = g.astype(x_BcD.dtype)  # bf16 compute: the two gradient matmuls take bf16 inputs, accumulate f32
+    dx = jnp.einsum("BcV,VD->BcD", g, w_VD, preferred_element_type=jnp.float32).astype(x_BcD.dtype)
+    # (D, V), not (V, D): both operands then contract over their leading (token) axes in the layout
+    # they already have; the (V, D) form makes XLA:CPU transpose the vocabulary-sized g first.
+    dw_DV = jnp.einsum("BcD,BcV->DV", x_BcD, g, preferred_element_type=jnp.float32)
+    db_V = None if b_V is None else jnp.sum(g.astype(jnp.float32), axis=(0, 1))
+    return ce, correct, dx, dw_DV, db_V
 
 
 def _split(a, chunks):
@@ -85,11 +122,7 @@ def _merge(a):
 def _fused(x_BLD, w_VD, b_V, targets_BL, weights_BL, chunks, vocab_size):
     def body(_, xs):
         x, t, wt = xs
-        if host_blas.enabled(x, w_VD):
-            _, ce, correct = _host_chunk(x, w_VD, b_V, t, wt, grad=False, vocab_size=vocab_size)
-        else:
-            _, _, ce, correct = _chunk_stats(x, w_VD, b_V, t, vocab_size)
-        return None, (ce, correct)
+        return None, _chunk_loss(x, w_VD, b_V, t, wt, vocab_size)
 
     xs = (_split(x_BLD, chunks), _split(targets_BL, chunks), _split(weights_BL, chunks))
     _, (ce, correct) = jax.lax.scan(body, None, xs)
@@ -98,27 +131,12 @@ def _fused(x_BLD, w_VD, b_V, targets_BL, weights_BL, chunks, vocab_size):
 
 
 def _fused_fwd(x_BLD, w_VD, b_V, targets_BL, weights_BL, chunks, vocab_size):
-    V = w_VD.shape[0]
-
     def body(carry, xs):
         dw_DV, db_V = carry
         x, t, wt = xs
-        if host_blas.enabled(x, w_VD):
-            B, c, D = x.shape
-            g_MV, ce, correct = _host_chunk(x, w_VD, b_V, t, wt, grad=True, vocab_size=vocab_size)
-            dx = host_blas.matmul(g_MV, w_VD).reshape(B, c, D)
-            dw_DV = dw_DV + host_blas.matmul(x.reshape(B * c, D), g_MV, transpose_a=True)
-            db_V = None if db_V is None else db_V + jnp.sum(g_MV, axis=0)
-            return (dw_DV, db_V), (ce, correct, dx)
-        e, s, ce, correct = _chunk_stats(x, w_VD, b_V, t, vocab_size)
-        # d(sum_i wt_i * ce_i) / d logits = wt * (softmax - one_hot(target)).
-        g = e * (wt / s)[..., None] - jax.nn.one_hot(t, V, dtype=jnp.float32) * wt[..., None]
-        g = g.astype(x.dtype)  # bf16 compute: the two gradient matmuls take bf16 inputs, accumulate f32
-        dx = jnp.einsum("BcV,VD->BcD", g, w_VD, preferred_element_type=jnp.float32).astype(x.dtype)
-        # (D, V), not (V, D): both operands then contract over their leading (token) axes in the layout
-        # they already have; the (V, D) form makes XLA:CPU transpose the vocabulary-sized g first.
-        dw_DV = dw_DV + jnp.einsum("BcD,BcV->DV", x, g, preferred_element_type=jnp.float32)
-        db_V = None if db_V is None else db_V + jnp.sum(g.astype(jnp.float32), axis=(0, 1))
+        ce, correct, dx, dw_chunk, db_chunk = _chunk_grads(x, w_VD, b_V, t, wt, vocab_size)
+        dw_DV = dw_DV + dw_chunk
+        db_V = None if db_V is None else db_V + db_chunk
         return (dw_DV, db_V), (ce, correct, dx)
 
     xs = (_split(x_BLD, chunks), _split(targets_BL, chunks), _split(weights_BL, chunks))

@@ -23,7 +23,7 @@ from podformer.core.errors import UserError
 from podformer.data import pipeline
 from podformer.losses import LOSSES
 from podformer.metrics import log
-from podformer.model import attention, host_blas
+from podformer.model import attention, kernels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,8 +148,8 @@ def compile_train_step(spec: str, *, cfg, make_model, tx, schedule, loss, exampl
         f"mesh {dict(mesh.shape)}"
     )
     # Pallas attention kernels are traced for the TPU, not refused for this host's CPU; matmuls stay XLA
-    # dots, never this host's BLAS (podformer/host_blas.py).
-    with host_blas.disabled():
+    # dots even where this process opted in to the host BLAS (model/kernels.py).
+    with kernels.use("xla"):
         compiled, _ = trainer.compile_train_step(
             graphdef, abstract, shardings, example, loss=loss, train_cfg=t, mesh=mesh, rules=rules,
             schedule=schedule, trace_context=attention.pallas_mode(target="tpu"),

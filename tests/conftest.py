@@ -9,6 +9,10 @@ import sys
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ["XLA_FLAGS"] += " " + "--xla_backend_optimization_level=0"
 os.environ["PODFORMER_NO_PROGRESS"] = "1"
+# XLA's own ops, as accelerators run them: the bit-exact invariants (causality, padding, locality) hold on
+# them. tests/test_host_blas.py alone opts in to the host-BLAS path (model/kernels.py), whatever the
+# developer's environment says.
+os.environ["PODFORMER_CPU_MATMUL"] = "xla"
 # With the [aot] extra installed, libtpu makes every JAX process look for a TPU first; tests run on CPU.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 

@@ -214,8 +214,8 @@ def _start_compile(layout: str):
         text=True,
         cwd=REPO,
         # XLA's own dots, as on a TPU or GPU: the claim is about how XLA's compile time grows with depth.
-        # (On CPU the matmuls default to custom calls into the host BLAS, podformer/host_blas.py, which
-        # XLA compiles faster: 30 s unrolled vs 7.9 s with scan, 3.8x.)
+        # (The opt-in host-BLAS custom calls, model/kernels.py, compile faster: 30 s unrolled vs 7.9 s
+        # with scan, 3.8x.)
         env=env(PODFORMER_CPU_MATMUL="xla"),
     )
     assert proc.stdout.readline().strip() == "compiling"
