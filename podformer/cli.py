@@ -11,10 +11,11 @@ from podformer.core.errors import UserError
 
 
 def main(run: Callable[[], dict]) -> None:
+    preemption.guard_startup()  # (the scripts install it already before importing JAX; console scripts here)
     try:
         result = run()
     except UserError as e:
-        print(f"podformer: error: {e}", file=sys.stderr)
+        print(f"podformer: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     if result.get("preempted"):
         sys.exit(preemption.EXIT_CODE)
