@@ -79,19 +79,19 @@ logging.getLogger("absl").addFilter(_QuietOrbax())
 
 def _quiet_closed_loops() -> None:
     """After a failed save, TensorStore's outstanding writes complete into the event loop Orbax already
-    closed, and print a traceback each ("Event loop is closed"), from the moment the save fails: they say
-    nothing the one-line error does not. Installed once, for the process."""
-    previous = sys.excepthook
+    closed, and each reports an unraisable "Event loop is closed" traceback, from the moment the save fails:
+    they say nothing the one-line error does not. Installed once, for the process."""
+    previous = sys.unraisablehook
     if getattr(previous, "podformer", False):
         return
 
-    def hook(kind, value, tb):
-        if kind is RuntimeError and str(value) == "Event loop is closed":
+    def hook(unraisable):
+        if unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed":
             return
-        previous(kind, value, tb)
+        previous(unraisable)
 
     hook.podformer = True
-    sys.excepthook = hook
+    sys.unraisablehook = hook
 
 
 def _files(step_dir: epath.Path) -> dict[str, epath.Path]:
