@@ -125,8 +125,10 @@ def write_manifest(step_dir: epath.Path) -> None:
 
 
 def _legacy_limit(directory: epath.Path) -> int:
+    """Steps up to this one may lack a manifest: all of them in a workdir no Checkpointer has opened since
+    manifests exist (it writes the file on opening)."""
     path = directory / SINCE
-    return int(path.read_text()) if path.exists() else -1
+    return int(path.read_text()) if path.exists() else 2**62
 
 
 def verify(step_dir: epath.Path, *, legacy_limit: int) -> str | None:
@@ -161,7 +163,7 @@ def _steps(directory: epath.Path) -> list[int]:
 def latest_step(workdir: str) -> int | None:
     """The step of ``workdir``'s newest intact checkpoint (None without one), read without changing it."""
     directory = epath.Path(workdir) / "checkpoints"
-    limit = _legacy_limit(directory) if directory.exists() else -1
+    limit = _legacy_limit(directory)
     for step in _steps(directory):
         if verify(directory / str(step), legacy_limit=limit) is None:
             return step
