@@ -100,25 +100,29 @@ def largest_file(step_dir: str) -> str:
 # -- verified checkpoints ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip"])
-def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(reference, tmp_path, damage):
-    workdir = interrupted_copy(reference, tmp_path, keep_upto=4)
-    target = largest_file(os.path.join(workdir, "checkpoints", "4"))
-    data = bytearray(open(target, "rb").read())
-    if damage == "truncate":
-        data = data[: len(data) // 2]
-    else:  # same size, 64 bytes flipped: only the checksum can tell
-        mid = len(data) // 2
-        data[mid : mid + 64] = bytes(b ^ 0xFF for b in data[mid : mid + 64])
-    open(target, "wb").write(bytes(data))
+def test_damaged_checkpoints_fall_back_to_the_newest_intact_one(reference, tmp_path):
+    """Step 6's largest file truncated to half, 64 bytes of step 4's flipped (same size: only the checksum
+    can tell): both are moved aside and the run resumes from step 2, bit-identical."""
+    workdir = interrupted_copy(reference, tmp_path, keep_upto=6)
+    truncated = largest_file(os.path.join(workdir, "checkpoints", "6"))
+    data = open(truncated, "rb").read()
+    open(truncated, "wb").write(data[: len(data) // 2])
+    flipped = largest_file(os.path.join(workdir, "checkpoints", "4"))
+    data = bytearray(open(flipped, "rb").read())
+    mid = len(data) // 2
+    data[mid : mid + 64] = bytes(b ^ 0xFF for b in data[mid : mid + 64])
+    open(flipped, "wb").write(bytes(data))
+    open(os.path.join(workdir, "metrics.jsonl"), "a").write('{"step": 7, "loss": 1.0')  # a line cut by a kill
 
     proc = run(workdir)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-4000:]
-    why = "has .* bytes" if damage == "truncate" else "does not match its checksum"
-    assert re.search(rf"checkpoint step 4 is damaged \(.*{why}\); moved it to .*damaged_checkpoints/4; "
-                     r"falling back to step 2", proc.stdout), proc.stdout  # fmt: skip
+    assert re.search(r"checkpoint step 6 is damaged \(.* has \d+ bytes, \d+ were written\); moved it to "
+                     r".*damaged_checkpoints/6; falling back to step 4", proc.stdout), proc.stdout  # fmt: skip
+    assert re.search(r"checkpoint step 4 is damaged \(.* does not match its checksum\); moved it to "
+                     r".*damaged_checkpoints/4; falling back to step 2", proc.stdout), proc.stdout  # fmt: skip
     assert re.search(r"resumed from .*/checkpoints/2\b", proc.stdout), proc.stdout
-    assert os.path.exists(target.replace("/checkpoints/4/", "/damaged_checkpoints/4/"))  # moved, not deleted
+    for path in (truncated, flipped):  # moved, not deleted
+        assert os.path.exists(path.replace("/checkpoints/", "/damaged_checkpoints/"))
     same_losses(workdir, reference[1])
 
 
