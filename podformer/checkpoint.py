@@ -68,13 +68,19 @@ def _cause(e: BaseException) -> str:
 
 
 class _QuietOrbax(logging.Filter):
-    """Orbax logs a background save's failure as several tracebacks; podformer reports it as one line."""
+    """Orbax logs a background save's failure as several tracebacks, and asyncio the same error again for
+    each of its write tasks; podformer reports it as one line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "orbax" not in record.pathname or record.levelno < logging.ERROR
+        if record.levelno < logging.ERROR:
+            return True
+        if record.name == "asyncio":
+            return "orbax" not in record.getMessage()
+        return "orbax" not in record.pathname
 
 
-logging.getLogger("absl").addFilter(_QuietOrbax())
+for _name in ("absl", "asyncio"):
+    logging.getLogger(_name).addFilter(_QuietOrbax())
 
 
 def _quiet_closed_loops() -> None:
