@@ -137,8 +137,20 @@ def _legacy_limit(directory: epath.Path) -> int:
     return int(path.read_text()) if path.exists() else 2**62
 
 
+_INTACT: set[str] = set()  # step directories this process verified (the start-up check and the resume read once)
+
+
 def verify(step_dir: epath.Path, *, legacy_limit: int) -> str | None:
     """Why ``step_dir`` is not an intact checkpoint (None if it is)."""
+    if str(step_dir) in _INTACT:
+        return None
+    reason = _verify(step_dir, legacy_limit=legacy_limit)
+    if reason is None:
+        _INTACT.add(str(step_dir))
+    return reason
+
+
+def _verify(step_dir: epath.Path, *, legacy_limit: int) -> str | None:
     manifest = step_dir / MANIFEST
     if not manifest.exists():
         return None if int(step_dir.name) <= legacy_limit else f"no {MANIFEST} (its save never completed)"
@@ -241,15 +253,16 @@ class Checkpointer:
                 then = f"falling back to step {later[0]}" if later else "no earlier step left"
                 log(f"podformer: checkpoint step {step} is damaged ({reason}); moved it to {target}; {then}")
             if moved and chosen < 0:
-                raise UserError(
-                    f"no intact checkpoint in {self.directory} (step {', '.join(moved)} moved to "
-                    f"{self.workdir / DAMAGED}); rerun the same command to train from scratch in this workdir, "
-                    "or use a new --workdir"
-                )
-        if jax.process_count() > 1:
+                chosen = -2
+        if jax.process_count() > 1:  # every process raises, or none
             from jax.experimental import multihost_utils
 
             chosen = int(multihost_utils.broadcast_one_to_all(np.int32(chosen)))
+        if chosen == -2:
+            raise UserError(
+                f"no intact checkpoint in {self.directory} (the damaged steps are in {self.workdir / DAMAGED}); "
+                "rerun the same command to train from scratch in this workdir, or use a new --workdir"
+            )
         return None if chosen < 0 else chosen
 
     def _move_aside(self, step: int) -> epath.Path:

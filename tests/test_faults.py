@@ -24,11 +24,11 @@ STEPS = 6
 ARGS = [*SMALL, f"--config.train.steps={STEPS}", "--config.checkpoint.every=2"]
 
 
-def start(workdir, *extra, script="train.py", preexec_fn=None) -> subprocess.Popen:
+def start(workdir, *extra, script="train.py", preexec_fn=None, extra_env=None) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, os.path.join(REPO, script), *ARGS, *extra, f"--workdir={workdir}"],
         cwd=REPO,
-        env=env(1),
+        env=env(1, **(extra_env or {})),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -36,8 +36,8 @@ def start(workdir, *extra, script="train.py", preexec_fn=None) -> subprocess.Pop
     )
 
 
-def run(workdir, *extra, script="train.py", preexec_fn=None, timeout=600) -> subprocess.CompletedProcess:
-    proc = start(workdir, *extra, script=script, preexec_fn=preexec_fn)
+def run(workdir, *extra, script="train.py", preexec_fn=None, extra_env=None, timeout=600):
+    proc = start(workdir, *extra, script=script, preexec_fn=preexec_fn, extra_env=extra_env)
     out, err = proc.communicate(timeout=timeout)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
@@ -145,7 +145,7 @@ def test_a_missing_file_makes_the_step_damaged(reference, tmp_path, missing, cap
 def test_no_intact_checkpoint_is_one_line_and_a_rerun_starts_fresh(reference, tmp_path):
     workdir = interrupted_copy(reference, tmp_path, keep_upto=2)
     os.remove(os.path.join(workdir, "checkpoints", "2", "state", "_METADATA"))
-    with pytest.raises(UserError, match=r"no intact checkpoint in .*step 2 moved to .*damaged_checkpoints"):
+    with pytest.raises(UserError, match=r"no intact checkpoint in .*damaged steps are in .*damaged_checkpoints"):
         checkpoint.Checkpointer(workdir, keep=3)
     ckpt = checkpoint.Checkpointer(workdir, keep=3)
     assert ckpt.latest_step() is None
@@ -336,11 +336,13 @@ def test_random_sigkills_resume_bit_identically(reference, tmp_path):
     writes, finalizes or commits it), some during start-up; every run ends bit-identical, one line a step."""
     rng = random.Random(13)
     kills, runs = 0, 0
+    # Restarts load the compiled step from JAX's persistent cache (the same executable, so the same numbers).
+    cache = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax-cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": 0}
     while kills < 20:
         workdir = tmp_path / f"run{runs}"
         runs += 1
         for _ in range(40):
-            proc = start(workdir, "--config.checkpoint.every=1")
+            proc = start(workdir, "--config.checkpoint.every=1", extra_env=cache)
             ckpts = workdir / "checkpoints"
             seen = set(os.listdir(ckpts)) if ckpts.exists() else set()
             if rng.random() < 0.2:
@@ -360,7 +362,8 @@ def test_random_sigkills_resume_bit_identically(reference, tmp_path):
             proc.send_signal(signal.SIGKILL)
             proc.communicate()
             kills += 1
-        final = run(workdir)  # finishes the run (or says it is complete)
+            print(f"run {runs}: kill {kills} at checkpoints {sorted(os.listdir(ckpts)) if ckpts.exists() else []}")
+        final = run(workdir, extra_env=cache)  # finishes the run (or says it is complete)
         assert final.returncode == 0, final.stderr[-3000:]
         same_losses(workdir, reference[1])
         assert len([m for m in read_metrics(str(workdir)) if "loss" in m]) == STEPS
