@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import sys
 
-from podformer import cli
+from podformer import cli, preemption
 
 DEFAULT_CONFIG = "configs/finetune/embedded.py:tiny"
 FLAGS = {"workdir": ""}
 MODES = ("train", "eval", "predict")
 
-if __name__ == "__main__":  # --help and config errors answer before JAX loads (it takes seconds)
+if __name__ == "__main__":  # --help and config errors answer before JAX loads (it takes seconds), and a
+    # signal while JAX loads already exits 75 (podformer/preemption.py)
+    preemption.guard_startup()
     cli.first_contact(sys.argv[1:], DEFAULT_CONFIG, FLAGS)
 
 import json  # noqa: E402  (the imports after the first-contact check)
@@ -36,9 +38,9 @@ from podformer import (  # noqa: E402
     hostmem,
     loop,
     optim,
-    preemption,
     profiling,
     trainer,
+    workdir_lock,
 )
 from podformer import config as config_lib  # noqa: E402
 from podformer import finetune_tasks as tasks  # noqa: E402
@@ -63,6 +65,11 @@ def run(argv: list[str] | None = None) -> dict:
     workdir = flags["workdir"] or os.path.join("runs", cfg.name)
     workdir = workdir if "://" in workdir else os.path.abspath(workdir)
     checkpoint.check_workdir(workdir)
+    with workdir_lock.hold(workdir):  # one writer per workdir
+        return _run(cfg, workdir)
+
+
+def _run(cfg, workdir: str) -> dict:
     profiler = profiling.Profiler(cfg.profile, workdir)
 
     task = tasks.make_task(cfg.task, label_names=[])  # label names come later: they may need the data
@@ -226,6 +233,8 @@ def _train(cfg, task, evaluator, ckpt, writer, profiler, state, graphdef, shardi
     loader = Loader(features.Rows(model_keys), global_batch=t.batch_size, mesh=mesh, rules=rules, seed=t.seed)
     if data_state is not None:
         loader.set_state(data_state)
+    # One line per step: what a killed run logged after its checkpoint (or with none) is about to be redone.
+    writer.truncate_after(start_step if start_step else -1)
     step_fn, _ = trainer.compile_train_step(
         graphdef, state, shardings, loader.host_batch(0), loss=finetuning.TASK_LOSSES[task.type], train_cfg=t,
         mesh=mesh, rules=rules, schedule=optim.schedule(cfg.opt, steps),
@@ -235,7 +244,9 @@ def _train(cfg, task, evaluator, ckpt, writer, profiler, state, graphdef, shardi
     peak, _ = flops_lib.peak_per_device(cfg.metrics.peak_tflops)
     log(f"model: {trainer.param_summary(graphdef, state, model_cfg)}; {steps} steps of {t.batch_size}")
 
-    best = dict((ckpt.restore_meta(start_step).get("best") or {}) if start_step else {})
+    saved = ckpt.restore_meta(start_step) if start_step else {}
+    best = dict(saved.get("best") or {})
+    counters = {"skipped_steps": saved.get("skipped_steps", 0)}
     best.setdefault("value", None)
     best.setdefault("stale", 0)
     evaluated: dict[int, dict] = {}
@@ -270,6 +281,7 @@ def _train(cfg, task, evaluator, ckpt, writer, profiler, state, graphdef, shardi
             "total_steps": steps,
             "best": dict(best),
             "done": step == steps or early["stop"],
+            "skipped_steps": counters["skipped_steps"],
         }
         ckpt.save(
             step, state, loader.get_state(), meta, force=final, metrics=metrics and {task.metric: metrics[task.metric]}
@@ -277,7 +289,7 @@ def _train(cfg, task, evaluator, ckpt, writer, profiler, state, graphdef, shardi
 
     watcher = preemption.Watcher()
     watcher.start(start_step)
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules), ckpt.on_error():
         state, step, _ = loop.run(
             state,
             step_fn=step_fn,
@@ -296,9 +308,13 @@ def _train(cfg, task, evaluator, ckpt, writer, profiler, state, graphdef, shardi
             should_stop=lambda s: watcher(s) or early["stop"],
             profiler=profiler,
             num_devices=mesh.size,
+            on_nonfinite=t.on_nonfinite,
+            last_good=ckpt.last_good,
+            poll=ckpt.check,
+            counters=counters,
         )
+        ckpt.wait()  # the last save's failure, if any, is reported here
     watcher.close()
-    ckpt.wait()
     loader.close()
     preempted = watcher.preempted and step < steps
     if preempted:

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import sys
 
-from podformer import cli
+from podformer import cli, preemption
 
 DEFAULT_CONFIG = "configs/gpt.py:tiny"
 # --compile_only=v5p:2x2x2 (or a named slice, v5p-64): compile the train step for that TPU topology on
 # this machine, print its per-device memory and whether it fits in HBM, and stop (podformer/aot.py).
 FLAGS = {"workdir": "", "compile_only": ""}
 
-if __name__ == "__main__":  # --help and config errors answer before JAX loads (it takes seconds)
+if __name__ == "__main__":  # --help and config errors answer before JAX loads (it takes seconds), and a
+    # signal while JAX loads already exits 75 (podformer/preemption.py)
+    preemption.guard_startup()
     cli.first_contact(sys.argv[1:], DEFAULT_CONFIG, FLAGS)
 
 import dataclasses  # noqa: E402  (the imports after the first-contact check)
@@ -38,6 +40,7 @@ from podformer import (  # noqa: E402
     preemption,
     profiling,
     trainer,
+    workdir_lock,
 )
 from podformer import config as config_lib  # noqa: E402
 from podformer import flops as flops_lib  # noqa: E402
@@ -52,11 +55,17 @@ from podformer.model import families, hf, params  # noqa: E402
 
 def run(argv: list[str] | None = None) -> dict:
     cfg, flags = config_lib.parse_args(sys.argv[1:] if argv is None else argv, DEFAULT_CONFIG, FLAGS)
+    config_lib.validate_counts(cfg, positive=("checkpoint.every",))
     hostmem.keep_freed_memory()  # before JAX starts its threads; CPU runs only (podformer/hostmem.py)
     distributed.initialize(cfg.distributed)
     workdir = flags["workdir"] or os.path.join("runs", cfg.name)
     workdir = workdir if "://" in workdir else os.path.abspath(workdir)  # Orbax needs absolute paths
     checkpoint.check_workdir(workdir)
+    with workdir_lock.hold(workdir):  # one writer per workdir
+        return _run(cfg, flags, workdir)
+
+
+def _run(cfg, flags: dict, workdir: str) -> dict:
     profiler = profiling.Profiler(cfg.profile, workdir)  # validates profile.steps before any work
     done = finished(workdir, cfg.train.steps)
     if done is not None:  # nothing to train: say so before any data is built or anything compiled
@@ -95,21 +104,26 @@ def run(argv: list[str] | None = None) -> dict:
     graphdef, abstract = trainer.abstract_state(make_model, tx, t.seed, make_teacher)
     shardings = trainer.state_shardings(abstract, mesh, rules, strict=cfg.mesh.strict)
 
+    # The newest intact checkpoint (damaged ones moved aside) and its config, compared with this run's before
+    # any data is built.
+    ckpt = checkpoint.Checkpointer(workdir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+    latest = ckpt.latest_step()
+    meta = ckpt.restore_meta(latest) if latest is not None else None
+    if meta is not None and not meta.get("params_only"):
+        checkpoint.check_same_run(workdir, latest, meta, config_lib.to_dict(cfg))
+
     data = pipeline.build(cfg.data, vocab_size=model_cfg.vocab_size, seq_len=t.seq_len)
     log(f"data: {data.description}; unigram entropy {data.unigram_entropy:.3f} nats/token")
     if jax.process_index() == 0:  # the tokenizer travels with the model: resume, fine-tune and export read it
         hf_tokenizer.keep(data.tokenizer, os.path.join(workdir, "tokenizer"))
-    ckpt = checkpoint.Checkpointer(workdir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     writer = MetricWriter(workdir)
 
     # Resume order: the latest complete checkpoint in this workdir -> init.checkpoint (parameters only, from a
     # podformer workdir or a Hugging Face folder; the optimizer starts fresh) -> from scratch.
     start_step, data_state = 0, None
     fresh = None  # the parameters never imported nor trained (None: all of them)
-    latest = ckpt.latest_step()
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         if latest is not None:
-            meta = ckpt.restore_meta(latest)
             if meta.get("params_only"):
                 raise UserError(
                     f"{workdir} holds imported parameters, not a training run; pass it as "
@@ -129,7 +143,6 @@ def run(argv: list[str] | None = None) -> dict:
                 )
             state, data_state, meta = ckpt.restore(latest, trainer.with_shardings(abstract, shardings))
             start_step, fresh = latest, set(meta.get("untrained", ()))
-            writer.truncate_after(latest)
             log(f"resumed from {ckpt.directory}/{latest}")
         else:
             _, state, _ = trainer.create_state(make_model, tx, mesh, rules, t.seed, make_teacher)
@@ -149,6 +162,9 @@ def run(argv: list[str] | None = None) -> dict:
     )
     if data_state is not None:
         loader.set_state(data_state)
+    # One line per step: what a killed run logged after its checkpoint (or with none) is about to be redone.
+    writer.truncate_after(start_step if start_step else -1)
+    counters = {"skipped_steps": meta.get("skipped_steps", 0) if start_step else 0}
 
     loss = teacher.loss if teacher is not None else LOSSES[cfg.data.objective]
     step_fn, batch_shard = trainer.compile_train_step(
@@ -199,13 +215,14 @@ def run(argv: list[str] | None = None) -> dict:
     def save(step, state, final):
         meta = {"step": step, "config": config_lib.to_dict(cfg), "tokenizer": data.tokenizer.fingerprint}
         meta["untrained"] = untrained
+        meta["skipped_steps"] = counters["skipped_steps"]
         ckpt.save(step, state, loader.get_state(), meta, force=final)
 
     if t.eval_at_start and start_step == 0 and t.eval_steps:  # the untrained model's loss, for reference
         evaluate(state, 0)
     watcher = preemption.Watcher()  # SIGTERM -> every process saves at one agreed step, then exit 75
     watcher.start(start_step)
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules), ckpt.on_error():
         state, step, last_eval = loop.run(
             state,
             step_fn=step_fn,
@@ -224,9 +241,13 @@ def run(argv: list[str] | None = None) -> dict:
             should_stop=watcher,
             profiler=profiler,
             num_devices=mesh.size,
+            on_nonfinite=t.on_nonfinite,
+            last_good=ckpt.last_good,
+            poll=ckpt.check,
+            counters=counters,
         )
+        ckpt.close()  # the last save's failure, if any, is reported here
     watcher.close()
-    ckpt.close()
     loader.close()
     writer.close()
 

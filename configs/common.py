@@ -39,6 +39,10 @@ def base(name: str, model) -> ml_collections.ConfigDict:
     c.train.eval_steps = 8  # validation batches per evaluation (0: no evaluation)
     c.train.eval_at_start = False  # also evaluate the model before the first step
     c.train.seed = 0
+    # A step whose loss or gradient norm is not finite: 'stop' ends the run with one line naming the last
+    # good checkpoint (no non-finite state is ever saved); 'skip' leaves that step's update out and counts it
+    # (metrics: skipped_steps).
+    c.train.on_nonfinite = "stop"
     c.train.sample_prompt = "def"  # the run ends with a greedy continuation of this ('' to skip)
     c.train.sample_tokens = 48
 

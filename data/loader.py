@@ -17,6 +17,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from podformer.core import sharding as msharding
+from podformer.core.errors import UserError
 
 
 class _HostRows(grain.MapDataset):
@@ -138,7 +139,7 @@ class Loader:
 
     def set_state(self, state: dict) -> None:
         if state.get("global_batch", self.global_batch) != self.global_batch:
-            raise ValueError(
+            raise UserError(
                 f"the checkpoint's data position is for global batch {state['global_batch']}, this run uses "
                 f"{self.global_batch}; resume with the same train.batch_size"
             )

@@ -71,7 +71,7 @@ def read_documents(path: str, *, text_field: str, doc_split: str):
     # lines between blank lines is one.
     docs = [content] if doc_split == "file" else [d for d in content.split("\n\n")]
     for i, doc in enumerate(docs):
-        if doc.strip():
+        if doc.replace("\0", "").strip():  # NUL bytes are valid UTF-8 but no text (SentencePiece drops them)
             yield f"{i}", doc
 
 

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from podformer import config as config_lib
+from podformer import preemption
 from podformer.core.errors import UserError
 
 
@@ -24,16 +25,13 @@ def first_contact(argv: list[str], default_config: str, flags: dict[str, Any]) -
 
 
 def main(run: Callable[[], dict]) -> None:
+    preemption.guard_startup()  # (the scripts install it already before importing JAX; console scripts here)
     try:
         result = run()
     except UserError as e:
-        print(f"podformer: error: {e}", file=sys.stderr)
+        print(f"podformer: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     if result.get("preempted"):
-        # Imported here, not above: podformer.preemption loads JAX, and this module is read before JAX (by
-        # then the run has loaded it).
-        from podformer import preemption
-
         sys.exit(preemption.EXIT_CODE)
 
 

@@ -136,13 +136,44 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         for key in keys:
             if key not in cfg[section]:
                 raise UserError(f"config has no {section}.{key}; start from configs/common.py:base()")
+    validate_counts(cfg)
     t = cfg.train
-    for key in ("steps", "batch_size", "seq_len", "log_every"):
-        if t[key] <= 0:
-            raise UserError(f"train.{key}={t[key]} must be positive")
     if t.batch_size % t.grad_accum:
         raise UserError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
     family_config(cfg.model, families.get(cfg.model.family).config)  # bad model values fail here, before JAX
+
+
+# Counts that must be >= 1 and counts where 0 has a meaning (documented in configs/common.py) but a negative
+# number none; checked when the config is parsed, before any work.
+POSITIVE = ("train.steps", "train.batch_size", "train.seq_len", "train.log_every", "train.grad_accum")
+NON_NEGATIVE = ("train.eval_every", "train.eval_steps", "checkpoint.every", "checkpoint.keep", "train.epochs")
+CHOICES = {"train.on_nonfinite": ("stop", "skip")}
+
+
+def _get(cfg: ml_collections.ConfigDict, key: str):
+    node = cfg
+    for part in key.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def validate_counts(cfg: ml_collections.ConfigDict, positive: tuple[str, ...] = ()) -> None:
+    """Refuse counts that would divide by zero or loop forever later (``positive`` adds keys the caller
+    needs >= 1, e.g. train.py's checkpoint.every) and unknown choices."""
+    for key in (*POSITIVE, *positive):
+        value = _get(cfg, key)
+        if isinstance(value, int) and value <= 0:
+            raise UserError(f"{key}={value} must be at least 1; pass --config.{key}=<a positive number>")
+    for key in NON_NEGATIVE:
+        value = _get(cfg, key)
+        if isinstance(value, int | float) and value < 0:
+            raise UserError(f"{key}={value} must not be negative (0 has a meaning; see configs/common.py)")
+    for key, choices in CHOICES.items():
+        value = _get(cfg, key)
+        if value is not None and value not in choices:
+            raise UserError(f"{key}={value!r}; choose one of {', '.join(choices)}")
 
 
 def parse_args(argv: list[str], default_config: str, flags: dict[str, Any]) -> tuple[ml_collections.ConfigDict, dict]:

@@ -66,8 +66,11 @@ def resolve_start(cfg, config_lib, resumed_model: dict | None) -> Start:
         return Start(family, model_cfg, None, {}, "resumed")
     path = cfg.init.checkpoint
     if path and not os.path.exists(path):
-        if not cfg.init.missing_ok:
-            raise UserError(f"init.checkpoint {path} does not exist; pass a podformer workdir or a Hugging Face folder")
+        if path != cfg.init.missing_ok:
+            raise UserError(
+                f"init.checkpoint {path} does not exist; pass a podformer workdir or a Hugging Face folder, or "
+                "--config.init.checkpoint= to fine-tune a fresh, untrained model"
+            )
         path = ""
         print(f"podformer: no checkpoint at {cfg.init.checkpoint}: fine-tuning a fresh, untrained model", flush=True)
     if not path:

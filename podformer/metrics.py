@@ -26,13 +26,22 @@ class MetricWriter:
             self._tb = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
 
     def truncate_after(self, step: int) -> None:
-        """On resume: drop lines a killed run wrote after its last checkpoint, so the file stays one
-        line per step (they are about to be recomputed, identically)."""
+        """At start: drop lines a killed run wrote after the step this run starts from (-1: all of them),
+        so the file stays one line per step (they are about to be recomputed, identically). A line cut off
+        by the kill is dropped too. The file is replaced whole (a kill here leaves the old or the new one)."""
         if not self.enabled or not self.path.exists():
             return
-        lines = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
-        kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
-        self.path.write_text("".join(ln + "\n" for ln in kept))
+        kept = []
+        for ln in self.path.read_text().splitlines():
+            try:
+                record = json.loads(ln)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and record.get("step", 0) <= step:
+                kept.append(ln + "\n")
+        tmp = self.path.parent / (self.path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(self.path)
         self._lines = None
 
     def write(self, step: int, values: dict) -> None:

@@ -124,7 +124,23 @@ def _split_microbatches(batch: dict, accum: int, mesh, rules, global_batch: int)
     return {k: split(v) for k, v in batch.items()}
 
 
-def train_step(state, batch, *, graphdef, loss: Loss, accum: int, seed: int, mesh, rules, global_batch, schedule):
+def train_step(
+    state,
+    batch,
+    *,
+    graphdef,
+    loss: Loss,
+    accum: int,
+    seed: int,
+    mesh,
+    rules,
+    global_batch,
+    schedule,
+    skip_nonfinite=False,
+):
+    """One update. ``metrics['nonfinite']`` is 1 when the loss or the gradient norm is not finite; with
+    ``skip_nonfinite`` such a step returns the state it was given (train.on_nonfinite=skip)."""
+    before = jax.tree.map(lambda x: x, state) if skip_nonfinite else None  # a copy: merge shares Variables
     ts = nnx.merge(graphdef, state)
     step = ts.opt.step[...]
     # Dropout randomness depends only on (seed, step): exact resume. The key is made inside the trace, so
@@ -157,8 +173,13 @@ def train_step(state, batch, *, graphdef, loss: Loss, accum: int, seed: int, mes
     metrics = dict(metrics)
     metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["learning_rate"] = schedule(step)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    metrics["nonfinite"] = jnp.logical_not(finite).astype(jnp.float32)
     ts.opt.update(ts.model, grads)
-    return nnx.state(ts), metrics
+    after = nnx.state(ts)
+    if skip_nonfinite:
+        after = jax.tree.map(lambda new, old: jax.lax.select(finite, new, old), after, before)
+    return after, metrics
 
 
 def _teacher(ts: TrainState) -> dict:
@@ -201,7 +222,20 @@ def batch_shardings(example: dict, mesh, rules, global_batch: int) -> dict:
     }
 
 
-def jit_train_step(graphdef, state_shardings, batch_shard, *, loss, accum, seed, mesh, rules, global_batch, schedule):
+def jit_train_step(
+    graphdef,
+    state_shardings,
+    batch_shard,
+    *,
+    loss,
+    accum,
+    seed,
+    mesh,
+    rules,
+    global_batch,
+    schedule,
+    skip_nonfinite=False,
+):
     fn = functools.partial(
         train_step,
         graphdef=graphdef,
@@ -212,6 +246,7 @@ def jit_train_step(graphdef, state_shardings, batch_shard, *, loss, accum, seed,
         rules=rules,
         global_batch=global_batch,
         schedule=schedule,
+        skip_nonfinite=skip_nonfinite,
     )
     return jax.jit(
         fn, in_shardings=(state_shardings, batch_shard), out_shardings=(state_shardings, None), donate_argnums=0
@@ -249,5 +284,6 @@ def compile_train_step(
             rules=rules,
             global_batch=t.batch_size,
             schedule=schedule,
+            skip_nonfinite=t.get("on_nonfinite", "stop") == "skip",
         )
         return step.lower(with_shardings(abstract, shardings), abstract_batch).compile(), batch_shard

@@ -78,7 +78,10 @@ def config(task: str, variant: str, variants: tuple[str, ...], *, tiny: str, tas
     c.head = ml_collections.ConfigDict()
     c.head.dropout = -1.0  # dropout before the task head; -1: the model's dropout
 
-    c.init.missing_ok = False  # a missing init.checkpoint: an error (True: fine-tune a fresh model, saying so)
+    # An init.checkpoint that does not exist is an error, except this one path (a config's own default, e.g.
+    # the default train.py run's workdir): then a fresh model is fine-tuned, saying so. A path the user
+    # typed never falls back; --config.init.checkpoint= asks for a fresh model.
+    c.init.missing_ok = ""
     c.checkpoint.every = 0  # finetune.py checkpoints at every evaluation, keeping the best by task.metric
     c.checkpoint.keep = 1
 

@@ -16,7 +16,7 @@ VARIANTS = ("tiny",)
 def get_config(variant: str = "tiny"):
     c = base.config("embedded", variant, VARIANTS, tiny="gpt_tiny", task_type="classification", source="embedded")
     c.init.checkpoint = os.path.join("runs", gpt.get_config("tiny").name)  # the default train.py run's workdir
-    c.init.missing_ok = True
+    c.init.missing_ok = c.init.checkpoint  # the default run may not exist yet: a fresh model, saying so
     c.task.test_split = "test"
     c.task.predict_split = "test"
     base.tiny_recipe(c)
