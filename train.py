@@ -49,9 +49,10 @@ def run(argv: list[str] | None = None) -> dict:
     distributed.initialize(cfg.distributed)
     workdir = flags["workdir"] or os.path.join("runs", cfg.name)
     workdir = workdir if "://" in workdir else os.path.abspath(workdir)  # Orbax needs absolute paths
-    checkpoint.check_workdir(workdir)
+    if not flags["compile_only"]:  # compile-only writes nothing, not even a workdir
+        checkpoint.check_workdir(workdir)
     profiler = profiling.Profiler(cfg.profile, workdir)  # validates profile.steps before any work
-    done = finished(workdir, cfg.train.steps)
+    done = None if flags["compile_only"] else finished(workdir, cfg.train.steps)
     if done is not None:  # nothing to train: say so before any data is built or anything compiled
         return {"step": done, "complete": True, "preempted": False}
 
