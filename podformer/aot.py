@@ -12,6 +12,7 @@ libtpu is the optional extra ``pip install -e '.[tpu]'``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 
@@ -164,37 +165,36 @@ def compile_only(spec: str, cfg, model_cfg, module_cls) -> dict:
     model = lambda c: lambda rngs: module_cls(c, rngs=rngs)  # noqa: E731
     report = compile_train_step(spec, make_model=model(model_cfg), **kw)
     # The compiler's cost analysis counts a loop body once: a scanned stack of L layers (and the
-    # grad_accum micro-batch scan) would report about one layer and one micro-batch. Unrolled 1- and
-    # 2-layer programs of the same run give the fixed part and one layer's cost; cost(L) = c1 + (L-1)(c2-c1).
-    # A probe too big for HBM has no cost analysis: retried with more micro-batches (the same FLOPs).
-    probe_cfg, accum = cfg, t.grad_accum
-    while True:
-        costs = [
-            compile_train_step(spec, make_model=model(layers(model_cfg, n)), quiet=True, **{**kw, "cfg": probe_cfg})
-            for n in (1, 2)
-        ]
-        micro = t.batch_size // (2 * accum)
-        if not any(c["refused"] for c in costs) or micro % (report["mesh"]["data"] * report["mesh"]["fsdp"]):
-            break
-        accum *= 2
-        probe_cfg = config_with(cfg, grad_accum=accum)
-    costs = [c["cost"] for c in costs]
+    # grad_accum micro-batch scan) would report about one layer and one micro-batch. So the cost is
+    # measured on probes, unrolled programs of 1 and 2 layers at two small batches b and 2b with
+    # grad_accum=1 (small programs compile in seconds and fit), and extrapolated: costs are linear in the
+    # batch (rows) and in the layers, cost = fixed(L) + B * per_row(L), each of them c1 + (L-1)(c2-c1).
+    dp = report["mesh"]["data"] * report["mesh"]["fsdp"]
+    b = math.lcm(dp, report["hosts"])
+    probes = {
+        (n, rows): compile_train_step(
+            spec, make_model=model(layers(model_cfg, n)), quiet=True, **{**kw, "cfg": config_with(cfg, rows)}
+        )["cost"]
+        for n in (1, 2)
+        for rows in (b, 2 * b)
+    }
     sizes = report.pop("param_sizes")
     ex = kw["example_row"]
     dec = ex["decoder_targets"].shape[0] if "decoder_targets" in ex else None
     model_flops = flops_lib.per_token(model_cfg, sizes, t.seq_len, dec) * t.batch_size * t.seq_len / report["devices"]
-    report |= cost_report(costs, model_cfg, model_flops, accum, report["chip"])
-    if accum != t.grad_accum:
-        report["probe_note"] = f"FLOPs and bytes from probes at grad_accum={accum} (bytes: one weight read each)"
+    report |= cost_report(probes, b, t.batch_size, layer_count(model_cfg), model_flops, report["chip"])
+    if t.grad_accum > 1:
+        report["probe_note"] = (
+            f"bytes count one read of the weights per step, not one per each of {t.grad_accum} micro-batches"
+        )
     log_report(report)
     return report
 
 
-def config_with(cfg, **train):
+def config_with(cfg, batch_size: int):
     c = cfg.copy_and_resolve_references()
     with c.unlocked():
-        for k, v in train.items():
-            c.train[k] = v
+        c.train.batch_size, c.train.grad_accum = batch_size, 1
     return c
 
 
@@ -242,6 +242,7 @@ def compile_train_step(
         "topology": spec,
         "devices": len(devices),
         "device_kind": devices[0].device_kind,
+        "hosts": processes,
         "mesh": dict(mesh.shape),
         "hbm_gib": gen.hbm_gib,
         "chip": hardware.chip_of(devices[0].device_kind) or hardware.CHIPS[gen.name],
@@ -319,17 +320,22 @@ def memory_figures(compiled, gen: Generation) -> dict:
 RATIO_BAND = (0.8, 3.0)
 
 
-def cost_report(costs: list, model_cfg, model_flops: float, grad_accum: int, chip) -> dict:
-    """Extrapolate the 1- and 2-layer costs to the full stack and set the roofline beside them."""
+def extrapolate(probes: dict, b: int, batch: int, n_layers: float, key: str) -> float:
+    """``probes[(layers, rows)][key]`` at 1 and 2 layers x b and 2b rows -> the value at ``n_layers``, ``batch``."""
+    per_row = {n: (probes[n, 2 * b][key] - probes[n, b][key]) / b for n in (1, 2)}
+    fixed = {n: probes[n, b][key] - b * per_row[n] for n in (1, 2)}
+    at = lambda f: f[1] + (n_layers - 1) * (f[2] - f[1])  # noqa: E731
+    return at(fixed) + batch * at(per_row)
+
+
+def cost_report(probes: dict, b: int, batch: int, n_layers: float, model_flops: float, chip) -> dict:
+    """The full step's per-device FLOPs and bytes from the probes, checked against the model FLOPs, and
+    the roofline beside them."""
     out = {"model_flops": model_flops}
-    if any(c is None for c in costs):
-        return out | {"cost_note": "no cost analysis (the 1- and 2-layer probes did not compile)"}
-    c1, c2 = costs
-    n = layer_count(model_cfg)
-    # The micro-batch scan is counted once too: the whole step scaled by grad_accum (this counts the
-    # optimizer update grad_accum times, a small overcount).
-    flops = grad_accum * (c1["flops"] + (n - 1) * (c2["flops"] - c1["flops"]))
-    bytes_ = grad_accum * (c1["bytes"] + (n - 1) * (c2["bytes"] - c1["bytes"]))
+    if any(c is None for c in probes.values()):
+        return out | {"cost_note": "no cost analysis: the 1- and 2-layer probes did not compile for these chips"}
+    flops = extrapolate(probes, b, batch, n_layers, "flops")
+    bytes_ = extrapolate(probes, b, batch, n_layers, "bytes")
     out |= {"flops": flops, "bytes": bytes_, "flops_ratio": flops / model_flops if model_flops else float("nan")}
     if not RATIO_BAND[0] <= out["flops_ratio"] <= RATIO_BAND[1]:
         return out | {"cost_note": f"compiled/model FLOPs {out['flops_ratio']:.2f} outside {RATIO_BAND}: no roofline"}
