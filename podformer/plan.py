@@ -35,10 +35,10 @@ SECONDS_PER_DAY = 86400.0
 # float32 moments.
 STATE_BYTES_PER_PARAM = 16
 
-# The course notes' training-scale table: (label, config and overrides, hardware, tokens, days). The notes give "TPUs" for
-# BERT; BERT-base was trained on 4 Cloud TPUs = 16 TPU v2 chips (Devlin et al. 2019, appendix A.2), RoBERTa
-# on 1,024 V100 32GB (Liu et al. 2019, section 5), GPT-3 on V100s (Brown et al. 2020, section 2.3; the
-# notes' 10,000 GPUs).
+# The course notes' training-scale table: (label, config and overrides, hardware, tokens, days). The
+# notes give "TPUs" for BERT; BERT-base was trained on 4 Cloud TPUs = 16 TPU v2 chips (Devlin et al. 2019,
+# appendix A.2), RoBERTa on 1,024 V100 32GB (Liu et al. 2019, section 5), GPT-3 on V100s (Brown et al.
+# 2020, section 2.3; the notes' 10,000 GPUs).
 NOTES = [
     ("BERT (2018), 109M, 12 days on TPUs, 250B tokens", "configs/bert.py:base_uncased", "v2-32", 250e9, 12.0),
     ("RoBERTa (2019), 125M, 1 day on 1,024 GPUs, 2T tokens", "configs/roberta.py:base", "v100x1024", 2e12, 1.0),
