@@ -1,7 +1,6 @@
 """TPU pods without TPUs: meshes on real slice topologies, compile-only answers, the roofline, the planner."""
 
 import importlib.util
-import os
 import subprocess
 import sys
 
@@ -11,7 +10,7 @@ import pytest
 from podformer import hardware
 from podformer import mesh as mesh_lib
 from podformer.core.errors import UserError
-from tests.helpers import REPO, env
+from tests.helpers import env
 
 needs_libtpu = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None, reason="needs the [aot] extra: pip install -e '.[aot]'"
@@ -51,7 +50,8 @@ def test_every_factorisation_of_a_pod_slice_builds_a_mesh_with_tensor_groups_on_
         assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in devices)
         groups = mesh.devices.reshape(-1, tensor)
         for g in groups[:: max(1, len(groups) // 16)]:  # a sample of groups: each a line of neighbours
-            assert all(neighbours(a.coords, b.coords, shape) for a, b in zip(g, g[1:])), [d.coords for d in g]
+            hops = zip(g[:-1], g[1:], strict=True)
+            assert all(neighbours(a.coords, b.coords, shape) for a, b in hops), [d.coords for d in g]
         count += 1
     assert count > 30
 
@@ -68,3 +68,116 @@ def test_an_impossible_mesh_is_one_line_naming_the_slice_and_what_works():
     with pytest.raises(UserError) as e:
         mesh_lib.make_mesh(mesh_cfg(2, 2, 2), devices)
     assert "\n" not in str(e.value) and "8x8x16 slice" in str(e.value)
+
+
+# ---- compile-only answers ----------------------------------------------------------------------------
+
+COMPILE_RUNS = """
+import json, sys
+import train
+from podformer import metrics
+reports = []
+for args in json.loads(sys.argv[1]):
+    r = train.run(args)
+    reports.append({k: r[k] for k in ("fits", "peak_gib", "flops", "bytes", "flops_ratio", "mfu_bound") if k in r})
+print("REPORTS " + json.dumps(reports))
+"""
+
+
+def compile_only_runs(tmp_path, runs: list[list[str]], timeout=900):
+    """train.py --compile_only in one subprocess (libtpu loads once), $HOME and the cache at empty folders."""
+    import json
+
+    home, cache = tmp_path / "home", tmp_path / "cache"
+    home.mkdir()
+    cache.mkdir()
+    e = env(JAX_PLATFORMS="cpu", HOME=home, PODFORMER_CACHE=cache)
+    proc = subprocess.run(
+        [sys.executable, "-c", COMPILE_RUNS, json.dumps(runs)],
+        cwd=tmp_path,
+        env=e,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "Traceback" not in out
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert written == [], written  # nothing tokenized, cached or written: no workdir either
+    reports = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("REPORTS "))[8:])
+    return reports, out
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_compile_only_needs_no_data_for_any_family_nor_a_256k_vocabulary(tmp_path):
+    # The families' tiny configs (the presets' widths take minutes each for the TPU compiler on 2 shared
+    # cores) and PaLM's 256k vocabulary, which no tokenizer could be trained for on the embedded corpus.
+    small = ["--config.train.batch_size=8", "--config.train.seq_len=128", "--compile_only=v5e:2x2"]
+    wd = f"--workdir={tmp_path / 'wd'}"
+    runs = [
+        ["--config=configs/gpt.py:tiny", wd, *small],
+        ["--config=configs/bert.py:tiny", "--config.data.objective=mlm_nsp", wd, *small],
+        ["--config=configs/t5.py:tiny", wd, *small],
+        ["--config=configs/gpt.py:tiny", "--config.model.vocab_size=256000", wd, *small],
+    ]
+    reports, out = compile_only_runs(tmp_path, runs)
+    print("\n".join(ln for ln in out.splitlines() if "per device" in ln or "roofline" in ln))
+    assert len(reports) == 4
+    for r in reports:
+        assert r["fits"] and 0 < r["peak_gib"] < 16
+        # The extrapolated compiled FLOPs against podformer's model FLOPs: no remat, so about 1x (the
+        # optimizer, norms and softmax on top), never the ~1/L of a loop body counted once.
+        assert 0.9 < r["flops_ratio"] < 2.0, r
+        assert 0 < r["mfu_bound"] < 1
+    assert out.count("roofline on TPU v5e") == 4
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_gpt2_small_preset_batch_on_v5e_16_does_not_fit_and_says_so(tmp_path):
+    runs = [["--config=configs/gpt.py:gpt2_small", "--compile_only=v5e-16", f"--workdir={tmp_path / 'wd'}"]]
+    reports, out = compile_only_runs(tmp_path, runs)
+    print("\n".join(ln for ln in out.splitlines() if "per device" in ln or "roofline" in ln or "levers" in ln))
+    (r,) = reports
+    assert not r["fits"] and r["peak_gib"] > 16  # what the compiler asked for (temporaries alone: ~54 GiB)
+    assert "DOES NOT FIT" in out and "levers: --config.model.remat=full" in out
+    assert "roofline on TPU v5e" in out and 0.9 < r["flops_ratio"] < 1.5
+
+
+def test_out_of_hbm_messages_give_the_memory_asked_for():
+    from podformer import aot
+
+    # libtpu's wording with jax 0.10 (and the older "Used X of Y hbm" one); other errors are not refusals.
+    said = "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (54.12G)"
+    assert aot.hbm_exhausted(said + " exceeds available HBM (15.75G).") == 54.12
+    assert aot.hbm_exhausted("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used 512M of 16G hbm") == 0.5
+    assert aot.hbm_exhausted("INVALID_ARGUMENT: shapes differ") is None
+
+
+def test_cost_extrapolation_from_one_and_two_layer_probes():
+    from podformer import aot
+
+    # A cost bilinear in layers n and rows B: 7 + 3n + B (5 + 2n). The probes at n in {1, 2}, B in {4, 8}
+    # give it back at 12 layers and 512 rows: 7 + 36 + 512 * 29 = 14891.
+    def cost(n, rows):
+        return {"flops": 7 + 3 * n + rows * (5 + 2 * n), "bytes": 1.0}
+
+    probes = {(n, rows): cost(n, rows) for n in (1, 2) for rows in (4, 8)}
+    assert aot.extrapolate(probes, 4, 512, 12, "flops") == pytest.approx(14891)
+
+
+def test_roofline_on_hand_worked_figures():
+    v5e = hardware.CHIPS["v5e"]  # 197 TFLOP/s, 819 GB/s
+    # 19.7 TFLOPs and 40.95 GB per step: 100 ms of compute, 50 ms of HBM traffic -> compute bound, 100 ms.
+    r = hardware.roofline(19.7e12, 40.95e9, v5e)
+    assert r["compute_s"] == pytest.approx(0.1) and r["memory_s"] == pytest.approx(0.05)
+    assert r["step_s"] == pytest.approx(0.1) and r["bound"] == "compute"
+    assert r["intensity"] == pytest.approx(19.7e12 / 40.95e9)
+    # 9.85 model TFLOPs in that 100 ms step: MFU at most 50%.
+    assert hardware.mfu_bound(9.85e12, r["step_s"], v5e) == pytest.approx(0.5)
+    # Memory bound: 1.97 TFLOPs (10 ms) against 81.9 GB (100 ms) -> 100 ms, MFU <= 10% of the same work.
+    r = hardware.roofline(1.97e12, 81.9e9, v5e)
+    assert r["bound"].startswith("memory") and r["step_s"] == pytest.approx(0.1)
+    assert hardware.mfu_bound(1.97e12, r["step_s"], v5e) == pytest.approx(0.1)
