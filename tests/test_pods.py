@@ -181,3 +181,76 @@ def test_roofline_on_hand_worked_figures():
     r = hardware.roofline(1.97e12, 81.9e9, v5e)
     assert r["bound"].startswith("memory") and r["step_s"] == pytest.approx(0.1)
     assert hardware.mfu_bound(1.97e12, r["step_s"], v5e) == pytest.approx(0.1)
+
+
+# ---- presets and the planner -------------------------------------------------------------------------
+
+
+def test_mt_nlg_530b_has_its_papers_parameter_count():
+    from flax import nnx
+
+    from podformer.model import gpt, params
+
+    cfg = gpt.GPTConfig.mt_nlg_530b()
+    assert (cfg.num_layers, cfg.d_model, cfg.num_heads, cfg.vocab_size, cfg.max_len) == (105, 20480, 128, 50257, 2048)
+    n = params.count(nnx.eval_shape(lambda: gpt.GPT(cfg, rngs=nnx.Rngs(0))))
+    assert abs(n - 530e9) / 530e9 < 0.01, n  # Smith et al. 2022: 530B
+
+
+@pytest.mark.parametrize(
+    "spec, chips, slices, kind",
+    [
+        ("v5p-1024", 512, 1, "v5p"),
+        ("v4-6144x2", 6144, 2, "v4"),  # PaLM: two pods of 3,072 chips
+        ("v5e-256", 256, 1, "v5e"),
+        ("h100x512", 512, 1, "h100"),
+    ],
+)
+def test_hardware_specs(spec, chips, slices, kind):
+    hw = hardware.parse_hardware(spec)
+    assert (hw.chips, hw.slices, hw.chip) == (chips, slices, hardware.CHIPS[kind])
+
+
+@pytest.mark.parametrize("spec", ["v5p-7", "h100", "tpu-8", "v9-8", "x100x8"])
+def test_bad_hardware_is_one_line(spec):
+    with pytest.raises(UserError) as e:
+        hardware.parse_hardware(spec)
+    assert "\n" not in str(e.value)
+
+
+def test_planner_arithmetic_on_hand_worked_figures():
+    from podformer import plan
+
+    # GPT-3 by 6N only: 6 * 175e9 * 300e9 = 3.15e23 FLOPs. On 10,000 V100s (125 TFLOP/s each, 1.25e18 in
+    # all) for 34 days (2,937,600 s): MFU = 3.15e23 / (1.25e18 * 2,937,600) = 8.578%; 8.16e6 GPU-hours.
+    v100s = hardware.parse_hardware("v100x10000")
+    s = plan.schedule(6 * 175e9, 300e9, v100s, days=34)
+    assert s["total_flops"] == pytest.approx(3.15e23)
+    assert s["mfu"] == pytest.approx(0.085784, rel=1e-4)
+    assert s["chip_hours"] == pytest.approx(8.16e6)
+    # The other way: at 40% MFU on v5p-1024 (512 chips x 459 TFLOP/s = 2.35e17 FLOP/s): 3.15e23 / (0.4 *
+    # 2.35008e17) = 3,350,950 s = 38.78 days, 476,580 chip-hours.
+    s = plan.schedule(6 * 175e9, 300e9, hardware.parse_hardware("v5p-1024"), mfu=0.4)
+    assert s["seconds"] / 86400 == pytest.approx(38.784, rel=1e-4)
+    assert s["chip_hours"] == pytest.approx(476580, rel=1e-4)
+    # Chinchilla for that compute: N = sqrt(3.15e23 / 120) = 51.23B parameters on 20 N = 1.025T tokens
+    # (the paper's approach 1 gives ~20 tokens per parameter at every budget).
+    c = plan.chinchilla(3.15e23)
+    assert c["params"] == pytest.approx(51.235e9, rel=1e-4) and c["tokens"] / c["params"] == pytest.approx(20.0)
+
+
+def test_planner_notes_table_and_analytic_fit():
+    from podformer import config as config_lib
+    from podformer import plan
+
+    rows = plan.notes()
+    mfus = [r["mfu"] for r in rows]
+    # BERT-base on 16 TPU v2 chips for 12 days, RoBERTa on 1,024 V100s for a day, GPT-3 on 10,000 V100s for
+    # 34 days: podformer's own FLOPs (attention included) over the notes' times.
+    assert 0.15 < mfus[0] < 0.35 and 0.08 < mfus[1] < 0.25 and 0.08 < mfus[2] < 0.10, mfus
+    assert rows[2]["params"] == pytest.approx(175e9, rel=0.01)
+    # Analytic: gpt2_small's state is 16 bytes x 124.4M parameters = 1.99 GB, split over 512 H100s.
+    cfg, _ = config_lib.parse_args(["--config=configs/gpt.py:gpt2_small"], plan.DEFAULT_CONFIG, {})
+    m = plan.model_figures(cfg)
+    a = plan.analytic_memory(m["model_cfg"], m["params"], cfg, hardware.parse_hardware("h100x512"))
+    assert a["state"] == pytest.approx(16 * m["params"] / 512) and a["fits"]
