@@ -5,8 +5,9 @@
 
 JAX describes a TPU slice (its chips, cores and hosts) through libtpu without any TPU attached
 (``jax.experimental.topologies``, as MaxText's train_compile.py does); the train step is lowered and
-compiled by the TPU compiler for that slice, and XLA's memory analysis says what one device needs.
-libtpu is the optional extra ``pip install -e '.[tpu]'``.
+compiled by the TPU compiler for that slice, and XLA's memory analysis says what one device needs; its cost
+analysis (extrapolated from small probes) gives FLOPs, bytes and the roofline. The batch comes from the
+config (``example_row``): no data, no tokenizer, nothing written. libtpu is the extra ``pip install -e '.[aot]'``.
 """
 
 from __future__ import annotations

@@ -118,7 +118,7 @@ def test_compile_only_needs_no_data_for_any_family_nor_a_256k_vocabulary(tmp_pat
     wd = f"--workdir={tmp_path / 'wd'}"
     runs = [
         ["--config=configs/gpt.py:tiny", wd, *small],
-        ["--config=configs/bert.py:tiny", "--config.data.objective=mlm_nsp", wd, *small],
+        ["--config=configs/bert.py:tiny", wd, *small],
         ["--config=configs/t5.py:tiny", wd, *small],
         ["--config=configs/gpt.py:tiny", "--config.model.vocab_size=256000", wd, *small],
     ]
