@@ -254,3 +254,17 @@ def test_planner_notes_table_and_analytic_fit():
     m = plan.model_figures(cfg)
     a = plan.analytic_memory(m["model_cfg"], m["params"], cfg, hardware.parse_hardware("h100x512"))
     assert a["state"] == pytest.approx(16 * m["params"] / 512) and a["fits"]
+
+
+def test_example_row_is_the_pipelines_row_layout(tmp_path):
+    from podformer import aot
+    from podformer.configs.common import base
+    from podformer.data import packing, tokens
+    from podformer.model.gpt import GPTConfig
+
+    docs = [" ".join(str(3 + (i * 7 + j) % 90) for j in range(50)) for i in range(8)]
+    encode = lambda ts: [[int(w) for w in t.split()] for t in ts]  # noqa: E731
+    store = tokens.build(str(tmp_path / "store"), docs, encode, vocab_size=100, bos_id=1, eos_id=2)
+    real = packing.CausalLMRows(store, 32)[0]
+    ours = aot.example_row(base("x", "gpt", GPTConfig.tiny()).data, 32)
+    assert {k: (v.shape, v.dtype) for k, v in ours.items()} == {k: (v.shape, v.dtype) for k, v in real.items()}
