@@ -43,12 +43,11 @@ def _divisors(n: int) -> str:
 
 
 def describe(devices) -> str:
-    """``1024 TPU v5 chips in an 8x8x16 slice`` (devices that know their torus coordinates), else a count."""
+    """``1024 TPU v5 devices in a 8x8x16 slice`` (devices that know their torus coordinates), else a count."""
     shape = slice_shape(devices)
-    kind = devices[0].device_kind
     if shape is None:
-        return f"{len(devices)} {kind} devices"
-    return f"{len(devices)} {kind} devices in a {'x'.join(map(str, shape))} slice"
+        return f"{len(devices)} devices"
+    return f"{len(devices)} {devices[0].device_kind} devices in a {'x'.join(map(str, shape))} slice"
 
 
 def slice_shape(devices) -> tuple[int, ...] | None:
