@@ -60,6 +60,8 @@ def run(argv: list[str] | None = None) -> dict:
     distributed.initialize(cfg.distributed)
     workdir = flags["workdir"] or os.path.join("runs", cfg.name)
     workdir = workdir if "://" in workdir else os.path.abspath(workdir)  # Orbax needs absolute paths
+    if flags["compile_only"]:  # compile-only writes nothing, not even a workdir: no check, no lock
+        return _run(cfg, flags, workdir)
     checkpoint.check_workdir(workdir)
     with workdir_lock.hold(workdir):  # one writer per workdir
         return _run(cfg, flags, workdir)
@@ -67,7 +69,7 @@ def run(argv: list[str] | None = None) -> dict:
 
 def _run(cfg, flags: dict, workdir: str) -> dict:
     profiler = profiling.Profiler(cfg.profile, workdir)  # validates profile.steps before any work
-    done = finished(workdir, cfg.train.steps)
+    done = None if flags["compile_only"] else finished(workdir, cfg.train.steps)
     if done is not None:  # nothing to train: say so before any data is built or anything compiled
         return {"step": done, "complete": True, "preempted": False}
 

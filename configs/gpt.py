@@ -1,5 +1,5 @@
 """Decoder-only pretraining (causal LM): GPT-2, and the decoder family's presets (model/gpt.py PRESETS:
-GPT-3, GPT-Neo, GPT-J, GPT-NeoX, OPT, BLOOM, LLaMA, PaLM, Gopher, Chinchilla).
+GPT-3, MT-NLG, GPT-Neo, GPT-J, GPT-NeoX, OPT, BLOOM, LLaMA, PaLM, Gopher, Chinchilla).
 
 python train.py                                   # = --config=configs/gpt.py:tiny, CPU, embedded corpus
 python train.py --config=configs/gpt.py:gpt2_small --config.mesh.fsdp=8 --workdir=gs://bucket/gpt2

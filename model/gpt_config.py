@@ -90,6 +90,8 @@ PRESETS: dict[str, dict] = {
     "gpt3_6_7b": dict(_GPT3, d_model=4096, num_layers=32, num_heads=32),
     "gpt3_13b": dict(_GPT3, d_model=5120, num_layers=40, num_heads=40),
     "gpt3_175b": dict(_GPT3, d_model=12288, num_layers=96, num_heads=96),
+    # Megatron-Turing NLG 530B (Smith et al. 2022, section 3.1): the GPT-3 architecture, wider and deeper.
+    "mt_nlg_530b": dict(_GPT3, d_model=20480, num_layers=105, num_heads=128),
     # GPT-Neo (EleutherAI).
     "gpt_neo_125m": dict(_NEO, d_model=768, num_layers=12, num_heads=12, attention_layers=("global", "local") * 6),
     "gpt_neo_1_3b": dict(_NEO, d_model=2048, num_layers=24, num_heads=16, attention_layers=("global", "local") * 12),

@@ -5,22 +5,24 @@
 
 JAX describes a TPU slice (its chips, cores and hosts) through libtpu without any TPU attached
 (``jax.experimental.topologies``, as MaxText's train_compile.py does); the train step is lowered and
-compiled by the TPU compiler for that slice, and XLA's memory analysis says what one device needs.
-libtpu is the optional extra ``pip install -e '.[tpu]'``.
+compiled by the TPU compiler for that slice, and XLA's memory analysis says what one device needs; its cost
+analysis (extrapolated from small probes) gives FLOPs, bytes and the roofline. The batch comes from the
+config (``example_row``): no data, no tokenizer, nothing written. libtpu is the extra ``pip install -e '.[aot]'``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 
 import numpy as np
 
+from podformer import flops as flops_lib
+from podformer import hardware, optim, trainer
 from podformer import mesh as mesh_lib
-from podformer import optim, trainer
 from podformer.core.errors import UserError
-from podformer.data import pipeline
 from podformer.losses import LOSSES
 from podformer.metrics import log
 from podformer.model import attention, kernels
@@ -112,23 +114,115 @@ def topology_devices(spec: str) -> tuple[Generation, list]:
     return gen, list(devices)
 
 
+ENCODER_OBJECTIVES = ("mlm", "roberta", "distill", "mlm_nsp", "mlm_sop")
+SEQ2SEQ_OBJECTIVES = ("span_corruption", "prefix_lm", "bart")
+
+
+def example_row(data_cfg, seq_len: int) -> dict[str, np.ndarray]:
+    """One row of the run's batch from the config alone, in the key schema, shapes and dtypes that
+    data/packing.py and data/rows.py produce (tests/test_pods.py checks them against the real rows), so
+    compiling needs neither a dataset nor a tokenizer."""
+    from podformer.data import span_corruption
+
+    objective = data_cfg.objective
+    i32 = lambda n: np.zeros(n, np.int32)  # noqa: E731
+    f32 = lambda n: np.zeros(n, np.float32)  # noqa: E731
+    if objective == "causal_lm":
+        L = seq_len
+        return {"inputs": i32(L), "targets": i32(L), "segment_ids": i32(L), "positions": i32(L), "loss_weights": f32(L)}
+    if objective in ENCODER_OBJECTIVES:
+        L = seq_len
+        row = {"inputs": i32(L), "targets": i32(L), "loss_weights": f32(L), "segment_ids": i32(L)}
+        row |= {"positions": i32(L), "token_types": i32(L)}
+        if objective in ("mlm_nsp", "mlm_sop"):
+            row["next_sentence_labels"] = np.zeros((), np.int32)
+        return row
+    if objective in SEQ2SEQ_OBJECTIVES:
+        E = D = seq_len
+        if objective == "span_corruption":
+            _, D = span_corruption.random_spans_helper(seq_len, data_cfg.noise_density, data_cfg.mean_noise_span)
+        row = {f"encoder_{k}": i32(E) for k in ("inputs", "segment_ids", "positions")}
+        row |= {f"decoder_{k}": i32(D) for k in ("inputs", "targets", "segment_ids", "positions")}
+        return row | {"decoder_loss_weights": f32(D)}
+    known = ", ".join(("causal_lm", *ENCODER_OBJECTIVES, *SEQ2SEQ_OBJECTIVES))
+    raise UserError(f"data.objective={objective!r}; choose one of {known}")
+
+
 def compile_only(spec: str, cfg, model_cfg, module_cls) -> dict:
     """train.py --compile_only: the run's own model, optimizer, loss and batch layout, compiled for
-    topology ``spec``; logs and returns the per-device memory figures."""
+    topology ``spec`` from the config alone (no data, no tokenizer, nothing written); logs and returns the
+    per-device memory, the compiled program's FLOPs and bytes and the roofline bound. A program too big
+    for the chips is a report with ``fits: False``, not an error."""
     t = cfg.train
-    data = pipeline.build(cfg.data, vocab_size=model_cfg.vocab_size, seq_len=t.seq_len)
-    return compile_train_step(
-        spec,
+    kw = dict(
         cfg=cfg,
-        make_model=lambda rngs: module_cls(model_cfg, rngs=rngs),
         tx=optim.make_optimizer(cfg.opt, t.steps),
         schedule=optim.schedule(cfg.opt, t.steps),
         loss=LOSSES[cfg.data.objective],
-        example_row=data.train_rows[0],
+        example_row=example_row(cfg.data, t.seq_len),
     )
+    model = lambda c: lambda rngs: module_cls(c, rngs=rngs)  # noqa: E731
+    report = compile_train_step(spec, make_model=model(model_cfg), **kw)
+    # The compiler's cost analysis counts a loop body once: a scanned stack of L layers (and the
+    # grad_accum micro-batch scan) would report about one layer and one micro-batch. So the cost is
+    # measured on probes, unrolled programs of 1 and 2 layers at two small batches b and 2b with
+    # grad_accum=1 (small programs compile in seconds and fit), and extrapolated: costs are linear in the
+    # batch (rows) and in the layers, cost = fixed(L) + B * per_row(L), each of them c1 + (L-1)(c2-c1).
+    dp = report["mesh"]["data"] * report["mesh"]["fsdp"]
+    b = math.lcm(dp, report["hosts"])
+    probes = {
+        (n, rows): compile_train_step(
+            spec, make_model=model(layers(model_cfg, n)), quiet=True, **{**kw, "cfg": config_with(cfg, rows)}
+        )["cost"]
+        for n in (1, 2)
+        for rows in (b, 2 * b)
+    }
+    sizes = report.pop("param_sizes")
+    ex = kw["example_row"]
+    dec = ex["decoder_targets"].shape[0] if "decoder_targets" in ex else None
+    model_flops = flops_lib.per_token(model_cfg, sizes, t.seq_len, dec) * t.batch_size * t.seq_len / report["devices"]
+    report |= cost_report(probes, b, t.batch_size, layer_count(model_cfg), model_flops, report["chip"])
+    if t.grad_accum > 1:
+        report["probe_note"] = (
+            f"bytes count one read of the weights per step, not one per each of {t.grad_accum} micro-batches"
+        )
+    log_report(report)
+    return report
 
 
-def compile_train_step(spec: str, *, cfg, make_model, tx, schedule, loss, example_row: dict) -> dict:
+def config_with(cfg, batch_size: int):
+    c = cfg.copy_and_resolve_references()
+    with c.unlocked():
+        c.train.batch_size, c.train.grad_accum = batch_size, 1
+    return c
+
+
+def layers(model_cfg, n: int):
+    """``model_cfg`` with ``n`` unrolled layers (encoder-decoders: ``n`` on each side); per-layer tuples
+    (GPT-Neo's attention_layers) cut to match."""
+    per_layer = {
+        f.name: getattr(model_cfg, f.name)[:n]
+        for f in dataclasses.fields(model_cfg)
+        if isinstance(getattr(model_cfg, f.name), tuple) and len(getattr(model_cfg, f.name)) == model_cfg.num_layers
+    }
+    small = dataclasses.replace(model_cfg, num_layers=n, scan_layers=False, **per_layer)
+    if hasattr(small, "num_decoder_layers"):
+        small = dataclasses.replace(small, num_decoder_layers=n)
+    return small
+
+
+def layer_count(model_cfg) -> float:
+    """The number of (encoder + decoder) layer pairs ``layers(cfg, n)`` scales, for the extrapolation."""
+    if hasattr(model_cfg, "decoder_layers"):
+        return (model_cfg.num_layers + model_cfg.decoder_layers) / 2
+    return float(model_cfg.num_layers)
+
+
+def compile_train_step(
+    spec: str, *, cfg, make_model, tx, schedule, loss, example_row: dict, quiet: bool = False
+) -> dict:
+    """Compile for ``spec``: the memory figures, whether they fit, the raw cost analysis (``cost``; None
+    when the compiler refused the program). ``quiet``: no log lines (the cost probes)."""
     gen, devices = topology_devices(spec)
     mesh = mesh_lib.make_mesh(cfg.mesh, devices)
     rules = tuple(tuple(r) for r in cfg.mesh.rules)
@@ -143,42 +237,147 @@ def compile_train_step(spec: str, *, cfg, make_model, tx, schedule, loss, exampl
     graphdef, abstract = trainer.abstract_state(make_model, tx, t.seed)
     shardings = trainer.state_shardings(abstract, mesh, rules, strict=cfg.mesh.strict)
     example = {k: np.zeros((t.batch_size,) + np.shape(v), np.asarray(v).dtype) for k, v in example_row.items()}
-    log(
-        f"compiling the train step for {spec} ({len(devices)} x {devices[0].device_kind}, {processes} hosts); "
-        f"mesh {dict(mesh.shape)}"
-    )
+    report = {
+        "topology": spec,
+        "devices": len(devices),
+        "device_kind": devices[0].device_kind,
+        "hosts": processes,
+        "mesh": dict(mesh.shape),
+        "hbm_gib": gen.hbm_gib,
+        "chip": hardware.chip_of(devices[0].device_kind) or hardware.CHIPS[gen.name],
+        "param_sizes": {k: int(np.prod(s)) for k, s in trainer.named_param_shapes(abstract).items()},
+    }
+    if not quiet:
+        log(
+            f"compiling the train step for {spec} ({len(devices)} x {devices[0].device_kind}, {processes} hosts); "
+            f"mesh {dict(mesh.shape)}"
+        )
     # Pallas attention kernels are traced for the TPU, not refused for this host's CPU; matmuls stay XLA
     # dots even where this process opted in to the host BLAS (model/kernels.py).
-    with kernels.use("xla"):
-        compiled, _ = trainer.compile_train_step(
-            graphdef, abstract, shardings, example, loss=loss, train_cfg=t, mesh=mesh, rules=rules,
-            schedule=schedule, trace_context=attention.pallas_mode(target="tpu"),
-        )  # fmt: skip
-    return memory_report(compiled, gen, spec, len(devices))
+    try:
+        with kernels.use("xla"):
+            compiled, _ = trainer.compile_train_step(
+                graphdef, abstract, shardings, example, loss=loss, train_cfg=t, mesh=mesh, rules=rules,
+                schedule=schedule, trace_context=attention.pallas_mode(target="tpu"),
+            )  # fmt: skip
+    except Exception as e:  # jaxlib's XlaRuntimeError (its module moves between releases); only HBM exhaustion
+        asked = hbm_exhausted(str(e))
+        if asked is None:
+            raise
+        said = next((ln.strip() for ln in str(e).splitlines() if "RESOURCE_EXHAUSTED" in ln), "")
+        return report | {"fits": False, "peak_gib": asked, "refused": True, "cost": None, "compiler_said": said}
+    return report | memory_figures(compiled, gen) | {"refused": False, "cost": cost_of(compiled)}
 
 
-def memory_report(compiled, gen: Generation, spec: str, num_devices: int) -> dict:
+# XLA's TPU compiler refuses a program whose buffers cannot be placed in HBM with RESOURCE_EXHAUSTED:
+# "Ran out of memory on HBM, the total memory required for HLO temporaries (54.12G) exceeds available HBM
+# (15.75G)" (libtpu 0.0.x with jax 0.10), or "Used 54.11G of 15.75G hbm"; its G is GiB.
+_EXHAUSTED = re.compile(
+    r"Used ([\d.]+)([KMGT])? of [\d.]+[KMGT]? hbm|\(?([\d.]+)([KMGT])?\)? exceeds available HBM", re.I
+)
+
+
+def hbm_exhausted(message: str) -> float | None:
+    """The GiB the compiler asked for when ``message`` is its out-of-HBM refusal (nan: not stated), else None."""
+    if "RESOURCE_EXHAUSTED" not in message:
+        return None
+    m = _EXHAUSTED.search(message)
+    if m is None:
+        return float("nan")
+    value, unit = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+    return float(value) * 1024.0 ** ("KMGT".index(unit or "G") - 2)
+
+
+def cost_of(compiled) -> dict | None:
+    """Per-device FLOPs and bytes accessed of the compiled (partitioned) program: XLA's cost analysis."""
+    c = compiled.cost_analysis()
+    c = c[0] if isinstance(c, (list, tuple)) else c
+    if not c or "flops" not in c:
+        return None
+    return {"flops": float(c["flops"]), "bytes": float(c.get("bytes accessed", 0.0))}
+
+
+def memory_figures(compiled, gen: Generation) -> dict:
     m = compiled.memory_analysis()
     gib = 2.0**30
     # Donated state aliases its outputs: the peak is arguments + temporaries + non-aliased outputs.
     peak = m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-    report = {
-        "topology": spec,
-        "devices": num_devices,
+    figures = {
         "arguments_gib": m.argument_size_in_bytes / gib,
         "temporaries_gib": m.temp_size_in_bytes / gib,
         "outputs_gib": m.output_size_in_bytes / gib,
         "aliased_gib": m.alias_size_in_bytes / gib,
         "code_gib": m.generated_code_size_in_bytes / gib,
         "peak_gib": (peak + m.generated_code_size_in_bytes) / gib,
-        "hbm_gib": gen.hbm_gib,
     }
-    report["fits"] = report["peak_gib"] <= gen.hbm_gib
-    new_outputs = report["outputs_gib"] - report["aliased_gib"]
-    log(
-        f"per device: {report['arguments_gib']:.2f} GiB arguments (state + batch), "
-        f"{report['temporaries_gib']:.2f} GiB temporaries, {new_outputs:.2f} GiB new outputs, "
-        f"{report['code_gib']:.3f} GiB code -> peak {report['peak_gib']:.2f} GiB of {gen.hbm_gib:g} GiB HBM: "
-        + ("fits" if report["fits"] else "DOES NOT FIT")
-    )
-    return report
+    return figures | {"fits": figures["peak_gib"] <= gen.hbm_gib}
+
+
+# What the compiled program costs against the model FLOPs: full rematerialisation recomputes the forward
+# pass (8N vs 6N, a ratio near 4/3), the optimizer, norms and softmax add a little. Outside this band
+# the extrapolation is not trusted and no roofline is printed.
+RATIO_BAND = (0.8, 3.0)
+
+
+def extrapolate(probes: dict, b: int, batch: int, n_layers: float, key: str) -> float:
+    """``probes[(layers, rows)][key]`` at 1 and 2 layers x b and 2b rows -> the value at ``n_layers``, ``batch``."""
+    per_row = {n: (probes[n, 2 * b][key] - probes[n, b][key]) / b for n in (1, 2)}
+    fixed = {n: probes[n, b][key] - b * per_row[n] for n in (1, 2)}
+    at = lambda f: f[1] + (n_layers - 1) * (f[2] - f[1])  # noqa: E731
+    return at(fixed) + batch * at(per_row)
+
+
+def cost_report(probes: dict, b: int, batch: int, n_layers: float, model_flops: float, chip) -> dict:
+    """The full step's per-device FLOPs and bytes from the probes, checked against the model FLOPs, and
+    the roofline beside them."""
+    out = {"model_flops": model_flops}
+    if any(c is None for c in probes.values()):
+        return out | {"cost_note": "no cost analysis: the 1- and 2-layer probes did not compile for these chips"}
+    flops = extrapolate(probes, b, batch, n_layers, "flops")
+    bytes_ = extrapolate(probes, b, batch, n_layers, "bytes")
+    out |= {"flops": flops, "bytes": bytes_, "flops_ratio": flops / model_flops if model_flops else float("nan")}
+    if not RATIO_BAND[0] <= out["flops_ratio"] <= RATIO_BAND[1]:
+        return out | {"cost_note": f"compiled/model FLOPs {out['flops_ratio']:.2f} outside {RATIO_BAND}: no roofline"}
+    r = hardware.roofline(flops, bytes_, chip)
+    return out | {"roofline": r, "mfu_bound": hardware.mfu_bound(model_flops, r["step_s"], chip)}
+
+
+def log_report(r: dict) -> None:
+    hbm = r["hbm_gib"]
+    if r["refused"]:
+        log(
+            f"per device: the compiler asked for {r['peak_gib']:.2f} GiB ({r['compiler_said'][:160]}) of {hbm:g} "
+            "GiB HBM and refused the program: DOES NOT FIT"
+        )
+        if r["peak_gib"] != r["peak_gib"]:  # nan: a message this parser does not know
+            log(f"the compiler said: {r['compiler_said'][:300]}")
+    else:
+        new_outputs = r["outputs_gib"] - r["aliased_gib"]
+        log(
+            f"per device: {r['arguments_gib']:.2f} GiB arguments (state + batch), "
+            f"{r['temporaries_gib']:.2f} GiB temporaries, {new_outputs:.2f} GiB new outputs, "
+            f"{r['code_gib']:.3f} GiB code -> peak {r['peak_gib']:.2f} GiB of {hbm:g} GiB HBM: "
+            + ("fits" if r["fits"] else "DOES NOT FIT")
+        )
+    if not r["fits"]:
+        log(
+            "levers: --config.model.remat=full (recompute activations), a larger --config.mesh.fsdp (shard the "
+            "state), a smaller --config.train.batch_size or --config.train.grad_accum=N (micro-batches), more chips"
+        )
+    chip = r["chip"]
+    if "flops" in r:
+        log(
+            f"per device and step: compiled {r['flops'] / 1e12:.4g} TFLOPs, {r['bytes'] / 1e9:.4g} GB accessed; "
+            f"model {r['model_flops'] / 1e12:.4g} TFLOPs (compiled/model {r['flops_ratio']:.2f})"
+        )
+    if "roofline" in r:
+        rf = r["roofline"]
+        log(
+            f"roofline on {chip.name} ({chip.peak_flops / 1e12:g} TFLOP/s, {chip.hbm_bytes_per_s / 1e9:g} GB/s HBM; "
+            f"{chip.source}): step >= {rf['step_s'] * 1e3:.4g} ms ({rf['bound']} bound; compute "
+            f"{rf['compute_s'] * 1e3:.4g} ms, HBM {rf['memory_s'] * 1e3:.4g} ms), MFU <= {r['mfu_bound']:.1%} "
+            "(communication not modelled)"
+        )
+    for note in ("probe_note", "cost_note"):
+        if note in r:
+            log(r[note])

@@ -1,9 +1,10 @@
-"""The device mesh (data, fsdp, tensor), built once from the config."""
+"""The device mesh (data, fsdp, tensor), built once from the config, in the order of the physical torus."""
 
 from __future__ import annotations
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
 from podformer.core.errors import UserError
@@ -11,7 +12,9 @@ from podformer.core.errors import UserError
 AXES = ("data", "fsdp", "tensor")
 
 
-def resolve_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
+def resolve_shape(mesh_cfg, num_devices: int, where: str = "") -> tuple[int, int, int]:
+    """(data, fsdp, tensor) from the config's sizes, -1 the rest; ``where`` names the devices in errors."""
+    where = where or f"{num_devices} devices"
     sizes = [int(mesh_cfg[a]) for a in AXES]
     free = [a for a, s in zip(AXES, sizes, strict=True) if s == -1]
     if len(free) > 1:
@@ -23,15 +26,66 @@ def resolve_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
         if num_devices % fixed:
             raise UserError(
                 f"mesh {dict(zip(AXES, sizes, strict=True))} needs a device count divisible by {fixed}, but there are "
-                f"{num_devices} devices; change mesh.fsdp/mesh.tensor"
+                f"{where}; the fixed sizes must multiply to one of {_divisors(num_devices)}"
             )
         sizes[AXES.index(free[0])] = num_devices // fixed
     if int(np.prod(sizes)) != num_devices:
         raise UserError(
             f"mesh data*fsdp*tensor = {'*'.join(map(str, sizes))} = {int(np.prod(sizes))} does not match the "
-            f"{num_devices} devices; set mesh.data=-1 to use the rest, or change the sizes"
+            f"{where}; set mesh.data=-1 to use the rest, or sizes multiplying to {num_devices}"
         )
     return tuple(sizes)
+
+
+def _divisors(n: int) -> str:
+    d = [k for k in range(1, n + 1) if n % k == 0]
+    return ", ".join(map(str, d)) if len(d) <= 12 else ", ".join(map(str, d[:10])) + f", ..., {n}"
+
+
+def describe(devices) -> str:
+    """``1024 TPU v5 devices in a 8x8x16 slice`` (devices that know their torus coordinates), else a count."""
+    shape = slice_shape(devices)
+    if shape is None:
+        return f"{len(devices)} devices"
+    return f"{len(devices)} {devices[0].device_kind} devices in a {'x'.join(map(str, shape))} slice"
+
+
+def slice_shape(devices) -> tuple[int, ...] | None:
+    """The torus a TPU slice's devices span (chips per axis), from their coordinates; None elsewhere."""
+    coords = [getattr(d, "coords", None) for d in devices]
+    if any(c is None for c in coords):
+        return None
+    return tuple(int(max(c[i] for c in coords)) + 1 for i in range(len(coords[0])))
+
+
+def device_grid(shape: tuple[int, ...], devices) -> np.ndarray:
+    """``devices`` laid out as ``shape``, the last axis (tensor) innermost on neighbouring chips.
+
+    JAX's torus assignment maps each mesh axis onto whole physical axes, innermost first; where a size is
+    no product of whole axes (tensor=4 on an 8x8x16 v5p slice), one physical axis is split between two mesh
+    axes, which keeps each group on a line of neighbouring chips. Off TPUs the order is jax.devices()'.
+    """
+    try:
+        return mesh_utils.create_device_mesh(shape, devices)
+    except (ValueError, NotImplementedError, AssertionError):
+        pass
+    try:
+        return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    except (ValueError, NotImplementedError, AssertionError):
+        n = len(devices)
+        works = [t for t in range(1, n + 1) if n % t == 0 and _fits((n // t, 1, t), devices)]
+        raise UserError(
+            f"mesh {dict(zip(AXES, shape, strict=True))} cannot be laid out on the torus of {describe(devices)}; "
+            f"tensor sizes that can: {', '.join(map(str, works[:12]))} (data/fsdp take the rest)"
+        ) from None
+
+
+def _fits(shape, devices) -> bool:
+    try:
+        mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        return True
+    except (ValueError, NotImplementedError, AssertionError):
+        return False
 
 
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
@@ -44,10 +98,10 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
             if not 0 < count <= len(devices):
                 raise UserError(f"mesh.devices={count}, but this host has {len(devices)} devices; 0 uses them all")
             devices = devices[:count]
-    shape = resolve_shape(mesh_cfg, len(devices))
+    shape = resolve_shape(mesh_cfg, len(devices), describe(devices))
     # Auto axis types: shardings come from the logical rules and with_sharding_constraint, and XLA's
     # partitioner propagates the rest (jax.make_mesh's default is Explicit).
-    return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    return Mesh(device_grid(shape, devices), AXES, axis_types=(AxisType.Auto,) * 3)
 
 
 def check_batch(mesh: Mesh, global_batch: int, grad_accum: int) -> None:
