@@ -23,6 +23,7 @@ from podformer import flops as flops_lib
 from podformer import hardware, optim, trainer
 from podformer import mesh as mesh_lib
 from podformer.core.errors import UserError
+from podformer.data import span_corruption
 from podformer.losses import LOSSES
 from podformer.metrics import log
 from podformer.model import attention, kernels
@@ -122,8 +123,6 @@ def example_row(data_cfg, seq_len: int) -> dict[str, np.ndarray]:
     """One row of the run's batch from the config alone, in the key schema, shapes and dtypes that
     data/packing.py and data/rows.py produce (tests/test_pods.py checks them against the real rows), so
     compiling needs neither a dataset nor a tokenizer."""
-    from podformer.data import span_corruption
-
     objective = data_cfg.objective
     i32 = lambda n: np.zeros(n, np.int32)  # noqa: E731
     f32 = lambda n: np.zeros(n, np.float32)  # noqa: E731

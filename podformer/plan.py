@@ -57,8 +57,8 @@ def model_figures(cfg) -> dict:
     # JAX and the models load here, not above: the planner's --help and config errors come before JAX.
     from flax import nnx
 
-    from podformer.aot import example_row
-    from podformer.model import families, params
+    from podformer.aot import example_row  # (loads JAX: see above)
+    from podformer.model import families, params  # (loads JAX: see above)
 
     family = families.get(cfg.model.family)
     model_cfg = config_lib.family_config(cfg.model, family.config)
@@ -145,7 +145,7 @@ def plan(cfg, hw: hardware.Hardware, tokens: float, *, mfu: float = 0.0, days: f
     if fit == "compile":
         if not c.tpu:
             raise UserError(f"--fit=compile compiles for TPU slices; {hw.spec} is not one (use --fit=analytic)")
-        from podformer import aot
+        from podformer import aot  # JAX and libtpu load only for a compiled fit
 
         spec = hw.spec if hw.slices == 1 else hw.spec.rsplit("x", 1)[0]
         out["fit"] = aot.compile_only(spec, cfg, m["model_cfg"], m["module_cls"])

@@ -20,6 +20,7 @@ import time
 import jax
 from etils import epath
 
+from podformer import preemption
 from podformer.core.errors import UserError
 from podformer.metrics import log
 
@@ -31,8 +32,6 @@ STALE_SECONDS = 60.0  # gs:// only: a lease not refreshed for this long belongs 
 @contextlib.contextmanager
 def hold(workdir: str):
     """The workdir's lease for the duration of the block (a signal during start-up releases it too)."""
-    from podformer import preemption
-
     lock = WorkdirLock(workdir).acquire()
     preemption.at_startup_exit(lock.release)
     try:

@@ -266,5 +266,5 @@ def test_example_row_is_the_pipelines_row_layout(tmp_path):
     encode = lambda ts: [[int(w) for w in t.split()] for t in ts]  # noqa: E731
     store = tokens.build(str(tmp_path / "store"), docs, encode, vocab_size=100, bos_id=1, eos_id=2)
     real = packing.CausalLMRows(store, 32)[0]
-    ours = aot.example_row(base("x", "gpt", GPTConfig.tiny()).data, 32)
+    ours = aot.example_row(base("x", GPTConfig.tiny()).data, 32)
     assert {k: (v.shape, v.dtype) for k, v in ours.items()} == {k: (v.shape, v.dtype) for k, v in real.items()}
