@@ -18,7 +18,7 @@ import numpy as np
 from podformer import generate, sampling
 from podformer.core.errors import UserError
 from podformer.data import hf_tokenizer
-from podformer.model import gpt, hf, params
+from podformer.model import families, gpt, hf, params
 
 USAGE = """usage: python -m podformer.generate --model=WORKDIR_OR_HF_FOLDER (--prompt=TEXT | --prompts=FILE)
     [--max_new_tokens=64] [--step=N|best (a workdir's checkpoint; default: the latest)] [--out=FILE.jsonl]
@@ -126,8 +126,9 @@ def load(path: str, step: int | str | None = None, **overrides) -> Loaded:
         )
     tok = hf_tokenizer.load(tok_dir)
     start = hf_cfg.get("decoder_start_token_id")
-    if start is None and family in hf.DECODER_START:
-        start = tok.pad_id if hf.DECODER_START[family] == "pad_token_id" else tok.eos_id
+    first = families.get(family).framing.decoder_start  # "pad" (T5), "eos" (BART) or None (a decoder)
+    if start is None and first is not None:
+        start = tok.pad_id if first == "pad" else tok.eos_id
     model = hf.build(family, dataclasses.replace(cfg, **overrides), flat)
     return Loaded(family, model, tok, tok.eos_id, tok.pad_id, start)
 
