@@ -60,12 +60,13 @@ class Loaded:
 
     def encode(self, text: str) -> list[int]:
         """``text`` framed as the model saw text in training: a Hugging Face tokenizer's own post-processor
-        (podformer's exports carry their family's frame in it), or the family's frame (hf.FRAMES)."""
+        (podformer's exports carry their family's frame in it), or the family's frame (its row's framing in model/families.py)."""
         tok = self.tokenizer
         if isinstance(tok, hf_tokenizer.HFTokenizer):
             tok.tok.no_padding()  # a tokenizer.json may pad every text to a fixed length (sentence-transformers')
             return tok.tok.encode(text).ids
-        first, last = hf.FRAMES.get(self.family, (None, None))
+        framing = families.get(self.family).framing
+        first, last = framing.start, framing.sep
         ids = tok.encode(text)
         ids = ([tok.piece_to_id(first)] if first and tok.piece_to_id(first) is not None else []) + ids
         return ids + ([tok.piece_to_id(last)] if last and tok.piece_to_id(last) is not None else [])
@@ -126,9 +127,11 @@ def load(path: str, step: int | str | None = None, **overrides) -> Loaded:
         )
     tok = hf_tokenizer.load(tok_dir)
     start = hf_cfg.get("decoder_start_token_id")
-    first = families.get(family).framing.decoder_start  # "pad" (T5), "eos" (BART) or None (a decoder)
-    if start is None and first is not None:
-        start = tok.pad_id if first == "pad" else tok.eos_id
+    row = families.get(family)
+    if row.kind != "seq2seq":
+        start = None  # a decoder continues its prompt; only an encoder-decoder's decoder has a start id
+    elif start is None:
+        start = tok.pad_id if row.framing.decoder_start == "pad" else tok.eos_id  # T5: pad; BART: eos
     model = hf.build(family, dataclasses.replace(cfg, **overrides), flat)
     return Loaded(family, model, tok, tok.eos_id, tok.pad_id, start)
 
