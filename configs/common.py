@@ -102,6 +102,11 @@ def base(name: str, model) -> ml_collections.ConfigDict:
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
     c.mesh.devices = 0  # 0: every device; N: only the first N (single process)
+    # Multislice: data, fsdp and tensor are sizes within one slice (ICI); the data and fsdp axes span
+    # dcn_data and dcn_fsdp slices across the data-centre network (DCN), outermost. PaLM: dcn_data=2.
+    # -1: the TPU slices the devices are in (1 on GPUs and CPUs, where a process is a slice if asked for).
+    c.mesh.dcn_data = -1
+    c.mesh.dcn_fsdp = 1
     c.mesh.rules = RULES
     # A parameter dimension that its mesh axes do not divide (25 heads under tensor=2) is replicated over them,
     # and the start-of-run "sharding:" line says so; true makes it an error instead (by-design replication,

@@ -65,28 +65,39 @@ def _slice_dims(chips: int, dims: int) -> tuple[int, ...]:
     return tuple(sorted(shape, key=lambda d: (d == 1, d)))  # 2x2x1, as Cloud TPU spells it
 
 
-def parse_topology(spec: str) -> tuple[Generation, str]:
-    """``v5p:2x2x2`` (a libtpu topology) or ``v5p-64`` (a named slice) -> (generation, libtpu topology)."""
-    m = re.fullmatch(r"(v\d+[a-z]*)(?::(\d+(?:x\d+)*)|-(\d+))", spec.strip())
+def parse_topology(spec: str) -> tuple[Generation, str, int]:
+    """``v5p:2x2x2`` (a libtpu topology) or ``v5p-64`` (a named slice), either with ``xS`` for S slices
+    joined over the data-centre network (``v4-4096x2``, ``v5p:2x2x2x2``) -> (generation, libtpu topology
+    of one slice, slice count)."""
+    m = re.fullmatch(r"(v\d+[a-z]*)(?::(\d+(?:x\d+)*)|-(\d+)(?:x(\d+))?)", spec.strip())
     gen = GENERATIONS.get(m.group(1)) if m else None
     if gen is None:
         known = ", ".join(GENERATIONS)
         raise UserError(
-            f"--compile_only={spec}: expected GENERATION:AxBxC or GENERATION-N (e.g. v5p:2x2x2, v5p-64) with "
-            f"GENERATION one of {known}"
+            f"--compile_only={spec}: expected GENERATION:AxBxC or GENERATION-N (e.g. v5p:2x2x2, v5p-64), with xS "
+            f"for S slices (v5p-64x2), GENERATION one of {known}"
         )
+    count = 1
     if m.group(2):
         shape = tuple(int(s) for s in m.group(2).split("x"))
+        if len(shape) == gen.dims + 1:
+            shape, count = shape[:-1], shape[-1]
         if len(shape) != gen.dims:
             example = f"{gen.name}:{'x'.join(['2'] * gen.dims)}"
-            raise UserError(f"--compile_only={spec}: {gen.name} slices have {gen.dims} dimensions, e.g. {example}")
+            raise UserError(
+                f"--compile_only={spec}: {gen.name} slices have {gen.dims} dimensions, e.g. {example} "
+                f"(or {example}x2 for two slices)"
+            )
     else:
         n = int(m.group(3))
+        count = int(m.group(4) or 1)
         chips = n // 2 if gen.cores_in_name else n
         if gen.cores_in_name and n % 2:
             raise UserError(f"--compile_only={spec}: {gen.name}-N counts TensorCores, two per chip; N must be even")
         shape = _slice_dims(chips, gen.dims)
-    return gen, f"{gen.name}:{'x'.join(map(str, shape))}"
+    if count < 1:
+        raise UserError(f"--compile_only={spec}: the slice count must be at least 1")
+    return gen, f"{gen.name}:{'x'.join(map(str, shape))}", count
 
 
 def topology_devices(spec: str) -> tuple[Generation, list]:
@@ -98,7 +109,7 @@ def topology_devices(spec: str) -> tuple[Generation, list]:
         ) from None
     from jax.experimental import topologies
 
-    gen, name = parse_topology(spec)
+    gen, name, count = parse_topology(spec)
     # libtpu reads this host's TPU identity from the environment (else from a GCE metadata server) when
     # it loads. Without TPUs: say "one host, no metadata server", so it neither waits nor warns. The
     # compiled topology comes from `name` alone.
@@ -108,6 +119,8 @@ def topology_devices(spec: str) -> tuple[Generation, list]:
     for key, value in {**env, "TPU_SKIP_MDS_QUERY": "1", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}.items():
         os.environ.setdefault(key, value)
     kwargs = {"chip_config_name": gen.chip_config} if gen.chip_config else {}
+    if count > 1:
+        kwargs["num_slices"] = count
     try:
         devices = topologies.get_topology_desc(name, "tpu", **kwargs).devices
     except Exception as e:  # libtpu's own errors are long status strings: keep the first line

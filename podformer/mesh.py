@@ -1,4 +1,11 @@
-"""The device mesh (data, fsdp, tensor), built once from the config, in the order of the physical torus."""
+"""The device mesh (data, fsdp, tensor), built once from the config, in the order of the physical torus.
+
+Within a slice (one TPU slice's ICI torus, one GPU node's NVLink domain) the axes follow the torus; across
+slices (the data-centre network, DCN) only ``data`` and ``fsdp`` may extend: ``mesh.dcn_data`` and
+``mesh.dcn_fsdp`` say how many slices each axis spans, and that part of the axis is its outermost one, so
+the tensor axis, and the inner part of every axis, never leaves a slice. PaLM's two v4 pods are
+``mesh.dcn_data=2``: data parallel across pods, model parallel within.
+"""
 
 from __future__ import annotations
 
@@ -43,15 +50,54 @@ def _divisors(n: int) -> str:
 
 
 def describe(devices) -> str:
-    """``1024 TPU v5 devices in a 8x8x16 slice`` (devices that know their torus coordinates), else a count."""
+    """``1024 TPU v5 devices in a 8x8x16 slice`` (devices that know their torus coordinates), else a count;
+    ``2 slices of 512 ... in a 8x8x8 slice`` for several."""
+    slices = _slice_ids(devices)
+    if len(set(slices)) > 1:
+        one = [d for d, s in zip(devices, slices, strict=True) if s == slices[0]]
+        return f"{len(set(slices))} slices of {describe(one)}"
     shape = slice_shape(devices)
     if shape is None:
         return f"{len(devices)} devices"
     return f"{len(devices)} {devices[0].device_kind} devices in a {'x'.join(map(str, shape))} slice"
 
 
+def _slice_ids(devices) -> list[int]:
+    """Each device's slice: a TPU device's ``slice_index`` (multislice), else 0."""
+    return [int(getattr(d, "slice_index", 0) or 0) for d in devices]
+
+
+def slices(devices, count: int) -> list[list]:
+    """``devices`` in ``count`` slices, in slice order, each in its own order.
+
+    TPU devices say which slice they are on. Elsewhere a process is a slice when there are several (a GPU
+    node: NVLink inside, the network between); one process's devices (fake CPU devices) are split into
+    ``count`` consecutive groups. A count that the devices' own slices contradict is an error.
+    """
+    ids = _slice_ids(devices)
+    if len(set(ids)) == 1 and count > 1:
+        processes = [d.process_index for d in devices]
+        if len(set(processes)) > 1:
+            ids = processes
+        elif len(devices) % count == 0:
+            ids = [i * count // len(devices) for i in range(len(devices))]
+    groups = {s: [d for d, i in zip(devices, ids, strict=True) if i == s] for s in sorted(set(ids))}
+    if len(groups) != count:
+        raise UserError(
+            f"mesh.dcn_data*mesh.dcn_fsdp = {count} slice(s), but the devices are in {len(groups)}; set "
+            f"mesh.dcn_data={len(groups)} (data parallel across slices) or split {len(groups)} between dcn_data "
+            "and dcn_fsdp"
+        )
+    sizes = {len(g) for g in groups.values()}
+    if len(sizes) != 1:
+        raise UserError(f"the {count} slices hold different device counts ({sorted(sizes)}); slices must be alike")
+    return list(groups.values())
+
+
 def slice_shape(devices) -> tuple[int, ...] | None:
     """The torus a TPU slice's devices span (chips per axis), from their coordinates; None elsewhere."""
+    ids = _slice_ids(devices)
+    devices = [d for d, s in zip(devices, ids, strict=True) if s == ids[0]]  # slices are alike
     coords = [getattr(d, "coords", None) for d in devices]
     if any(c is None for c in coords):
         return None
@@ -98,10 +144,31 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
             if not 0 < count <= len(devices):
                 raise UserError(f"mesh.devices={count}, but this host has {len(devices)} devices; 0 uses them all")
             devices = devices[:count]
-    shape = resolve_shape(mesh_cfg, len(devices), describe(devices))
+    dcn = dcn_shape(mesh_cfg, len(set(_slice_ids(devices))))
+    groups = slices(devices, dcn[0] * dcn[1])
+    where = describe(groups[0]) + (" per slice" if len(groups) > 1 else "")
+    ici = resolve_shape(mesh_cfg, len(groups[0]), where)
+    grids = np.stack([device_grid(ici, g) for g in groups])  # (slices, data, fsdp, tensor)
+    # Slice s = (dcn data index) * dcn_fsdp + (dcn fsdp index); each axis's slice part is its outer part.
+    grids = grids.reshape(dcn[0], dcn[1], *ici).transpose(0, 2, 1, 3, 4)
+    grid = grids.reshape(dcn[0] * ici[0], dcn[1] * ici[1], ici[2])
     # Auto axis types: shardings come from the logical rules and with_sharding_constraint, and XLA's
     # partitioner propagates the rest (jax.make_mesh's default is Explicit).
-    return Mesh(device_grid(shape, devices), AXES, axis_types=(AxisType.Auto,) * 3)
+    return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+def dcn_shape(mesh_cfg, tpu_slices: int = 1) -> tuple[int, int]:
+    """(dcn_data, dcn_fsdp): how many slices the data and fsdp axes span (1, 1: one slice). dcn_data=-1
+    (the default) is the TPU slices that dcn_fsdp leaves: 1 on one slice, on GPUs and on CPUs, where a
+    count > 1 is asked for explicitly."""
+    data, fsdp = (int(mesh_cfg.get(f"dcn_{a}", d)) for a, d in (("data", -1), ("fsdp", 1)))
+    if fsdp < 1 or data == 0 or data < -1:
+        raise UserError(f"mesh.dcn_data (-1: the rest) and mesh.dcn_fsdp count slices (>= 1), got {data} and {fsdp}")
+    if data == -1:
+        if tpu_slices % fsdp:
+            raise UserError(f"mesh.dcn_fsdp={fsdp} does not divide the {tpu_slices} slice(s) of these devices")
+        data = max(1, tpu_slices // fsdp)
+    return data, fsdp
 
 
 def check_batch(mesh: Mesh, global_batch: int, grad_accum: int) -> None:

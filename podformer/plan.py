@@ -8,7 +8,7 @@
 FLOPs per token are podformer's own count (podformer/flops.py, PaLM's 6N + attention), over the parameters
 of the config's model (jax.eval_shape, nothing allocated). Peak FLOP/s per chip: podformer/hardware.py.
 Whether it fits: on TPUs the ahead-of-time compile of the real train step (``--fit=compile``, the same as
-``train.py --compile_only``; one slice); otherwise an analytic estimate, stated as such (``--fit=analytic``).
+``train.py --compile_only``, for one slice or several); otherwise an analytic estimate, stated as such (``--fit=analytic``).
 The compute-optimal split is Chinchilla's (Hoffmann et al. 2022): C = 6 N D with D = 20 N.
 """
 
@@ -147,7 +147,7 @@ def plan(cfg, hw: hardware.Hardware, tokens: float, *, mfu: float = 0.0, days: f
             raise UserError(f"--fit=compile compiles for TPU slices; {hw.spec} is not one (use --fit=analytic)")
         from podformer import aot  # JAX and libtpu load only for a compiled fit
 
-        spec = hw.spec if hw.slices == 1 else hw.spec.rsplit("x", 1)[0]
+        spec = hw.spec  # several slices: the DCN axis is mesh.dcn_data (-1: all of them), outermost
         out["fit"] = aot.compile_only(spec, cfg, m["model_cfg"], m["module_cls"])
         log(f"fits ({spec}, by the AOT compile): {'yes' if out['fit']['fits'] else 'NO'}")
     elif fit == "analytic":
