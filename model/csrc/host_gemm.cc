@@ -1,4 +1,4 @@
-// float32 GEMM on the host CPU through a CBLAS sgemm, as XLA FFI custom calls (podformer/host_blas.py).
+// float32 GEMM on the host CPU through a CBLAS sgemm, as XLA FFI custom calls (model/host_blas.py, installed as podformer.model.host_blas).
 //
 // C = op(A) @ op(B), op = identity or transpose, all operands row-major and dense. The BLAS is the one
 // numpy already loaded (OpenBLAS); its sgemm address arrives as an attribute, so this file links to
