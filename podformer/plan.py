@@ -103,16 +103,31 @@ def chinchilla(total_flops: float) -> dict:
 
 def analytic_memory(model_cfg, n_params: int, cfg, hw: hardware.Hardware) -> dict:
     """Per-chip bytes of a fully sharded (ZeRO-3 / fsdp over every chip) run: the training state split
-    evenly, plus activations with full rematerialisation (each layer's bf16 input kept, Korthikanti et
-    al. 2022's 34 s b h bytes for the one layer being recomputed, attention scores 5 a s^2 b). An estimate."""
+    evenly, plus activations after Korthikanti et al. 2022: a layer's are 34 s b h bytes (16-bit; twice
+    that in float32) and 5 a s^2 b for the attention scores. ``model.remat=full`` keeps each layer's input
+    and recomputes one layer at a time; any other policy is counted as keeping every layer's activations
+    (``none``; an upper bound for the ``save_*`` policies). The float32 logits and their gradient come on
+    top. An estimate, stated as such."""
     t = cfg.train
     tokens = t.batch_size * t.seq_len / hw.chips / max(1, t.grad_accum)  # per chip and micro-batch
     d, heads, layers = model_cfg.d_model, model_cfg.num_heads, model_cfg.num_layers
+    width = 2 if model_cfg.dtype == "bfloat16" else 4  # bytes per activation
     state = STATE_BYTES_PER_PARAM * n_params / hw.chips
-    kept = 2 * d * tokens * layers
-    working = 34 * d * tokens + 5 * heads * t.seq_len * tokens
-    total = state + kept + working
-    return {"state": state, "activations": kept + working, "total": total, "fits": total <= hw.chip.hbm_gib * 2**30}
+    layer = (34 * d * tokens + 5 * heads * t.seq_len * tokens) * width / 2
+    if model_cfg.remat == "full":
+        kept, working = width * d * tokens * layers, layer
+    else:
+        kept, working = layer * layers, 0.0
+    logits = 2 * 4 * tokens * model_cfg.vocab_size
+    activations = kept + working + logits
+    total = state + activations
+    return {
+        "state": state,
+        "activations": activations,
+        "total": total,
+        "remat": model_cfg.remat,
+        "fits": total <= hw.chip.hbm_gib * 2**30,
+    }
 
 
 def plan(cfg, hw: hardware.Hardware, tokens: float, *, mfu: float = 0.0, days: float = 0.0, fit: str = "") -> dict:
@@ -154,7 +169,7 @@ def plan(cfg, hw: hardware.Hardware, tokens: float, *, mfu: float = 0.0, days: f
         a = analytic_memory(m["model_cfg"], m["params"], cfg, hw)
         out["fit"] = a
         log(
-            f"fits (analytic estimate, fsdp over all {hw.chips} chips, full remat): {a['state'] / 2**30:.3g} GiB "
+            f"fits (analytic estimate, fsdp over all {hw.chips} chips, remat {a['remat']}): {a['state'] / 2**30:.3g} GiB "
             f"state + {a['activations'] / 2**30:.3g} GiB activations = {a['total'] / 2**30:.3g} GiB of "
             f"{c.hbm_gib:.3g} GiB per chip: {'yes' if a['fits'] else 'NO'}"
         )

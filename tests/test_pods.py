@@ -109,23 +109,37 @@ def compile_only_runs(tmp_path, runs: list[list[str]], timeout=900):
     return reports, out
 
 
-@needs_libtpu
-@pytest.mark.slow
-def test_compile_only_needs_no_data_for_any_family_nor_a_256k_vocabulary(tmp_path):
-    # The families' tiny configs (the presets' widths take minutes each for the TPU compiler on 2 shared
-    # cores) and PaLM's 256k vocabulary, which no tokenizer could be trained for on the embedded corpus.
-    small = ["--config.train.batch_size=8", "--config.train.seq_len=128", "--compile_only=v5e:2x2"]
+SMALL_COMPILE = ["--config.train.batch_size=8", "--config.train.seq_len=128", "--compile_only=v5e:2x2"]
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """Every compile-only run of this module in one subprocess (libtpu and JAX load once): the families'
+    tiny configs (the presets' widths take minutes each for the TPU compiler on 2 shared cores), the
+    decoder with PaLM's 256k vocabulary (which no tokenizer could be trained for on the embedded corpus)
+    under fsdp=2, and gpt2_small's preset batch on v5e-16."""
+    tmp_path = tmp_path_factory.mktemp("compile_only")
     wd = f"--workdir={tmp_path / 'wd'}"
     runs = [
-        ["--config=configs/gpt.py:tiny", wd, *small],
-        ["--config=configs/bert.py:tiny", wd, *small],
-        ["--config=configs/t5.py:tiny", wd, *small],
-        ["--config=configs/gpt.py:tiny", "--config.model.vocab_size=256000", wd, *small],
+        ["--config=configs/gpt.py:tiny", "--config.model.vocab_size=256000", "--config.mesh.fsdp=2", wd, *SMALL_COMPILE],
+        ["--config=configs/bert.py:tiny", wd, *SMALL_COMPILE],
+        ["--config=configs/t5.py:tiny", wd, *SMALL_COMPILE],
+        ["--config=configs/gpt.py:gpt2_small", "--compile_only=v5e-16", wd],
     ]
     reports, out = compile_only_runs(tmp_path, runs)
-    print("\n".join(ln for ln in out.splitlines() if "per device" in ln or "roofline" in ln))
+    print("\n".join(ln for ln in out.splitlines() if "per device" in ln or "roofline" in ln or "levers" in ln))
     assert len(reports) == 4
-    for r in reports:
+    return reports, out
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_compile_only_needs_no_data_for_any_family_nor_a_256k_vocabulary(compiled):
+    reports, out = compiled
+    lines = [ln for ln in out.splitlines() if "per device:" in ln or "compiling the train step" in ln]
+    assert "4 x TPU v5 lite" in lines[0] and "'fsdp': 2" in lines[0], lines[:2]
+    assert "GiB of 16 GiB HBM: fits" in lines[1], lines[:2]
+    for r in reports[:3]:
         assert r["fits"] and 0 < r["peak_gib"] < 16
         # The extrapolated compiled FLOPs against podformer's model FLOPs: no remat, so about 1x (the
         # optimizer, norms and softmax on top), never the ~1/L of a loop body counted once.
@@ -136,14 +150,31 @@ def test_compile_only_needs_no_data_for_any_family_nor_a_256k_vocabulary(tmp_pat
 
 @needs_libtpu
 @pytest.mark.slow
-def test_gpt2_small_preset_batch_on_v5e_16_does_not_fit_and_says_so(tmp_path):
-    runs = [["--config=configs/gpt.py:gpt2_small", "--compile_only=v5e-16", f"--workdir={tmp_path / 'wd'}"]]
-    reports, out = compile_only_runs(tmp_path, runs)
-    print("\n".join(ln for ln in out.splitlines() if "per device" in ln or "roofline" in ln or "levers" in ln))
-    (r,) = reports
+def test_gpt2_small_preset_batch_on_v5e_16_does_not_fit_and_says_so(compiled):
+    reports, out = compiled
+    r = reports[3]
     assert not r["fits"] and r["peak_gib"] > 16  # what the compiler asked for (temporaries alone: ~54 GiB)
     assert "DOES NOT FIT" in out and "levers: --config.model.remat=full" in out
-    assert "roofline on TPU v5e" in out and 0.9 < r["flops_ratio"] < 1.5
+    assert 0.9 < r["flops_ratio"] < 1.5
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_the_planners_analytic_fit_agrees_with_the_compile(compiled):
+    """The planner's analytic estimate (what it answers for GPUs) gives the compile's verdict on both sides
+    of the line: the tiny decoder fits v5e:2x2, gpt2_small's preset batch does not fit v5e-16."""
+    from podformer import config as config_lib
+    from podformer import plan
+
+    reports, _ = compiled
+    for args, hw, r in (
+        (["--config=configs/gpt.py:tiny", "--config.model.vocab_size=256000", *SMALL_COMPILE[:2]], "v5e-4", reports[0]),
+        (["--config=configs/gpt.py:gpt2_small"], "v5e-16", reports[3]),
+    ):
+        cfg, _ = config_lib.parse_args(args, plan.DEFAULT_CONFIG, {})
+        m = plan.model_figures(cfg)
+        a = plan.analytic_memory(m["model_cfg"], m["params"], cfg, hardware.parse_hardware(hw))
+        assert a["fits"] == r["fits"], (hw, a, r)
 
 
 def test_out_of_hbm_messages_give_the_memory_asked_for():
