@@ -13,7 +13,6 @@ config (``example_row``): no data, no tokenizer, nothing written. libtpu is the 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 
@@ -175,25 +174,31 @@ def compile_only(spec: str, cfg, model_cfg, module_cls) -> dict:
     )
     model = lambda c: lambda rngs: module_cls(c, rngs=rngs)  # noqa: E731
     report = compile_train_step(spec, make_model=model(model_cfg), **kw)
+    report["remat"] = model_cfg.remat
     # The compiler's cost analysis counts a loop body once: a scanned stack of L layers (and the
     # grad_accum micro-batch scan) would report about one layer and one micro-batch. So the cost is
     # measured on probes, unrolled programs of 1 and 2 layers at two small batches b and 2b with
     # grad_accum=1 (small programs compile in seconds and fit), and extrapolated: costs are linear in the
     # batch (rows) and in the layers, cost = fixed(L) + B * per_row(L), each of them c1 + (L-1)(c2-c1).
     dp = report["mesh"]["data"] * report["mesh"]["fsdp"]
-    b = math.lcm(dp, report["hosts"])
-    probes = {
+    b = dp  # one row per batch shard: the smallest probe that compiles where the full program barely fits
+    probed = {
         (n, rows): compile_train_step(
             spec, make_model=model(layers(model_cfg, n)), quiet=True, **{**kw, "cfg": config_with(cfg, rows)}
-        )["cost"]
+        )
         for n in (1, 2)
         for rows in (b, 2 * b)
     }
+    probes = {k: p["cost"] for k, p in probed.items()}
     sizes = report.pop("param_sizes")
     ex = kw["example_row"]
     dec = ex["decoder_targets"].shape[0] if "decoder_targets" in ex else None
     model_flops = flops_lib.per_token(model_cfg, sizes, t.seq_len, dec) * t.batch_size * t.seq_len / report["devices"]
     report |= cost_report(probes, b, t.batch_size, layer_count(model_cfg), model_flops, report["chip"])
+    refused = [(k, p) for k, p in probed.items() if p["cost"] is None]
+    if refused:
+        (n, rows), p = refused[0]
+        report["cost_note"] += f" ({n} layer(s) x {rows} rows asked for {p['peak_gib']:.2f} GiB)"
     if t.grad_accum > 1:
         report["probe_note"] = (
             f"bytes count one read of the weights per step, not one per each of {t.grad_accum} micro-batches"
@@ -241,7 +246,9 @@ def compile_train_step(
     t = cfg.train
     processes = len({d.process_index for d in devices})
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    if (t.batch_size // t.grad_accum) % dp or t.batch_size % processes:
+    # The probes only need rows that the batch axes divide: each host's share matters to a real run's
+    # input pipeline, not to the compiled program's cost.
+    if (t.batch_size // t.grad_accum) % dp or (t.batch_size % processes and not quiet):
         raise UserError(
             f"train.batch_size={t.batch_size} (grad_accum={t.grad_accum}) must be divisible by the data-parallel size "
             f"data*fsdp={dp} and by the {processes} hosts of {spec}"
@@ -372,10 +379,13 @@ def log_report(r: dict) -> None:
             + ("fits" if r["fits"] else "DOES NOT FIT")
         )
     if not r["fits"]:
-        log(
-            "levers: --config.model.remat=full (recompute activations), a larger --config.mesh.fsdp (shard the "
-            "state), a smaller --config.train.batch_size or --config.train.grad_accum=N (micro-batches), more chips"
-        )
+        levers = [] if r.get("remat") == "full" else ["--config.model.remat=full (recompute activations)"]
+        levers += [
+            "a larger --config.mesh.fsdp (shard the state)",
+            "a smaller --config.train.batch_size or a larger --config.train.grad_accum (micro-batches)",
+            "more chips",
+        ]
+        log("levers: " + ", ".join(levers))
     chip = r["chip"]
     if "flops" in r:
         log(

@@ -60,7 +60,8 @@ class Loaded:
 
     def encode(self, text: str) -> list[int]:
         """``text`` framed as the model saw text in training: a Hugging Face tokenizer's own post-processor
-        (podformer's exports carry their family's frame in it), or the family's frame (its row's framing in model/families.py)."""
+        (podformer's exports carry their family's frame in it), or the family's frame (its row's framing in
+        model/families.py)."""
         tok = self.tokenizer
         if isinstance(tok, hf_tokenizer.HFTokenizer):
             tok.tok.no_padding()  # a tokenizer.json may pad every text to a fixed length (sentence-transformers')

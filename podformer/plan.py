@@ -8,7 +8,8 @@
 FLOPs per token are podformer's own count (podformer/flops.py, PaLM's 6N + attention), over the parameters
 of the config's model (jax.eval_shape, nothing allocated). Peak FLOP/s per chip: podformer/hardware.py.
 Whether it fits: on TPUs the ahead-of-time compile of the real train step (``--fit=compile``, the same as
-``train.py --compile_only``, for one slice or several); otherwise an analytic estimate, stated as such (``--fit=analytic``).
+``train.py --compile_only``, for one slice or several); otherwise an analytic estimate, stated as such
+(``--fit=analytic``).
 The compute-optimal split is Chinchilla's (Hoffmann et al. 2022): C = 6 N D with D = 20 N.
 """
 
@@ -169,7 +170,8 @@ def plan(cfg, hw: hardware.Hardware, tokens: float, *, mfu: float = 0.0, days: f
         a = analytic_memory(m["model_cfg"], m["params"], cfg, hw)
         out["fit"] = a
         log(
-            f"fits (analytic estimate, fsdp over all {hw.chips} chips, remat {a['remat']}): {a['state'] / 2**30:.3g} GiB "
+            f"fits (analytic estimate, fsdp over all {hw.chips} chips, remat {a['remat']}): "
+            f"{a['state'] / 2**30:.3g} GiB "
             f"state + {a['activations'] / 2**30:.3g} GiB activations = {a['total'] / 2**30:.3g} GiB of "
             f"{c.hbm_gib:.3g} GiB per chip: {'yes' if a['fits'] else 'NO'}"
         )

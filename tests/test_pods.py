@@ -121,7 +121,8 @@ def compiled(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("compile_only")
     wd = f"--workdir={tmp_path / 'wd'}"
     runs = [
-        ["--config=configs/gpt.py:tiny", "--config.model.vocab_size=256000", "--config.mesh.fsdp=2", wd, *SMALL_COMPILE],
+        ["--config=configs/gpt.py:tiny", "--config.model.vocab_size=256000", "--config.mesh.fsdp=2", wd]
+        + SMALL_COMPILE,
         ["--config=configs/bert.py:tiny", wd, *SMALL_COMPILE],
         ["--config=configs/t5.py:tiny", wd, *SMALL_COMPILE],
         ["--config=configs/gpt.py:gpt2_small", "--compile_only=v5e-16", wd],
