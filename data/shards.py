@@ -107,7 +107,8 @@ def encode_shard(job: Job, lo: int, hi: int, threads: int = 1) -> tuple[dict[str
             sent_lengths.extend(n)
             counts.append(len(n))
     tokens = np.fromiter((t for x in ids for t in x), dtype, sum(sent_lengths))
-    return {"tokens": tokens, "sent_lengths": np.array(sent_lengths, np.int64), "counts": np.array(counts, np.int64)}, nbytes
+    arrays = {"tokens": tokens, "sent_lengths": np.array(sent_lengths, np.int64), "counts": np.array(counts, np.int64)}
+    return arrays, nbytes
 
 
 def _shard_path(parts: str, k: int) -> str:
@@ -195,7 +196,8 @@ def build_parts(
     if own_only:
         todo = [k for k in todo if k % process_count == process_index]
     todo = [k for k in todo if not os.path.exists(_shard_path(parts, k))]
-    bar = Progress(name, len(todo), enabled=progress and process_index == 0)
+    quiet = os.environ.get("PODFORMER_NO_PROGRESS") == "1"
+    bar = Progress(name, len(todo), enabled=progress and process_index == 0 and not quiet)
     workers = workers or os.cpu_count() or 1
     if workers > 1 and len(todo) > 1:
         try:

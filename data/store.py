@@ -23,6 +23,7 @@ from podformer.data.sentences import split_sentences  # noqa: F401 (callers find
 
 FORMAT = "sentences-v1"
 
+
 class SentenceStore:
     def __init__(self, path: str):
         self.path = path
