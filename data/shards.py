@@ -28,6 +28,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from podformer.core.errors import UserError
 from podformer.data.sentences import split_sentences
 
 FORMAT = "shards-v1"
@@ -247,6 +248,8 @@ def _run_workers(parts: str, job: Job, todo: list[int], workers: int, bar: Progr
                 line = p.stdout.readline()
                 if not line:
                     raise RuntimeError(f"a store-building worker died (exit {p.wait()}); rerun to resume")
+                if line.startswith("error "):
+                    raise UserError(line[6:].strip())
                 if line.strip() == "bye":
                     sel.unregister(p.stdout)
                     running -= 1
@@ -266,18 +269,22 @@ def _run_workers(parts: str, job: Job, todo: list[int], workers: int, bar: Progr
 
 
 def _worker(parts: str, jpath: str) -> None:
-    with open(jpath, "rb") as f:
-        job: Job = pickle.load(f)
-    shards = plan(len(job.documents))
-    for line in sys.stdin:
-        if not line.strip():
-            break
-        k = int(line)
-        nbytes = 0
-        if not os.path.exists(_shard_path(parts, k)):
-            arrays, nbytes = encode_shard(job, *shards[k], threads=1)
-            _write_shard(parts, k, arrays, nbytes)
-        print(f"{k} {nbytes}", flush=True)
+    try:
+        with open(jpath, "rb") as f:
+            job: Job = pickle.load(f)
+        shards = plan(len(job.documents))
+        for line in sys.stdin:
+            if not line.strip():
+                break
+            k = int(line)
+            nbytes = 0
+            if not os.path.exists(_shard_path(parts, k)):
+                arrays, nbytes = encode_shard(job, *shards[k], threads=1)
+                _write_shard(parts, k, arrays, nbytes)
+            print(f"{k} {nbytes}", flush=True)
+    except UserError as e:  # bad input: the parent reports it as its own one-line error
+        print(f"error {e}".replace("\n", " "), flush=True)
+        sys.exit(2)
     print("bye", flush=True)
 
 
