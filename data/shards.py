@@ -15,6 +15,7 @@ and forking a process that runs JAX's threads can deadlock.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -93,9 +94,13 @@ def encode_shard(job: Job, lo: int, hi: int, threads: int = 1) -> tuple[dict[str
     if job.kind == "tokens":
         bos = [job.bos_id] if job.bos_id is not None else []
         eos = [job.eos_id] if job.eos_id is not None else []
-        docs = [bos + ids + eos for ids in _encode(job.tokenizer, texts, threads)]
+        docs = (
+            [bos + ids + eos for ids in _encode(job.tokenizer, texts, threads)]
+            if (bos or eos)
+            else (_encode(job.tokenizer, texts, threads))
+        )
         lengths = np.array([len(d) for d in docs], np.int64)
-        tokens = np.fromiter((t for d in docs for t in d), dtype, int(lengths.sum()))
+        tokens = np.fromiter(itertools.chain.from_iterable(docs), dtype, int(lengths.sum()))
         return {"tokens": tokens, "lengths": lengths}, nbytes
     sents = [split_sentences(t) for t in texts]
     flat = [s for d in sents for s in d]
@@ -107,7 +112,7 @@ def encode_shard(job: Job, lo: int, hi: int, threads: int = 1) -> tuple[dict[str
         if n:
             sent_lengths.extend(n)
             counts.append(len(n))
-    tokens = np.fromiter((t for x in ids for t in x), dtype, sum(sent_lengths))
+    tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype, sum(sent_lengths))
     arrays = {"tokens": tokens, "sent_lengths": np.array(sent_lengths, np.int64), "counts": np.array(counts, np.int64)}
     return arrays, nbytes
 
