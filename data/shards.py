@@ -215,7 +215,8 @@ def build_parts(
             if os.path.exists(_shard_path(parts, k)):  # another host built it meanwhile
                 bar.update(0)
                 continue
-            arrays, nbytes = encode_shard(job, *shards[k], threads=(os.cpu_count() or 1) if workers == 1 else 1)
+            # One process: SentencePiece's own threads use every core.
+            arrays, nbytes = encode_shard(job, *shards[k], threads=os.cpu_count() or 1)
             _write_shard(parts, k, arrays, nbytes)
             bar.update(nbytes)
         return shards
@@ -227,7 +228,8 @@ def _run_workers(parts: str, job: Job, todo: list[int], workers: int, bar: Progr
     fd, jpath = tempfile.mkstemp(dir=parts, prefix=".job-", suffix=".pkl")
     with os.fdopen(fd, "wb") as f:
         pickle.dump(job, f, protocol=pickle.HIGHEST_PROTOCOL)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    # One thread a worker (the workers are the parallelism): Hugging Face tokenizers' pool too.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p), "RAYON_NUM_THREADS": "1"}
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "podformer.data.shards", parts, jpath],
@@ -274,6 +276,10 @@ def _run_workers(parts: str, job: Job, todo: list[int], workers: int, bar: Progr
 
 
 def _worker(parts: str, jpath: str) -> None:
+    # The protocol gets its own copy of stdout; anything a library prints goes to stderr instead.
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
     try:
         with open(jpath, "rb") as f:
             job: Job = pickle.load(f)
@@ -286,11 +292,11 @@ def _worker(parts: str, jpath: str) -> None:
             if not os.path.exists(_shard_path(parts, k)):
                 arrays, nbytes = encode_shard(job, *shards[k], threads=1)
                 _write_shard(parts, k, arrays, nbytes)
-            print(f"{k} {nbytes}", flush=True)
+            print(f"{k} {nbytes}", file=proto, flush=True)
     except UserError as e:  # bad input: the parent reports it as its own one-line error
-        print(f"error {e}".replace("\n", " "), flush=True)
+        print(f"error {e}".replace("\n", " "), file=proto, flush=True)
         sys.exit(2)
-    print("bye", flush=True)
+    print("bye", file=proto, flush=True)
 
 
 if __name__ == "__main__":
