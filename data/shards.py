@@ -35,6 +35,7 @@ from podformer.data.sentences import split_sentences
 FORMAT = "shards-v1"
 TARGET_SHARDS = 256  # enough to keep every core of a host (and every host of a slice) busy
 MAX_DOCS_PER_SHARD = 4096  # bounds a shard's memory (and the work a kill loses) on huge corpora
+MIN_PARALLEL_S = 4.0  # work below which starting worker processes (about a second each) does not pay
 PIECE_CHARS = 1 << 16  # long documents are encoded in newline-cut pieces of about this size
 
 
@@ -182,8 +183,11 @@ def build_parts(
     own_only: bool = False,
     name: str = "",
     progress: bool = True,
+    min_parallel_s: float = MIN_PARALLEL_S,
 ) -> list[tuple[int, int]]:
-    """Every shard of ``job`` in ``parts`` (those already there are kept); returns the plan."""
+    """Every shard of ``job`` in ``parts`` (those already there are kept); returns the plan. The first
+    shard is built here and timed: when the rest would take under ``min_parallel_s`` in this process,
+    they are built here too (starting the workers costs seconds: small corpora and tests)."""
     os.makedirs(parts, exist_ok=True)
     shards = plan(len(job.documents))
     manifest = {"format": FORMAT, "num_docs": len(job.documents), "shards": shards, "kind": job.kind}
@@ -210,18 +214,28 @@ def build_parts(
             pickle.dumps(job.tokenizer)
         except (pickle.PicklingError, AttributeError, TypeError):  # a bare function (tests): in this process
             workers = 1
+    if workers > 1 and min_parallel_s > 0 and todo:
+        t = time.perf_counter()
+        _build_here(parts, job, shards, todo[:1], bar)
+        todo = todo[1:]
+        if (time.perf_counter() - t) * len(todo) < min_parallel_s:
+            workers = 1
     if workers == 1 or len(todo) <= 1:
-        for k in todo:
-            if os.path.exists(_shard_path(parts, k)):  # another host built it meanwhile
-                bar.update(0)
-                continue
-            # One process: SentencePiece's own threads use every core.
-            arrays, nbytes = encode_shard(job, *shards[k], threads=os.cpu_count() or 1)
-            _write_shard(parts, k, arrays, nbytes)
-            bar.update(nbytes)
+        _build_here(parts, job, shards, todo, bar)
         return shards
     _run_workers(parts, job, todo, min(workers, len(todo)), bar)
     return shards
+
+
+def _build_here(parts: str, job: Job, shards: list[tuple[int, int]], todo: list[int], bar: Progress) -> None:
+    for k in todo:
+        if os.path.exists(_shard_path(parts, k)):  # another host built it meanwhile
+            bar.update(0)
+            continue
+        # One process: SentencePiece's own threads use every core.
+        arrays, nbytes = encode_shard(job, *shards[k], threads=os.cpu_count() or 1)
+        _write_shard(parts, k, arrays, nbytes)
+        bar.update(nbytes)
 
 
 def _run_workers(parts: str, job: Job, todo: list[int], workers: int, bar: Progress) -> None:

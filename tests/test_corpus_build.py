@@ -54,7 +54,7 @@ def test_long_documents_encode_as_their_newline_cut_pieces(docs, tok):
 
 
 def test_store_is_bit_identical_for_1_2_and_4_workers(docs, tok, tmp_path):
-    kw = dict(vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id, progress=False)
+    kw = dict(vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id, progress=False, min_parallel_s=0)
     built = {w: tokens.build(str(tmp_path / f"w{w}"), docs, tok, workers=w, **kw) for w in (1, 2, 4)}
     assert len(shards.plan(len(docs))) == len(docs) > 4  # one document a shard: every worker has work
     ref_tokens, ref_starts = _reference(docs, tok)
@@ -71,13 +71,13 @@ def test_store_is_bit_identical_for_1_2_and_4_workers(docs, tok, tmp_path):
             np.testing.assert_array_equal(a[k], b[k])
     # The sentence store too (the objectives other than causal LM read it).
     s1, s2 = (store.build(str(tmp_path / f"s{w}"), docs, tok, vocab_size=tok.vocab_size, name="t", workers=w,
-                          progress=False) for w in (1, 2))  # fmt: skip
+                          progress=False, min_parallel_s=0) for w in (1, 2))  # fmt: skip
     files = ("tokens.bin", "sent_starts.npy", "doc_starts.npy", "meta.json")
     assert _bytes(s1.path, files) == _bytes(s2.path, files) and s1.num_docs == len(docs)
 
 
 def test_two_processes_building_their_parts_give_the_one_process_store(docs, tok, tmp_path):
-    kw = dict(vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id, progress=False)
+    kw = dict(vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id, progress=False, min_parallel_s=0)
     one = tokens.build(str(tmp_path / "one"), docs, tok, workers=2, **kw)
     path = str(tmp_path / "two")
     n = len(shards.plan(len(docs)))
@@ -121,7 +121,7 @@ def test_a_build_killed_half_way_resumes_to_the_same_store(docs, tok, tmp_path):
     done = sorted(f for f in os.listdir(parts) if f.startswith("shard-"))
     assert 6 <= len(done) < len(docs) and not os.path.exists(path)
     stamps = {f: os.stat(os.path.join(parts, f)).st_mtime_ns for f in done}
-    kw = dict(vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id, progress=False)
+    kw = dict(vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id, progress=False, min_parallel_s=0)
     resumed = tokens.build(path, docs, tok, workers=2, keep_parts=True, **kw)
     assert {f: os.stat(os.path.join(parts, f)).st_mtime_ns for f in done} == stamps  # completed shards kept
     fresh = tokens.build(str(tmp_path / "fresh"), docs, tok, workers=1, **kw)
