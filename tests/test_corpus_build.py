@@ -1,9 +1,11 @@
 """Store builds at corpus scale: parallel workers and hosts give the same store, a killed build resumes,
 and the tokenizer's training sample is bounded whatever the corpus size."""
 
+import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,7 +18,7 @@ import pytest
 from podformer.configs.common import RULES
 from podformer.data import corpus, packing, shards, store, tokenizer, tokens
 from podformer.data.loader import Loader
-from tests.helpers import REPO
+from tests.helpers import REPO, env
 
 FILES = ("tokens.npy", "doc_starts.npy", "meta.json")
 
@@ -151,3 +153,53 @@ def test_tokenizer_sample_is_bounded_whatever_the_corpus_size():
     chunks = [c for t in texts for c in t.split("\n\n") if c.strip()]
     random.Random(0).shuffle(chunks)
     assert tokenizer._training_chunks(texts, max_chunks=50) == chunks[:50]
+
+
+HOST = r"""
+import json, sys
+import jax
+jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+from podformer.configs import gpt
+from podformer.data import corpus, pipeline, tokenizer, tokens
+tok = tokenizer.SentencePieceTokenizer.load(sys.argv[4])
+docs = [t for t in corpus.documents("train")[:400] if len(t) > 2000][:24]
+cfg = gpt.get_config("tiny").data
+place = pipeline._parallel(cfg)  # this host's place in the slice, as a run's store build gets it
+out = tokens.build(sys.argv[3], docs, tok, vocab_size=tok.vocab_size, bos_id=1, eos_id=2, own_only=True,
+                   progress=False, **place)
+print("RESULT" + json.dumps({**place, "out": out}))
+"""
+
+
+def test_two_jax_processes_build_their_own_shards_of_one_store(docs, tok, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "host.py"
+    script.write_text(HOST)
+    path = str(tmp_path / "store")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), f"127.0.0.1:{port}", str(i), path, tok.path],
+            cwd=REPO,
+            env=env(devices=2, JAX_PLATFORMS="cpu"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    places = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-3000:]
+        places.append(json.loads(next(line for line in out.splitlines() if line.startswith("RESULT"))[6:]))
+    assert sorted((r["process_index"], r["process_count"], r["out"]) for r in places) == [(0, 2, None), (1, 2, None)]
+    n = len(shards.plan(len(docs)))
+    assert sorted(f for f in os.listdir(path + ".parts") if f.startswith("shard-")) == [
+        f"shard-{k:06d}.npz" for k in range(n)
+    ]  # between them the two hosts built every shard, each its own (own_only)
+    kw = dict(vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id, progress=False)
+    two = tokens.build(path, docs, tok, process_index=0, process_count=2, **kw)  # assembles, encodes nothing
+    one = tokens.build(str(tmp_path / "one"), docs, tok, workers=1, **kw)
+    assert _bytes(one.path) == _bytes(two.path)
