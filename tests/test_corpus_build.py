@@ -1,6 +1,7 @@
 """Store builds at corpus scale: parallel workers and hosts give the same store, a killed build resumes,
 and the tokenizer's training sample is bounded whatever the corpus size."""
 
+import io
 import json
 import os
 import random
@@ -203,3 +204,17 @@ def test_two_jax_processes_build_their_own_shards_of_one_store(docs, tok, tmp_pa
     two = tokens.build(path, docs, tok, process_index=0, process_count=2, **kw)  # assembles, encodes nothing
     one = tokens.build(str(tmp_path / "one"), docs, tok, workers=1, **kw)
     assert _bytes(one.path) == _bytes(two.path)
+
+
+def test_progress_line_has_mb_per_second_and_time_left():
+    stream = io.StringIO()
+    bar = shards.Progress("c4 (train)", 4, enabled=True, stream=stream)
+    bar.start -= 2.0  # two seconds in
+    bar.last -= 20
+    bar.update(3_000_000)
+    assert stream.getvalue().startswith("tokenizing c4 (train): [######") and "1/4 shards, 3.0 MB" in stream.getvalue()
+    rate, left = stream.getvalue().split("MB, ")[1].split(", ")
+    assert 1.0 <= float(rate.split()[0]) <= 1.5 and 5 <= int(left.split()[0]) <= 7  # 1.5 MB/s, 3 shards x 2 s
+    quiet = io.StringIO()
+    shards.Progress("x", 1, enabled=False, stream=quiet).update(10)
+    assert quiet.getvalue() == ""
