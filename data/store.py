@@ -89,6 +89,8 @@ def build(
     plan = shards.build_parts(parts, job, name=name, **parallel) if len(documents) else []
     if parallel.get("own_only"):
         return None
+    if os.path.exists(os.path.join(path, "meta.json")):  # another process assembled it meanwhile
+        return SentenceStore(path)
     small = [shards.load_shard(parts, k, "sent_lengths", "counts") for k in range(len(plan))]
     sent_lengths = np.concatenate([np.zeros(0, np.int64)] + [z["sent_lengths"] for z in small])
     counts = np.concatenate([np.zeros(0, np.int64)] + [z["counts"] for z in small])
@@ -124,4 +126,11 @@ def build(
 def cached(path: str, documents_fn: Callable[[], Sequence[str]], **build_kwargs) -> SentenceStore:
     if os.path.exists(os.path.join(path, "meta.json")):
         return SentenceStore(path)
-    return build(path, documents_fn(), **build_kwargs)
+    try:
+        return build(path, documents_fn(), **build_kwargs)
+    except (FileNotFoundError, RuntimeError):
+        # Another process (a second run, a host on a shared cache) finished the same store and removed
+        # the shards this one was reading: the store it wrote is this one's, bit for bit.
+        if os.path.exists(os.path.join(path, "meta.json")):
+            return SentenceStore(path)
+        raise

@@ -102,6 +102,8 @@ def build(
     plan = shards.build_parts(parts, job, name=name or os.path.basename(path), **parallel)
     if parallel.get("own_only"):
         return None
+    if os.path.exists(os.path.join(path, "meta.json")):  # another process assembled it meanwhile
+        return TokenStore(path)
     lengths = np.concatenate([shards.load_shard(parts, k, "lengths")["lengths"] for k in range(len(plan))])
     doc_starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     tmp = tempfile.mkdtemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
@@ -127,4 +129,11 @@ def build(
 def cached(path: str, texts_fn: Callable[[], Sequence[str]], **build_kwargs) -> TokenStore:
     if os.path.exists(os.path.join(path, "meta.json")):
         return TokenStore(path)
-    return build(path, texts_fn(), **build_kwargs)
+    try:
+        return build(path, texts_fn(), **build_kwargs)
+    except (FileNotFoundError, RuntimeError):
+        # Another process (a second run, a host on a shared cache) finished the same store and removed
+        # the shards this one was reading: the store it wrote is this one's, bit for bit.
+        if os.path.exists(os.path.join(path, "meta.json")):
+            return TokenStore(path)
+        raise
