@@ -68,6 +68,7 @@ def base(name: str, model) -> ml_collections.ConfigDict:
     c.data.cache_dir = ""  # tokenizers and token caches; '' = $PODFORMER_CACHE or ~/.cache/podformer
     c.data.validation_percent = 3  # embedded corpus: share of files held out (by a hash of the path)
     c.data.num_workers = 0  # grain worker processes (0: read in the main process with threads)
+    c.data.build_workers = 0  # processes that tokenize a new corpus into its store (0: one per core)
     c.data.prefetch = 2  # batches prepared ahead, on host and on device
     # Sources and objectives (data/pipeline.py). source: embedded | tfds | files | mixture.
     c.data.tfds_name = ""  # source=tfds: NAME[/CONFIG][:VERSION], e.g. c4/en:3.1.0, wikipedia/20230601.en

@@ -36,7 +36,7 @@ class HFTokenizer:
     def __init__(self, tokenizer_json: str, special_tokens: dict | None = None, path: str = ""):
         from tokenizers import Tokenizer
 
-        self.path = path
+        self.path, self._args = path, (tokenizer_json, special_tokens)
         self.tok = Tokenizer.from_str(tokenizer_json)
         special = {k: _content(v) for k, v in (special_tokens or {}).items() if _content(v)}
         self.ids: dict[str, int | None] = {}
@@ -45,6 +45,9 @@ class HFTokenizer:
             self.ids[role] = next((i for i in map(self.tok.token_to_id, names) if i is not None), None)
         blob = tokenizer_json + json.dumps(special, sort_keys=True)
         self.fingerprint = hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def __reduce__(self):  # to the store builder's worker processes
+        return (HFTokenizer, (*self._args, self.path))
 
     @classmethod
     def load(cls, path: str) -> HFTokenizer:

@@ -42,9 +42,9 @@ def _embedded(data_cfg, vocab_size: int):
     fp = corpus.fingerprint(pct)
     tok = hf_tokenizer.get(data_cfg, vocab_size, corpus.NAME, fp, lambda: corpus.documents("train", pct))
     root = os.path.join(tokenizer.cache_dir(data_cfg.cache_dir), "tokens", f"{corpus.NAME}-{fp}-{tok.fingerprint}")
-    kw = dict(encode_batch=tok.encode_batch, vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id)
+    kw = dict(encoder=tok, vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id, **_parallel(data_cfg))
     stores = {
-        split: tokens.cached(os.path.join(root, split), lambda s=split: corpus.documents(s, pct), **kw)
+        split: tokens.cached(os.path.join(root, split), lambda s=split: corpus.documents(s, pct), name=split, **kw)
         for split in ("train", "validation")
     }
     return tok, stores, f"embedded corpus: Python {corpus.root()} ({stores['train'].num_tokens:,} train tokens)"
@@ -88,9 +88,11 @@ def _split(data_cfg, src, split: str) -> str:
     return split
 
 
-def _sample(docs, n: int) -> list[str]:
+def _sample(docs, n: int):
+    """``n`` documents spread over ``docs``, read one at a time (the trainer keeps a bounded sample)."""
     step = max(1, len(docs) // n)
-    return [docs[i] for i in range(0, len(docs), step)][:n]
+    for i in range(0, min(len(docs), step * n), step):
+        yield docs[i]
 
 
 def _key(src) -> str:
@@ -104,7 +106,7 @@ def _tokenizer(data_cfg, vocab_size: int, components, tokens: special.TokenSet):
 
     def texts():
         per = max(1, _TOKENIZER_SAMPLE // len(components))
-        return [t for s, _ in components for t in _sample(s.documents(_split(data_cfg, s, "train")), per)]
+        return (t for s, _ in components for t in _sample(s.documents(_split(data_cfg, s, "train")), per))
 
     name = corpus.NAME if data_cfg.source == "embedded" else names
     fp = corpus.fingerprint(data_cfg.validation_percent) if data_cfg.source == "embedded" else fp
@@ -118,16 +120,22 @@ def _store(data_cfg, src, split: str, tok, *, sentences: bool):
     path = os.path.join(
         tokenizer.cache_dir(data_cfg.cache_dir), kind, f"{_key(src)}-{src.fingerprint(sp)}-{tok.fingerprint}"
     )
+    docs = lambda: sources.SplitDocuments(src, sp)  # noqa: E731 (reopened by each worker process)
+    kw = dict(encoder=tok, vocab_size=tok.vocab_size, name=f"{src.name} ({sp})", **_parallel(data_cfg))
     if sentences:
-        return store.cached(
-            path,
-            lambda: src.documents(sp),
-            encode_batch=tok.encode_batch,
-            vocab_size=tok.vocab_size,
-            name=f"{src.name} ({sp})",
-        )
-    kw = dict(encode_batch=tok.encode_batch, vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id)
-    return tokens.cached(path, lambda: src.documents(sp), **kw)
+        return store.cached(path, docs, **kw)
+    return tokens.cached(path, docs, bos_id=tok.bos_id, eos_id=tok.eos_id, **kw)
+
+
+def _parallel(data_cfg) -> dict:
+    """How a store is built here: data.build_workers processes (0: one per core), this host's share."""
+    import jax  # here, not above: only a build needs it (the tokenizer command and config checks do not)
+
+    return dict(
+        workers=data_cfg.get("build_workers", 0),
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
 
 
 def _rows(data_cfg, objective: str, st, tok, seq_len: int, seed: int):

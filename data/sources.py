@@ -76,6 +76,29 @@ class Documents:
         return self._text(self.source[index], index)
 
 
+class SplitDocuments:
+    """``source.documents(split)``, opened on first use and reopened after pickling (the store builder's
+    worker processes receive the source and the split, not an open ArrayRecord reader)."""
+
+    def __init__(self, source, split: str):
+        self.source, self.split, self._docs = source, split, None
+
+    def __getstate__(self):
+        return {"source": self.source, "split": self.split, "_docs": None}
+
+    @property
+    def docs(self):
+        if self._docs is None:
+            self._docs = self.source.documents(self.split)
+        return self._docs
+
+    def __len__(self) -> int:
+        return len(self.docs)
+
+    def __getitem__(self, index):
+        return self.docs[index]
+
+
 @dataclasses.dataclass(frozen=True)
 class Embedded:
     validation_percent: int = 3

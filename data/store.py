@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
@@ -19,33 +18,10 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from podformer.core.errors import UserError
+from podformer.data import shards, tokens
+from podformer.data.sentences import split_sentences  # noqa: F401 (callers find it here too)
 
 FORMAT = "sentences-v1"
-
-# A sentence ends at a newline, or after . ! ? (and closing quotes/brackets) followed by whitespace and
-# something that can start a sentence. The whitespace stays with the sentence before it, so the
-# sentences of a text concatenate back to the text exactly (code and prose alike).
-_BOUNDARY = re.compile(r"\n|(?<=[.!?])[\"')\]]*[ \t]+(?=[\"'(\[A-Z0-9])")
-
-
-def split_sentences(text: str) -> list[str]:
-    """Sentences of ``text`` (whitespace-only pieces merged into the sentence before them)."""
-    out, start = [], 0
-    for m in _BOUNDARY.finditer(text):
-        end = m.end()
-        piece = text[start:end]
-        if out and not piece.strip():
-            out[-1] += piece
-        elif piece:
-            out.append(piece)
-        start = end
-    tail = text[start:]
-    if tail:
-        if out and not tail.strip():
-            out[-1] += tail
-        else:
-            out.append(tail)
-    return out
 
 
 class SentenceStore:
@@ -97,37 +73,37 @@ class SentenceStore:
 def build(
     path: str,
     documents: Sequence[str],
-    encode_batch: Callable[[Sequence[str]], list[list[int]]],
+    encoder,
     *,
     vocab_size: int,
     name: str,
     meta: dict | None = None,
-    chunk: int = 256,
+    keep_parts: bool = False,
+    **parallel,
 ) -> SentenceStore:
-    """Split ``documents`` into sentences and tokenize them into a store at ``path``."""
-    dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
+    """Split ``documents`` into sentences and tokenize them into a store at ``path`` (in parallel and
+    resumably, as data/tokens.py's ``build``)."""
+    dtype = tokens.dtype_for(vocab_size)
+    job = shards.Job(documents, tokens.as_tokenizer(encoder), "sentences", np.dtype(dtype).name)
+    parts = path + ".parts"
+    plan = shards.build_parts(parts, job, name=name, **parallel) if len(documents) else []
+    if parallel.get("own_only"):
+        return None
+    if os.path.exists(os.path.join(path, "meta.json")):  # another process assembled it meanwhile
+        return SentenceStore(path)
+    small = [shards.load_shard(parts, k, "sent_lengths", "counts") for k in range(len(plan))]
+    sent_lengths = np.concatenate([np.zeros(0, np.int64)] + [z["sent_lengths"] for z in small])
+    counts = np.concatenate([np.zeros(0, np.int64)] + [z["counts"] for z in small])
+    if not len(sent_lengths):
+        raise UserError(f"{name}: the corpus is empty (no document has any text)")
+    sent_starts = np.concatenate([[0], np.cumsum(sent_lengths)]).astype(np.int64)
+    first = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = tempfile.mkdtemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
-    sent_lengths, doc_sentence_counts = [], []
     try:
         with open(os.path.join(tmp, "tokens.bin"), "wb") as out:
-            for i in range(0, len(documents), chunk):
-                docs = [split_sentences(d) for d in documents[i : i + chunk]]
-                flat = [s for d in docs for s in d]
-                ids = encode_batch(flat) if flat else []
-                k = 0
-                for d in docs:
-                    lengths = [len(x) for x in ids[k : k + len(d)] if len(x)]
-                    parts = [np.asarray(x, dtype) for x in ids[k : k + len(d)] if len(x)]
-                    k += len(d)
-                    if parts:
-                        out.write(np.concatenate(parts).tobytes())
-                        sent_lengths.extend(lengths)
-                        doc_sentence_counts.append(len(lengths))
-        if not sent_lengths:
-            raise UserError(f"{name}: the corpus is empty (no document has any text)")
-        sent_starts = np.concatenate([[0], np.cumsum(sent_lengths)]).astype(np.int64)
-        first = np.concatenate([[0], np.cumsum(doc_sentence_counts)]).astype(np.int64)
+            for k in range(len(plan)):
+                out.write(shards.load_shard(parts, k, "tokens")["tokens"].tobytes())
         np.save(os.path.join(tmp, "sent_starts.npy"), sent_starts)
         np.save(os.path.join(tmp, "doc_starts.npy"), sent_starts[first])
         info = {
@@ -136,21 +112,25 @@ def build(
             "dtype": np.dtype(dtype).name,
             "num_tokens": int(sent_starts[-1]),
             "num_sentences": len(sent_lengths),
-            "num_docs": len(doc_sentence_counts),
+            "num_docs": len(counts),
         }
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump(info, f)
-        try:
-            os.rename(tmp, path)
-        except OSError:  # another process finished the same store first
-            shutil.rmtree(tmp, ignore_errors=True)
+        tokens.finish(path, tmp, info)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if not keep_parts and parallel.get("process_count", 1) == 1:
+        shutil.rmtree(parts, ignore_errors=True)
     return SentenceStore(path)
 
 
 def cached(path: str, documents_fn: Callable[[], Sequence[str]], **build_kwargs) -> SentenceStore:
     if os.path.exists(os.path.join(path, "meta.json")):
         return SentenceStore(path)
-    return build(path, documents_fn(), **build_kwargs)
+    try:
+        return build(path, documents_fn(), **build_kwargs)
+    except (FileNotFoundError, RuntimeError):
+        # Another process (a second run, a host on a shared cache) finished the same store and removed
+        # the shards this one was reading: the store it wrote is this one's, bit for bit.
+        if os.path.exists(os.path.join(path, "meta.json")):
+            return SentenceStore(path)
+        raise

@@ -27,9 +27,15 @@ class SentencePieceTokenizer:
     """A SentencePiece model with ids pad=0, bos=1, eos=2, unk=3 (podformer-trained models)."""
 
     def __init__(self, model_proto: bytes, path: str = ""):
-        self.path = path
+        self.path, self.proto = path, model_proto
         self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
         self.fingerprint = hashlib.sha256(model_proto).hexdigest()[:16]
+        # "\n" as a user-defined piece is never merged with its neighbours, so a text encodes as its
+        # newline-cut pieces do (podformer's models): the store builder cuts long documents there.
+        self.newline_is_piece = _is_user_defined(model_proto, "\n")
+
+    def __reduce__(self):  # to the store builder's worker processes
+        return (SentencePieceTokenizer, (self.proto, self.path))
 
     @classmethod
     def load(cls, path: str) -> SentencePieceTokenizer:
@@ -85,6 +91,15 @@ class SentencePieceTokenizer:
         return self.sp.decode([int(i) for i in ids])
 
 
+def _is_user_defined(model_proto: bytes, piece: str) -> bool:
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model_proto)
+    kind = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
+    return any(p.piece == piece and p.type == kind for p in proto.pieces)
+
+
 def byte_to_char_spans(text: str, spans: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
     """UTF-8 byte spans of ``text`` as character spans; a span edge inside a character widens to cover it
     (byte-fallback pieces of one character share its span)."""
@@ -112,11 +127,30 @@ def trim_offsets(text: str, spans: Sequence[tuple[int, int]]) -> list[tuple[int,
     return out
 
 
+RESERVOIR = 4  # chunks kept while streaming, in units of max_chunks
+
+
 def _training_chunks(texts: Iterable[str], max_chunks: int, seed: int = 0) -> list[str]:
-    # Paragraph-sized pieces (not lines), so that newlines and indentation are learned as pieces.
-    chunks = [c[:4000] for t in texts for c in t.split("\n\n") if c.strip()]
-    random.Random(seed).shuffle(chunks)
-    return chunks[:max_chunks]
+    """``max_chunks`` paragraph-sized pieces (not lines, so that newlines and indentation are learned as
+    pieces), sampled uniformly from any number of texts in bounded memory: a reservoir of
+    ``RESERVOIR * max_chunks`` pieces of at most 4,000 characters (Vitter's algorithm R, seeded), then
+    shuffled. A corpus with fewer pieces than the reservoir gets exactly the sample it always had."""
+    cap, rng = RESERVOIR * max_chunks, random.Random(seed + 1)
+    reservoir: list[str] = []
+    seen = 0
+    for t in texts:
+        for c in t.split("\n\n"):
+            if not c.strip():
+                continue
+            if len(reservoir) < cap:
+                reservoir.append(c[:4000])
+            else:
+                j = rng.randrange(seen + 1)
+                if j < cap:
+                    reservoir[j] = c[:4000]
+            seen += 1
+    random.Random(seed).shuffle(reservoir)
+    return reservoir[:max_chunks]
 
 
 def train_sentencepiece(

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from podformer.core.errors import UserError
+from podformer.data import shards
 
 
 class TokenStore:
@@ -49,44 +50,90 @@ class TokenStore:
         return float(-(p * np.log(p)).sum())
 
 
+class CallableTokenizer:
+    """A bare ``encode_batch`` function as a tokenizer (tests; a lambda cannot go to worker processes)."""
+
+    def __init__(self, fn: Callable[[Sequence[str]], list[list[int]]]):
+        self.fn = fn
+
+    def encode_batch(self, texts: Sequence[str], num_threads: int = 0) -> list[list[int]]:
+        return [list(x) for x in self.fn(list(texts))]
+
+
+def as_tokenizer(encoder):
+    return encoder if hasattr(encoder, "encode_batch") else CallableTokenizer(encoder)
+
+
+def dtype_for(vocab_size: int):
+    return np.uint16 if vocab_size <= 2**16 else np.uint32
+
+
+def finish(path: str, tmp: str, meta: dict) -> None:
+    """Write ``meta.json`` last into ``tmp`` and rename it to ``path``; the shards' folder goes too."""
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    try:
+        os.rename(tmp, path)
+    except OSError:  # another process finished the same store first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def build(
     path: str,
     texts: Sequence[str],
-    encode_batch: Callable[[Sequence[str]], list[list[int]]],
+    encoder,
     *,
     vocab_size: int,
     bos_id: int | None,
     eos_id: int | None,
     meta: dict | None = None,
-    chunk: int = 512,
+    name: str = "",
+    keep_parts: bool = False,
+    **parallel,
 ) -> TokenStore:
-    """Tokenize ``texts`` into a store at ``path`` (written to a temporary directory, then renamed, so a
-    killed build never leaves a half-written store behind)."""
-    if not texts:
+    """Tokenize ``texts`` into a store at ``path``: shards built in parallel and resumably in
+    ``<path>.parts`` (data/shards.py; ``parallel``: workers, process_index, process_count, progress), then
+    concatenated into a temporary directory that is renamed, so a store is whole or absent."""
+    if not len(texts):
         raise UserError(f"cannot build token store {path}: the corpus has no documents")
-    dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
-    parts, lengths = [], []
-    for i in range(0, len(texts), chunk):
-        for ids in encode_batch(texts[i : i + chunk]):
-            doc = ([bos_id] if bos_id is not None else []) + list(ids) + ([eos_id] if eos_id is not None else [])
-            parts.append(np.asarray(doc, dtype=dtype))
-            lengths.append(len(doc))
-    tokens = np.concatenate(parts)
+    dtype = dtype_for(vocab_size)
+    job = shards.Job(texts, as_tokenizer(encoder), "tokens", np.dtype(dtype).name, bos_id, eos_id)
+    parts = path + ".parts"
+    plan = shards.build_parts(parts, job, name=name or os.path.basename(path), **parallel)
+    if parallel.get("own_only"):
+        return None
+    if os.path.exists(os.path.join(path, "meta.json")):  # another process assembled it meanwhile
+        return TokenStore(path)
+    lengths = np.concatenate([shards.load_shard(parts, k, "lengths")["lengths"] for k in range(len(plan))])
     doc_starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = tempfile.mkdtemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
-    np.save(os.path.join(tmp, "tokens.npy"), tokens)
-    np.save(os.path.join(tmp, "doc_starts.npy"), doc_starts)
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump({**(meta or {}), "num_tokens": int(tokens.shape[0]), "num_docs": len(lengths)}, f)
     try:
-        os.rename(tmp, path)
-    except OSError:  # another process finished the same store first
+        out = np.lib.format.open_memmap(os.path.join(tmp, "tokens.npy"), "w+", dtype, (int(doc_starts[-1]),))
+        at = 0
+        for k in range(len(plan)):
+            t = shards.load_shard(parts, k, "tokens")["tokens"]
+            out[at : at + len(t)] = t
+            at += len(t)
+        out.flush()
+        del out
+        np.save(os.path.join(tmp, "doc_starts.npy"), doc_starts)
+        finish(path, tmp, {**(meta or {}), "num_tokens": int(doc_starts[-1]), "num_docs": len(lengths)})
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if not keep_parts and parallel.get("process_count", 1) == 1:  # other hosts may still read them
+        shutil.rmtree(parts, ignore_errors=True)
     return TokenStore(path)
 
 
 def cached(path: str, texts_fn: Callable[[], Sequence[str]], **build_kwargs) -> TokenStore:
     if os.path.exists(os.path.join(path, "meta.json")):
         return TokenStore(path)
-    return build(path, texts_fn(), **build_kwargs)
+    try:
+        return build(path, texts_fn(), **build_kwargs)
+    except (FileNotFoundError, RuntimeError):
+        # Another process (a second run, a host on a shared cache) finished the same store and removed
+        # the shards this one was reading: the store it wrote is this one's, bit for bit.
+        if os.path.exists(os.path.join(path, "meta.json")):
+            return TokenStore(path)
+        raise

@@ -226,12 +226,15 @@ def test_mixture_draws_in_proportion(corpus):
 
 
 def test_named_tfds_dataset_end_to_end_through_mock_data(corpus):
-    cfg = _cfg(corpus, "bart", source="tfds", tfds_name="wikipedia/20230601.en", validation_split="train[:10%]")
+    # mock_data patches this process only: the store is built here, not by worker processes.
+    cfg = _cfg(corpus, "bart", source="tfds", tfds_name="wikipedia/20230601.en", validation_split="train[:10%]",
+               build_workers=1)  # fmt: skip
     with tfds.testing.mock_data(num_examples=60):
         data = pipeline.build(cfg, vocab_size=420, seq_len=64)
         batch = Loader(data.train_rows, global_batch=4, mesh=_mesh(), rules=RULES, seed=0).host_batch(0)
         with pytest.raises(UserError, match="wikipedia.*no feature 'body'") as e:
-            pipeline.build(_cfg(corpus, "mlm", source="tfds", tfds_name="wikipedia/20230601.en", text_field="body"),
+            pipeline.build(_cfg(corpus, "mlm", source="tfds", tfds_name="wikipedia/20230601.en", text_field="body",
+                                build_workers=1),
                            vocab_size=420, seq_len=64)  # fmt: skip
         assert "\n" not in str(e.value)
     assert batch["encoder_inputs"].shape == (4, 64) and "wikipedia" in data.description
