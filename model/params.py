@@ -47,6 +47,15 @@ def _key(path) -> str:
     return ".".join(str(p) for p in path)
 
 
+def _scanned_names(stack: layers.BlockStack, prefix: str, rest: tuple) -> list[str]:
+    """The canonical names of one array of a scanned stack, layer by layer. A stack of BlockGroups
+    (layers differing with a period) holds block j of group g as layer g * period + j."""
+    if stack.period == 1:
+        return [f"{prefix}.{i}.{_key(rest)}" for i in range(stack.num_layers)]
+    j, tail = int(rest[1]), _key(rest[2:])  # rest = ('blocks', j, ...)
+    return [f"{prefix}.{g * stack.period + j}.{tail}" for g in range(stack.num_layers // stack.period)]
+
+
 def _vocab_axis(model: nnx.Module):
     """``(path, var) -> (axis, real vocab size) or None``: where a variable has padded vocabulary entries.
     The size is that of the innermost module with a family config holding the variable (a TrainState's
@@ -89,7 +98,7 @@ def _names(model: nnx.Module) -> dict[tuple, tuple[list[str], bool]]:
             continue
         stack, rest, prefix = stacks[stack_path], path[len(stack_path) + 1 :], _key(stack_path)  # drop 'layers'
         if stack.scan:
-            out[path] = ([f"{prefix}.{i}.{_key(rest)}" for i in range(stack.num_layers)], True)
+            out[path] = (_scanned_names(stack, prefix, rest), True)
         else:
             out[path] = ([f"{prefix}.{rest[0]}.{_key(rest[1:])}"], False)
     return out
@@ -205,8 +214,7 @@ def set_params(
         stack_path = next((sp for sp in stacks if path[: len(sp)] == sp), None)
         scanned = stack_path is not None and stacks[stack_path].scan
         if scanned:
-            rest = _key(path[len(stack_path) + 1 :])
-            names = [f"{_key(stack_path)}.{i}.{rest}" for i in range(stacks[stack_path].num_layers)]
+            names = _scanned_names(stacks[stack_path], _key(stack_path), path[len(stack_path) + 1 :])
         else:
             names = [_key(path) if stack_path is None else _key(stack_path + path[len(stack_path) + 1 :])]
         absent = [n for n in names if n not in flat]
