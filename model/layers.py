@@ -88,6 +88,8 @@ class BlockOptions:
     router_jitter: float = 0.0
     moe_dispatch: str = "dropless"
     capacity_factor: float = 1.25
+    moe_lb_weight: float = 0.01
+    moe_z_weight: float = 0.001
 
     @property
     def kv_heads(self) -> int:
@@ -122,6 +124,8 @@ def block_options(cfg: ModelConfig, **options) -> BlockOptions:
         router_jitter=cfg.router_jitter,
         moe_dispatch=cfg.moe_dispatch,
         capacity_factor=cfg.capacity_factor,
+        moe_lb_weight=cfg.moe_lb_weight,
+        moe_z_weight=cfg.moe_z_weight,
         **options,
     )
 
@@ -458,7 +462,9 @@ class MoE(nnx.Module):
             cap = moe.capacity(B * L, o.experts_per_token, o.num_experts, o.capacity_factor)
             constrain = functools.partial(sharding.constrain, axes=("expert", None, None))
             y_TD, kept_TK = moe.dispatch_capacity(x_TD, weights_TK, experts_TK, self.experts, cap, constrain)
-        self.sow(nnx.Intermediate, "moe_stats", moe.aux_stats(logits_TE, probs_TE, experts_TK, kept_TK))
+        stats = moe.aux_stats(logits_TE, probs_TE, experts_TK, kept_TK)
+        stats["moe_aux_loss"] = o.moe_lb_weight * stats["moe_lb_loss"] + o.moe_z_weight * stats["moe_z_loss"]
+        self.sow(nnx.Intermediate, "moe_stats", stats)
         y_BLD = y_TD.reshape(B, L, D).astype(x_BLD.dtype)
         return y_BLD if self.shared is None else y_BLD + self.shared(x_BLD)
 

@@ -30,7 +30,7 @@ from flax import nnx
 
 Array = jax.Array
 
-STATS = ("moe_lb_loss", "moe_z_loss", "moe_dropped", "moe_balance")
+STATS = ("moe_aux_loss", "moe_lb_loss", "moe_z_loss", "moe_dropped", "moe_balance")
 
 
 def route(logits_TE: Array, k: int, renormalize: bool) -> tuple[Array, Array, Array]:
@@ -105,10 +105,10 @@ def dispatch_dropless(x_TD: Array, weights_TK: Array, experts_TK: Array, expert_
     return jnp.einsum("TKD,TK->TD", y_TKD, weights_TK.astype(y_TKD.dtype)), jnp.ones((T, K), bool)
 
 
-def collect(model: nnx.Module, cfg) -> dict[str, Array]:
-    """Pop the MoE statistics the stacks of ``model`` sowed during its last call: each stat as its mean over
-    the MoE layers, and ``moe_aux_loss``, the weighted auxiliary objective (cfg.moe_lb_weight and
-    cfg.moe_z_weight). {} for a dense model (or one not called since)."""
+def collect(model: nnx.Module) -> dict[str, Array]:
+    """Pop the MoE statistics the stacks of ``model`` sowed during its last call, each as its mean over the
+    MoE layers; ``moe_aux_loss`` is the weighted auxiliary objective (moe_lb_weight * load balancing +
+    moe_z_weight * z-loss). {} for a dense model (or one not called since)."""
     sown = nnx.pop(model, nnx.Intermediate)
     summed = None
     for path, v in nnx.to_flat_state(sown):
@@ -119,9 +119,7 @@ def collect(model: nnx.Module, cfg) -> dict[str, Array]:
         return {}
     summed = dict(summed)
     layers = summed.pop("layers")
-    out = {k: v / layers for k, v in summed.items()}
-    out["moe_aux_loss"] = cfg.moe_lb_weight * out["moe_lb_loss"] + cfg.moe_z_weight * out["moe_z_loss"]
-    return out
+    return {k: v / layers for k, v in summed.items()}
 
 
 def add_stats(a: dict | None, b: dict | None) -> dict | None:

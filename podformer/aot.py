@@ -167,7 +167,7 @@ def compile_only(spec: str, cfg, model_cfg, module_cls) -> dict:
     # measured on probes, unrolled programs of 1 and 2 layers at two small batches b and 2b with
     # grad_accum=1 (small programs compile in seconds and fit), and extrapolated: costs are linear in the
     # batch (rows) and in the layers, cost = fixed(L) + B * per_row(L), each of them c1 + (L-1)(c2-c1).
-    dp = report["mesh"]["data"] * report["mesh"]["fsdp"]
+    dp = mesh_lib.data_parallel(report["mesh"])
     b = math.lcm(dp, report["hosts"])
     probes = {
         (n, rows): compile_train_step(
@@ -227,11 +227,11 @@ def compile_train_step(
     rules = tuple(tuple(r) for r in cfg.mesh.rules)
     t = cfg.train
     processes = len({d.process_index for d in devices})
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    dp = mesh_lib.data_parallel(mesh.shape)
     if (t.batch_size // t.grad_accum) % dp or t.batch_size % processes:
         raise UserError(
             f"train.batch_size={t.batch_size} (grad_accum={t.grad_accum}) must be divisible by the data-parallel size "
-            f"data*fsdp={dp} and by the {processes} hosts of {spec}"
+            f"data*fsdp*expert={dp} and by the {processes} hosts of {spec}"
         )
     graphdef, abstract = trainer.abstract_state(make_model, tx, t.seed)
     shardings = trainer.state_shardings(abstract, mesh, rules, strict=cfg.mesh.strict)
