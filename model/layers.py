@@ -464,7 +464,7 @@ class MoE(nnx.Module):
             y_TD, kept_TK = moe.dispatch_capacity(x_TD, weights_TK, experts_TK, self.experts, cap, constrain)
         stats = moe.aux_stats(logits_TE, probs_TE, experts_TK, kept_TK)
         stats["moe_aux_loss"] = o.moe_lb_weight * stats["moe_lb_loss"] + o.moe_z_weight * stats["moe_z_loss"]
-        self.sow(nnx.Intermediate, "moe_stats", stats)
+        moe.record(self, stats)
         y_BLD = y_TD.reshape(B, L, D).astype(x_BLD.dtype)
         return y_BLD if self.shared is None else y_BLD + self.shared(x_BLD)
 
@@ -693,5 +693,5 @@ class BlockStack(nnx.Module):
             (x, cache), ys = jax.lax.scan(body, (x, cache), (params, rngs, per_layer, layer_ids))
             stats = None if ys is None else jax.tree.map(lambda a: jnp.sum(a, axis=0), ys)
         if stats is not None:
-            self.sow(nnx.Intermediate, "moe_stats", stats)
+            moe.record(self, stats)
         return x if cache is None else (x, cache)

@@ -114,7 +114,7 @@ def collect(model: nnx.Module) -> dict[str, Array]:
     for path, v in nnx.to_flat_state(sown):
         if path[-1] == "moe_stats":
             for s in v.get_value():
-                summed = add_stats(summed, s)
+                summed = add_stats(summed, {"layers": jnp.float32(1.0), **s})
     if summed is None:
         return {}
     summed = dict(summed)
@@ -135,5 +135,12 @@ def block_stats(block: nnx.Module) -> dict | None:
     out = None
     for v in found:
         for s in v.get_value():
-            out = add_stats(out, {**s, "layers": jnp.float32(1.0)})
+            out = add_stats(out, {"layers": jnp.float32(1.0), **s})
     return out
+
+
+def record(module: nnx.Module, stats: dict) -> None:
+    """Keep ``stats`` on ``module`` as an nnx.Intermediate named ``moe_stats`` (what ``Module.sow`` does,
+    which Flax now wants inside nnx.capture; the stacks and the trainer pop these themselves)."""
+    previous = getattr(module, "moe_stats", None)
+    module.moe_stats = nnx.Intermediate((*(previous.get_value() if previous is not None else ()), stats))
