@@ -36,6 +36,12 @@ TRAINING_FIELDS = (
     "remat",
     "attention_impl",
     "vocab_multiple",
+    # how a mixture of experts trains (dispatch, jitter, auxiliary weights), not which function it computes
+    "moe_dispatch",
+    "capacity_factor",
+    "router_jitter",
+    "moe_lb_weight",
+    "moe_z_weight",
 )
 
 
