@@ -354,3 +354,20 @@ def read_workdir(workdir: str, step: int | None = None) -> tuple[str, object, di
     # Hugging Face folder without them would be: nothing downstream mistakes them for learned values.
     untrained = set(meta.get("untrained", meta.get("missing", ())))
     return family, cfg, {k: v for k, v in get_params(abstract).items() if k not in untrained}, meta
+
+
+def count_active(model: nnx.Module) -> float:
+    """Parameters a token uses: as ``count``, with a mixture of experts' expert weights counted at their
+    active share, experts_per_token / num_experts (routers and shared experts in full)."""
+    shares = {
+        path: m.o.experts_per_token / m.o.num_experts
+        for path, m in nnx.iter_modules(model)
+        if isinstance(m, layers.MoE)
+    }
+    vocab_axis = _vocab_axis(model)
+    total = 0.0
+    for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        n = math.prod(_strip(tuple(v.shape), vocab_axis(path, v)))
+        owner = next((p for p in shares if path[: len(p)] == p and "experts" in path[len(p) :]), None)
+        total += n * (shares[owner] if owner is not None else 1.0)
+    return total

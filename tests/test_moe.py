@@ -162,3 +162,25 @@ def test_t5_moe_tiny_trains_with_span_corruption(tmp_path):
     train.run(["--config=configs/t5.py:moe_tiny", *small, f"--workdir={tmp_path}"])
     rows = [m for m in read_metrics(str(tmp_path)) if "moe_lb_loss" in m]
     assert len(rows) == 3 and all(math.isfinite(m["loss"]) and m["moe_lb_loss"] > 0 for m in rows)
+
+
+@pytest.mark.parametrize(
+    "preset,total,active",
+    [
+        # GLaM (Du et al. 2022, table 4): total parameters as published; active per token as counted here.
+        # The 0.1B model's 1.9B excludes its 256K x 768 embedding (0.2B), which this count includes.
+        ("glam_0_1b_64e", 1.9e9, 0.310e9),
+        ("glam_1_7b_64e", 27e9, 2.137e9),
+        ("glam_8b_64e", 143e9, 9.643e9),
+        ("glam_64b_64e", 1.2e12, 88.01e9),
+        # Mixtral (Mistral AI's model cards): 46.7B / 12.9B and 141B / 39B (totals also equal transformers':
+        # tests/test_zoo_presets.py).
+        ("mixtral_8x7b", 46.7e9, 12.9e9),
+        ("mixtral_8x22b", 141e9, 39e9),
+    ],
+)
+def test_moe_preset_parameter_counts(preset, total, active):
+    cfg = getattr(gpt.GPTConfig, preset)()
+    model = nnx.eval_shape(lambda: gpt.GPT(cfg, rngs=nnx.Rngs(0)))
+    assert abs(params.count(model) / total - 1) < 0.1, params.count(model)
+    assert abs(params.count_active(model) / active - 1) < 0.01, params.count_active(model)
