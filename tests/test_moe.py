@@ -125,6 +125,7 @@ def test_flops_count_active_parameters():
 
 
 MOE = [*SMALL, "--config.train.steps=5", "--config.checkpoint.every=100", "--config.model.expert_d_ff=64"]
+MOE += ["--config.train.eval_steps=0"]  # losses only: no evaluation to compile
 
 
 @pytest.mark.slow
@@ -158,7 +159,7 @@ def test_expert_parallel_losses_equal_one_device(tmp_path):
 def test_t5_moe_tiny_trains_with_span_corruption(tmp_path):
     small = ["--config.model.d_model=64", "--config.model.num_layers=2", "--config.train.seq_len=64"]
     small += ["--config.train.batch_size=8", "--config.train.log_every=1", "--config.train.eval_every=0"]
-    small += ["--config.train.eval_steps=1", "--config.train.steps=3", "--config.checkpoint.every=100"]
+    small += ["--config.train.eval_steps=0", "--config.train.steps=3", "--config.checkpoint.every=100"]
     train.run(["--config=configs/t5.py:moe_tiny", *small, f"--workdir={tmp_path}"])
     rows = [m for m in read_metrics(str(tmp_path)) if "moe_lb_loss" in m]
     assert len(rows) == 3 and all(math.isfinite(m["loss"]) and m["moe_lb_loss"] > 0 for m in rows)
