@@ -196,9 +196,16 @@ def config_with(cfg, batch_size: int):
     return c
 
 
+def _period(model_cfg) -> int:
+    """Layers that repeat as a unit: a mixture of experts in every moe_every-th layer repeats moe_every."""
+    return model_cfg.moe_every if getattr(model_cfg, "num_experts", 0) else 1
+
+
 def layers(model_cfg, n: int):
-    """``model_cfg`` with ``n`` unrolled layers (encoder-decoders: ``n`` on each side); per-layer tuples
-    (GPT-Neo's attention_layers) cut to match."""
+    """``model_cfg`` with ``n`` unrolled layer units (encoder-decoders: ``n`` on each side; a unit is one layer,
+    or moe_every of them for a periodic mixture of experts); per-layer tuples (GPT-Neo's attention_layers)
+    cut to match."""
+    n *= _period(model_cfg)
     per_layer = {
         f.name: getattr(model_cfg, f.name)[:n]
         for f in dataclasses.fields(model_cfg)
@@ -211,10 +218,10 @@ def layers(model_cfg, n: int):
 
 
 def layer_count(model_cfg) -> float:
-    """The number of (encoder + decoder) layer pairs ``layers(cfg, n)`` scales, for the extrapolation."""
+    """The number of (encoder + decoder) layer units ``layers(cfg, n)`` scales, for the extrapolation."""
     if hasattr(model_cfg, "decoder_layers"):
-        return (model_cfg.num_layers + model_cfg.decoder_layers) / 2
-    return float(model_cfg.num_layers)
+        return (model_cfg.num_layers + model_cfg.decoder_layers) / 2 / _period(model_cfg)
+    return model_cfg.num_layers / _period(model_cfg)
 
 
 def compile_train_step(
