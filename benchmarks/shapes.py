@@ -57,6 +57,20 @@ SHAPES = [
         + _o(model__scan_layers="false")
         + _CPU_TRAIN,
     ),
+    # Mixture of experts at decoder-cpu's active size: 8 experts of 512, top-2 (= one MLP of 1024) in every
+    # layer, dropless (ragged_dot) and capacity-based (factor 1.25); decoder-cpu is the dense model beside them.
+    *[
+        Shape(
+            f"moe-decoder-cpu-{dispatch}",
+            "decoder",
+            "configs/gpt.py:moe_tiny",
+            _CPU_MODEL
+            + _o(model__num_layers=4, model__max_len=256, model__scan_layers="false", model__expert_d_ff=512)
+            + _o(model__moe_dispatch=dispatch)
+            + _CPU_TRAIN,
+        )
+        for dispatch in ("dropless", "capacity")
+    ],
     # Realistic shapes (bf16 compute, float32 master weights), per-device batch 8 x 1024 / 32 x 512.
     Shape(
         "decoder-gpt2-small",

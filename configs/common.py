@@ -7,9 +7,10 @@ import ml_collections
 from podformer.model import families
 
 # Logical axis -> mesh axes. Parameters are sharded over fsdp on their model dimension and over tensor
-# on heads / mlp / vocab; activations are sharded over data and fsdp on the batch dimension.
+# on heads / mlp / vocab, experts' weights over expert on their expert dimension; activations are sharded
+# over data, fsdp and expert on the batch dimension (the dense layers use the expert devices as data parallel).
 RULES = (
-    ("batch", ("data", "fsdp")),
+    ("batch", ("data", "fsdp", "expert")),
     ("length", None),
     ("embed", "fsdp"),
     ("heads", "tensor"),
@@ -17,6 +18,7 @@ RULES = (
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("layers", None),
+    ("expert", "expert"),
 )
 
 
@@ -101,6 +103,7 @@ def base(name: str, model) -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: the devices that fsdp x tensor leave
     c.mesh.fsdp = 1
+    c.mesh.expert = 1  # expert parallelism: mixture-of-experts weights split over their expert dimension
     c.mesh.tensor = 1
     c.mesh.devices = 0  # 0: every device; N: only the first N (single process)
     # Multislice: data, fsdp and tensor are sizes within one slice (ICI); the data and fsdp axes span

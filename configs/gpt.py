@@ -3,21 +3,27 @@ GPT-3, MT-NLG, GPT-Neo, GPT-J, GPT-NeoX, OPT, BLOOM, LLaMA, PaLM, Gopher, Chinch
 
 python train.py                                   # = --config=configs/gpt.py:tiny, CPU, embedded corpus
 python train.py --config=configs/gpt.py:gpt2_small --config.mesh.fsdp=8 --workdir=gs://bucket/gpt2
+python train.py --config=configs/gpt.py:moe_tiny                 # 8 experts, top-2, CPU
 python train.py --config=configs/gpt.py:llama_7b --config.mesh.fsdp=64 --config.model.remat=full
 """
 
 from podformer.configs import common
 from podformer.model.gpt_config import PRESETS, GPTConfig
 
-VARIANTS = ("tiny", *PRESETS)
+VARIANTS = ("tiny", "moe_tiny", *PRESETS)
+
+# moe_tiny: the tiny model with 8 experts of half its MLP width in every layer, top-2, so its active
+# parameters per token equal tiny's (plus the 8-way routers). Capacity dispatch (factor 1.25): on CPUs XLA
+# runs ragged_dot about 2x slower than the capacity einsums; README "Mixture of experts".
+MOE_TINY = dict(num_experts=8, experts_per_token=2, expert_d_ff=256, moe_every=1, moe_dispatch="capacity")
 
 
 def get_config(variant: str = "tiny"):
     if variant not in VARIANTS:
         raise KeyError(f"variants of configs/gpt.py: {', '.join(VARIANTS)}")
-    model = getattr(GPTConfig, variant)()
+    model = GPTConfig.tiny(**MOE_TINY) if variant == "moe_tiny" else getattr(GPTConfig, variant)()
     c = common.base(f"gpt_{variant}", model)
-    if variant == "tiny":
+    if variant in ("tiny", "moe_tiny"):
         # Sized to train on 2 CPU cores in about five minutes (1.6M tokens). Unrolled layers: with 4
         # of them XLA's CPU backend runs the unrolled stack ~10% faster than a scan.
         c.model.scan_layers = False

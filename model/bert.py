@@ -38,9 +38,7 @@ class Bert(nnx.Module):
         norm = dict(kind="layernorm", eps=cfg.norm_eps, rngs=rngs)
         self.embed_norm = layers.Norm(D, **norm)
         o = block_options(cfg)
-        self.blocks = layers.BlockStack(
-            lambda r: layers.Block(o, rngs=r), cfg.num_layers, scan=cfg.scan_layers, remat=cfg.remat, rngs=rngs
-        )
+        self.blocks = layers.stack(o, cfg.num_layers, scan=cfg.scan_layers, remat=cfg.remat, rngs=rngs)
         dense = dict(use_bias=True, init_std=std, rngs=rngs)
         self.mlm_dense = layers.Dense((D,), (D,), ("embed",), (None,), **dense)
         self.mlm_norm = layers.Norm(D, **norm)

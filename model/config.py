@@ -30,8 +30,31 @@ class ModelConfig:
     scan_layers: bool = True
     remat: str = "none"
     attention_impl: str = "xla"
+    # Mixture of experts (model/moe.py): num_experts > 0 makes every moe_every-th feed-forward layer sparse
+    # (moe_every=2: layers 1, 3, 5, ... as GLaM and Switch; 1: all, as Mixtral). Experts are gated or plain
+    # like the family's dense MLP, each expert_d_ff wide (0: d_ff); shared_experts dense experts of that
+    # width run on every token (DeepSeek). moe_dispatch: capacity (GShard rule, capacity_factor) or dropless
+    # (ragged_dot); decoding is always dropless.
+    num_experts: int = 0
+    moe_every: int = 1
+    experts_per_token: int = 2
+    expert_d_ff: int = 0
+    shared_experts: int = 0
+    router_renormalize: bool = True  # top-k weights renormalised to sum to 1 (GShard, Mixtral; not Switch)
+    router_jitter: float = 0.0  # training: router input * U(1 - eps, 1 + eps) (Switch)
+    moe_dispatch: str = "dropless"  # dropless | capacity
+    capacity_factor: float = 1.25
+    moe_lb_weight: float = 0.01  # load-balancing loss weight (Switch: 0.01)
+    moe_z_weight: float = 0.001  # router z-loss weight (ST-MoE: 0.001)
 
     def __post_init__(self):
+        if self.num_experts:
+            if not 0 < self.experts_per_token <= self.num_experts:
+                raise ValueError(f"experts_per_token={self.experts_per_token} must be in 1..num_experts")
+            if self.moe_every < 1 or self.num_layers % self.moe_every:
+                raise ValueError(f"num_layers={self.num_layers} must be a multiple of moe_every={self.moe_every}")
+            if self.moe_dispatch not in ("dropless", "capacity"):
+                raise ValueError(f"moe_dispatch={self.moe_dispatch!r}: choose dropless or capacity")
         if self.d_model % self.num_heads and not self.head_dim:
             raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}; set head_dim")
 
@@ -48,6 +71,10 @@ class ModelConfig:
     @property
     def resolved_d_ff(self) -> int:
         return self.d_ff or 4 * self.d_model
+
+    @property
+    def resolved_expert_d_ff(self) -> int:
+        return self.expert_d_ff or self.resolved_d_ff
 
 
 def preset(fields: dict):

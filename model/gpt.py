@@ -57,9 +57,7 @@ class GPT(nnx.Module):
             self.pos_embed = None
         norm = dict(kind=cfg.norm, eps=cfg.norm_eps, bias=cfg.norm_bias, rngs=rngs)
         self.embed_norm = layers.Norm(D, **norm) if cfg.embed_norm else None
-        self.blocks = layers.BlockStack(
-            lambda r: layers.Block(o, rngs=r), cfg.num_layers, scan=cfg.scan_layers, remat=cfg.remat, rngs=rngs
-        )
+        self.blocks = layers.stack(o, cfg.num_layers, scan=cfg.scan_layers, remat=cfg.remat, rngs=rngs)
         self.final_norm = layers.Norm(D, **norm)
         if not cfg.tie_embeddings:
             self.lm_head = layers.param(rngs, vocab.init(init, cfg.vocab_size, 1), (D, V), ("embed", "vocab"))

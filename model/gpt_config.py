@@ -72,6 +72,15 @@ _PALM.update(position="rotary", activation="silu", gated_mlp=True, **_NOBIAS)
 # Tied embeddings: the papers' parameter totals add up with one 32k table, not two.
 _DEEPMIND = dict(vocab_size=32000, max_len=2048, position="rotary", norm="rmsnorm")
 
+# GLaM (Du et al. 2022, table 4): a mixture of 64 experts, top-2 (GShard's renormalised gates, capacity
+# factor 2 in training), in every other layer; 256K vocabulary, no biases. Its per-layer relative position
+# bias is stood in for by rotary. Plain GELU experts and dense layers: with them the totals match the table
+# (1.9B, 27B, 143B, 1.2T; tests/test_moe.py), as a gated FFN's 1.5x would not.
+_GLAM = dict(vocab_size=256000, max_len=1024, position="rotary", norm="rmsnorm", activation="gelu", **_NOBIAS)
+_GLAM.update(num_experts=64, experts_per_token=2, moe_every=2, moe_dispatch="capacity", capacity_factor=2.0)
+# Mixtral (Jiang et al. 2024): LLaMA's block with 8 SwiGLU experts in every layer, top-2 renormalised.
+_MIXTRAL = dict(_LLAMA, norm_eps=1e-5, rotary_base=1e6, num_kv_heads=8, num_experts=8, experts_per_token=2)
+
 PRESETS: dict[str, dict] = {
     # GPT-2 (Radford et al. 2019; OpenAI's released checkpoints).
     "gpt2_small": dict(),
@@ -172,6 +181,25 @@ PRESETS: dict[str, dict] = {
     "gopher_7b": dict(_DEEPMIND, d_model=4096, num_layers=32, num_heads=32),
     "gopher_280b": dict(_DEEPMIND, d_model=16384, num_layers=80, num_heads=128),
     "chinchilla_70b": dict(_DEEPMIND, d_model=8192, num_layers=80, num_heads=64),
+    # GLaM (0.1B/64E ... 64B/64E): named by their dense-equivalent (active) size.
+    "glam_0_1b_64e": dict(_GLAM, d_model=768, num_layers=12, num_heads=12, d_ff=3072),
+    "glam_1_7b_64e": dict(_GLAM, d_model=2048, num_layers=24, num_heads=16, head_dim=128, d_ff=8192),
+    "glam_8b_64e": dict(_GLAM, d_model=4096, num_layers=32, num_heads=32, head_dim=128, d_ff=16384),
+    "glam_64b_64e": dict(_GLAM, d_model=8192, num_layers=64, num_heads=128, head_dim=128, d_ff=32768),
+    # Mixtral 8x7B and 8x22B (mistralai's released configs): 46.7B / 12.9B and 141B / 39B total / active.
+    "mixtral_8x7b": dict(
+        _MIXTRAL, max_len=32768, d_model=4096, num_layers=32, num_heads=32, d_ff=14336, expert_d_ff=14336
+    ),
+    "mixtral_8x22b": dict(
+        _MIXTRAL,
+        vocab_size=32768,
+        max_len=65536,
+        d_model=6144,
+        num_layers=56,
+        num_heads=48,
+        d_ff=16384,
+        expert_d_ff=16384,
+    ),  # fmt: skip
 }
 
 

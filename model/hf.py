@@ -74,6 +74,8 @@ def convert(hf_cfg: dict, sd: dict[str, np.ndarray], where: str = "") -> tuple[F
     fmt = format_for(hf_cfg.get("model_type"), where)
     if fmt.prefix and not any(k.startswith(fmt.prefix) for k in sd):  # a bare base model (BertModel, ...)
         sd = {fmt.prefix + k: v for k, v in sd.items()}
+    if fmt.pack is not None:
+        sd = fmt.pack(sd)
     try:
         cfg = fmt.config_from_hf(hf_cfg, sd)
     except KeyError as e:
@@ -203,6 +205,8 @@ def to_hf(
             "(an objective that uses them) or export from a checkpoint that has them"
         )
     sd = {names[r.hf]: np.ascontiguousarray(r.to_hf(*[flat[n] for n in r.ours])) for r in rules}
+    if fmt.unpack is not None:
+        sd = {k: np.ascontiguousarray(v) for k, v in fmt.unpack(sd).items()}
     return fmt, {**hf_cfg, "architectures": [arch]}, sd
 
 

@@ -177,6 +177,10 @@ class Format:
     # transformers' base-model class and the prefix its tensors carry inside the full model (what export
     # writes when no head exists; bare base-model checkpoints have no prefix).
     base_model: tuple[str, str] = ("", "")
+    # State dict -> the one the rules read, and back (Mixtral's experts: one tensor per expert on disk,
+    # stacked on a leading expert axis for the rules). Only stacking and slicing: bit for bit both ways.
+    pack: Callable[[dict], dict] | None = None
+    unpack: Callable[[dict], dict] | None = None
 
 
 def architecture(fmt: Format, cfg) -> str:

@@ -1,12 +1,17 @@
-"""transformers decoder-only formats (GPT-2, GPT-Neo, GPT-J, GPT-NeoX, OPT, BLOOM, LLaMA) <-> model.gpt."""
+"""transformers decoder-only formats (GPT-2, GPT-Neo, GPT-J, GPT-NeoX, OPT, BLOOM, LLaMA, Mixtral) <-> model.gpt."""
 
 from __future__ import annotations
+
+import re
+
+import numpy as np
 
 from podformer.model import gpt
 from podformer.model.hf_common import (
     Field,
     Format,
     HFError,
+    Rule,
     activation,
     attention,
     conv1d,
@@ -425,6 +430,102 @@ def llama_rules(cfg: GPTConfig) -> list:
     return rules
 
 
+# ---------------------------------------------------------------------------------------------------
+# Mixtral: LLaMA's block with a sparse feed-forward layer in every layer (top-2 of 8, renormalised)
+
+_MIXTRAL = tuple(f for f in _LLAMA if f.ours not in ("qkv_bias", "mlp_bias", "d_ff")) + (
+    Field("intermediate_size", "expert_d_ff"),
+    Field("num_local_experts", "num_experts"),
+    Field("num_experts_per_tok", "experts_per_token"),
+    training("router_jitter_noise", "router_jitter", 0.0),
+    training("router_aux_loss_coef", "moe_lb_weight", 0.02),
+)
+
+
+def mixtral_config(hf: dict, sd: dict) -> GPTConfig:
+    if hf.get("sliding_window"):
+        raise HFError(f"Mixtral with sliding_window={hf['sliding_window']} is not supported (set it to null)")
+    theta, _ = rope_from_hf(hf)
+    fields = fields_from_hf(_MIXTRAL, hf)
+    return GPTConfig(
+        **fields,
+        d_ff=fields["expert_d_ff"],  # no dense MLP; the width a dense layer would have
+        moe_every=1,
+        router_renormalize=True,
+        gated_mlp=True,
+        qkv_bias=False,
+        attn_out_bias=False,
+        mlp_bias=False,
+        norm="rmsnorm",
+        position="rotary",
+        rotary_base=theta,
+        tie_embeddings=tied(hf, sd, "lm_head.weight", "model.embed_tokens.weight", False),
+    )
+
+
+def mixtral_to_hf(cfg: GPTConfig) -> dict:
+    if not cfg.num_experts or cfg.moe_every != 1 or cfg.shared_experts or not cfg.router_renormalize:
+        raise HFError("Mixtral has a renormalised top-k mixture of experts in every layer and no shared experts")
+    return dict(
+        fields_to_hf(_MIXTRAL, cfg),
+        rope_parameters=dict(rope_type="default", rope_theta=cfg.rotary_base),
+        tie_word_embeddings=cfg.tie_embeddings,
+        sliding_window=None,
+    )
+
+
+_EXPERT = re.compile(r"^(.*\.block_sparse_moe\.experts)\.(\d+)\.(w[123])\.weight$")
+
+
+def mixtral_pack(sd: dict) -> dict:
+    """Per-expert Linears ``...block_sparse_moe.experts.{j}.w{1,2,3}.weight`` -> one (E, out, in) tensor
+    ``...block_sparse_moe.experts.w{1,2,3}`` per layer (the checkpoints' layout; transformers' in-memory
+    fused gate_up_proj is converted back to it on save)."""
+    out, groups = {}, {}
+    for k, v in sd.items():
+        m = _EXPERT.match(k)
+        if m is None:
+            out[k] = v
+        else:
+            groups.setdefault(f"{m[1]}.{m[3]}", {})[int(m[2])] = v
+    for k, per in groups.items():
+        out[k] = np.stack([per[j] for j in range(len(per))])
+    return out
+
+
+def mixtral_unpack(sd: dict) -> dict:
+    out = {}
+    for k, v in sd.items():
+        head, _, w = k.rpartition(".")
+        if head.endswith(".block_sparse_moe.experts"):
+            out.update({f"{head}.{j}.{w}.weight": v[j] for j in range(v.shape[0])})
+        else:
+            out[k] = v
+    return out
+
+
+def _expert_linear(hf: str, ours: str) -> Rule:
+    """Stacked torch Linear weights (E, out, in) <-> our expert kernel (E, in, out)."""
+    return Rule(hf, (ours,), lambda w: (np.swapaxes(w, 1, 2),), lambda k: np.swapaxes(k, 1, 2))
+
+
+def mixtral_rules(cfg: GPTConfig) -> list:
+    D, H, G, K, _ = _dims(cfg)
+    rules = [tensor("model.embed_tokens.weight", "embed")] + norm("model.norm", "final_norm", bias=False)
+    rules += _head(cfg, "lm_head.weight")
+    for i in range(cfg.num_layers):
+        h, b = f"model.layers.{i}.", f"blocks.{i}."
+        names = ("q_proj", "k_proj", "v_proj", "o_proj")
+        rules += attention(h + "self_attn", b + "attn", names, (D, H, G, K), qkv_bias=False, out_bias=False)
+        moe = h + "block_sparse_moe."
+        rules.append(unembed(moe + "gate.weight", b + "mlp.router"))  # (E, D) <-> (D, E)
+        for w, ours in (("w1", "wg"), ("w3", "wi"), ("w2", "wo")):  # gate, up, down
+            rules.append(_expert_linear(f"{moe}experts.{w}", f"{b}mlp.experts.{ours}"))
+        rules += norm(h + "input_layernorm", b + "attn_norm", bias=False)
+        rules += norm(h + "post_attention_layernorm", b + "mlp_norm", bias=False)
+    return rules
+
+
 _IGNORE = (
     r"^lm_head\.weight$",  # tied heads (lookups of the embedding)
     r"^embed_out\.weight$",
@@ -502,5 +603,17 @@ FORMATS = [
         "model.",
         _IGNORE,
         base_model=("LlamaModel", "model."),
+    ),
+    Format(
+        "mixtral",
+        mixtral_config,
+        mixtral_to_hf,
+        mixtral_rules,
+        "MixtralForCausalLM",
+        "model.",
+        _IGNORE,
+        base_model=("MixtralModel", "model."),
+        pack=mixtral_pack,
+        unpack=mixtral_unpack,
     ),
 ]

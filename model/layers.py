@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from podformer.core import sharding
-from podformer.model import kernels
+from podformer.model import kernels, moe
 from podformer.model.attention import (  # noqa: F401  (re-exported)
     alibi_bias,
     attention,
@@ -78,6 +78,18 @@ class BlockOptions:
     out_init_std: float = 0.0  # residual output projections; 0: init_std (GPT-2 scales by 1/sqrt(2N))
     dtype: str = "float32"  # compute dtype; parameters are always float32
     attention_impl: str = "xla"
+    # Mixture of experts (ModelConfig's fields of the same names; model/moe.py)
+    num_experts: int = 0
+    moe_every: int = 1
+    experts_per_token: int = 2
+    expert_d_ff: int = 0
+    shared_experts: int = 0
+    router_renormalize: bool = True
+    router_jitter: float = 0.0
+    moe_dispatch: str = "dropless"
+    capacity_factor: float = 1.25
+    moe_lb_weight: float = 0.01
+    moe_z_weight: float = 0.001
 
     @property
     def kv_heads(self) -> int:
@@ -103,6 +115,17 @@ def block_options(cfg: ModelConfig, **options) -> BlockOptions:
         init_std=cfg.init_std,
         dtype=cfg.dtype,
         attention_impl=cfg.attention_impl,
+        num_experts=cfg.num_experts,
+        moe_every=cfg.moe_every,
+        experts_per_token=cfg.experts_per_token,
+        expert_d_ff=cfg.resolved_expert_d_ff,
+        shared_experts=cfg.shared_experts,
+        router_renormalize=cfg.router_renormalize,
+        router_jitter=cfg.router_jitter,
+        moe_dispatch=cfg.moe_dispatch,
+        capacity_factor=cfg.capacity_factor,
+        moe_lb_weight=cfg.moe_lb_weight,
+        moe_z_weight=cfg.moe_z_weight,
         **options,
     )
 
@@ -385,10 +408,72 @@ class MLP(nnx.Module):
         return self.wo(h_BLF)
 
 
-class Block(nnx.Module):
-    """One transformer layer. Norm position, parallel residual and cross-attention are options."""
+class Experts(nnx.Module):
+    """E expert MLPs stacked on a leading 'expert' axis (sharded over the expert mesh axis)."""
 
     def __init__(self, o: BlockOptions, *, rngs: nnx.Rngs):
+        E, D, F = o.num_experts, o.d_model, o.expert_d_ff
+        self.num_experts, self.act = E, ACTIVATIONS[o.activation]
+        std, out_std = o.init_std, o.out_init_std or o.init_std
+        self.wi = param(rngs, normal(std), (E, D, F), ("expert", "embed", "mlp"))
+        self.wg = param(rngs, normal(std), (E, D, F), ("expert", "embed", "mlp")) if o.gated_mlp else None
+        self.wo = param(rngs, normal(out_std), (E, F, D), ("expert", "mlp", "embed"))
+
+    def _hidden(self, x, matmul):
+        h = matmul(x, self.wi[...].astype(x.dtype))
+        if self.wg is not None:
+            return self.act(matmul(x, self.wg[...].astype(x.dtype))) * h
+        return self.act(h)
+
+    def __call__(self, x_ECD: Array) -> Array:
+        """Each expert on its (C, D) buffer of tokens."""
+        h_ECF = self._hidden(x_ECD, lambda x, w: jnp.einsum("ECD,EDF->ECF", x, w))
+        return jnp.einsum("ECF,EFD->ECD", h_ECF, self.wo[...].astype(h_ECF.dtype))
+
+    def grouped(self, x_AD: Array, sizes_E: Array) -> Array:
+        """Rows sorted by expert, sizes_E rows each: one grouped matmul per weight."""
+        h_AF = self._hidden(x_AD, lambda x, w: jax.lax.ragged_dot(x, w, sizes_E))
+        return jax.lax.ragged_dot(h_AF, self.wo[...].astype(h_AF.dtype), sizes_E)
+
+
+class MoE(nnx.Module):
+    """A sparse feed-forward layer: a float32 router, top-k experts (model/moe.py), optional shared experts.
+    Sows its statistics (moe.STATS) as ``moe_stats``; the stack gathers them (BlockStack)."""
+
+    def __init__(self, o: BlockOptions, *, rngs: nnx.Rngs):
+        self.o = o
+        self.router = param(rngs, normal(o.init_std), (o.d_model, o.num_experts), ("embed", None))
+        self.experts = Experts(o, rngs=rngs)
+        width = o.shared_experts * o.expert_d_ff
+        self.shared = MLP(dataclasses.replace(o, d_ff=width, mlp_bias=False), rngs=rngs) if width else None
+
+    def __call__(self, x_BLD: Array, *, rng: Array | None = None, dropless: bool = False) -> Array:
+        o = self.o
+        B, L, D = x_BLD.shape
+        x_TD = x_BLD.reshape(B * L, D)
+        r_TD = x_TD.astype(jnp.float32)
+        if rng is not None and o.router_jitter:
+            r_TD = r_TD * jax.random.uniform(rng, r_TD.shape, jnp.float32, 1 - o.router_jitter, 1 + o.router_jitter)
+        logits_TE = r_TD @ self.router[...]
+        weights_TK, experts_TK, probs_TE = moe.route(logits_TE, o.experts_per_token, o.router_renormalize)
+        if dropless or o.moe_dispatch == "dropless":
+            y_TD, kept_TK = moe.dispatch_dropless(x_TD, weights_TK, experts_TK, self.experts)
+        else:
+            cap = moe.capacity(B * L, o.experts_per_token, o.num_experts, o.capacity_factor)
+            constrain = functools.partial(sharding.constrain, axes=("expert", None, None))
+            y_TD, kept_TK = moe.dispatch_capacity(x_TD, weights_TK, experts_TK, self.experts, cap, constrain)
+        stats = moe.aux_stats(logits_TE, probs_TE, experts_TK, kept_TK)
+        stats["moe_aux_loss"] = o.moe_lb_weight * stats["moe_lb_loss"] + o.moe_z_weight * stats["moe_z_loss"]
+        moe.record(self, stats)
+        y_BLD = y_TD.reshape(B, L, D).astype(x_BLD.dtype)
+        return y_BLD if self.shared is None else y_BLD + self.shared(x_BLD)
+
+
+class Block(nnx.Module):
+    """One transformer layer. Norm position, parallel residual and cross-attention are options; ``sparse``
+    makes its feed-forward layer a mixture of experts (MoE)."""
+
+    def __init__(self, o: BlockOptions, *, rngs: nnx.Rngs, sparse: bool = False):
         self.o = o
         norm = dict(kind=o.norm, eps=o.norm_eps, bias=o.norm_bias, rngs=rngs)
         self.attn_norm = Norm(o.d_model, **norm)
@@ -397,7 +482,7 @@ class Block(nnx.Module):
             self.cross_norm = Norm(o.d_model, **norm)
             self.cross = Attention(dataclasses.replace(o, rotary_dim=0), rngs=rngs)
         self.mlp_norm = None if (o.parallel_block and o.shared_parallel_norm) else Norm(o.d_model, **norm)
-        self.mlp = MLP(o, rngs=rngs)
+        self.mlp = MoE(o, rngs=rngs) if sparse else MLP(o, rngs=rngs)
 
     def __call__(
         self,
@@ -418,6 +503,9 @@ class Block(nnx.Module):
         o = self.o
         rngs = list(jax.random.split(rng, 6)) if rng is not None else [None] * 6
         caches = [cache]  # threaded through the attention calls below
+        mlp = self.mlp
+        if isinstance(mlp, MoE):  # router jitter's key; decoding never drops a token
+            mlp = functools.partial(self.mlp, rng=rngs[5], dropless=cache is not None)
 
         def cached(attn, h, cross=False, **kw):
             if cache is None:
@@ -447,13 +535,13 @@ class Block(nnx.Module):
         if o.parallel_block:
             h = self.attn_norm(x_BLD)
             h_mlp = h if self.mlp_norm is None else self.mlp_norm(x_BLD)
-            y = dropout(self_attn(h), o.dropout, rngs[2]) + dropout(self.mlp(h_mlp), o.dropout, rngs[3])
+            y = dropout(self_attn(h), o.dropout, rngs[2]) + dropout(mlp(h_mlp), o.dropout, rngs[3])
             return result(x_BLD + y)
 
         sublayers = [(self.attn_norm, self_attn)]
         if o.cross_attention:
             sublayers.append((self.cross_norm, cross_attn))
-        sublayers.append((self.mlp_norm, self.mlp))
+        sublayers.append((self.mlp_norm, mlp))
         for i, (norm, fn) in enumerate(sublayers):
             if o.norm_position == "pre":
                 x_BLD = x_BLD + dropout(fn(norm(x_BLD)), o.dropout, rngs[2 + i])
@@ -478,32 +566,79 @@ def _remat_policy(name: str):
     return REMAT_POLICIES[name]
 
 
+class BlockGroup(nnx.Module):
+    """``period`` consecutive blocks of a stack whose layers differ with a period (moe_every: dense, ...,
+    sparse): the unit a scanned stack repeats. Called like a block, for layers ``layer`` .. + period - 1."""
+
+    def __init__(self, blocks: list[nnx.Module]):
+        self.blocks = nnx.List(blocks)
+
+    def __call__(self, x, *, rng=None, cache=None, layer=0, **kwargs):
+        per_layer = kwargs.pop("per_layer_group", {})
+        rngs = jax.random.split(rng, len(self.blocks)) if rng is not None else [None] * len(self.blocks)
+        for j, block in enumerate(self.blocks):
+            kw = {k: v[j] for k, v in per_layer.items()}
+            extra = {} if cache is None else dict(cache=cache, layer=layer * len(self.blocks) + j)
+            out = block(x, rng=rngs[j], **kwargs, **kw, **extra)
+            x, cache = (out, cache) if cache is None else out
+        return x if cache is None else (x, cache)
+
+
+def stack(o: BlockOptions, num_layers: int, *, scan: bool, remat: str, rngs: nnx.Rngs) -> BlockStack:
+    """A family's stack of blocks: dense, or every ``o.moe_every``-th layer sparse (the last of each period:
+    layers 1, 3, 5, ... for moe_every=2, as Switch Transformers and GLaM)."""
+    period = o.moe_every if o.num_experts else 1
+    return BlockStack(
+        lambda r, j: Block(o, sparse=o.num_experts > 0 and j == period - 1, rngs=r),
+        num_layers,
+        scan=scan,
+        remat=remat,
+        period=period,
+        rngs=rngs,
+    )
+
+
 class BlockStack(nnx.Module):
-    """N identical blocks, either stacked on a leading 'layers' axis and run with a scan (compile time
-    independent of depth), or kept as a list and unrolled. Per-layer inputs (such as a per-layer
-    attention window) can be passed as arrays with a leading N axis in ``per_layer``."""
+    """N blocks, either stacked on a leading 'layers' axis and run with a scan (compile time independent of
+    depth), or kept as a list and unrolled. Per-layer inputs (such as a per-layer attention window) can be
+    passed as arrays with a leading N axis in ``per_layer``. Layers may differ with a ``period``: layer i is
+    ``make_block(rngs, i % period)``; a scan then repeats BlockGroups of ``period`` blocks.
+
+    Mixture-of-experts layers sow their statistics; the stack pops them from each layer's call (they leave
+    a scan as its outputs), sums them and sows the sum as its own ``moe_stats`` (moe.collect reads it)."""
 
     def __init__(
         self,
-        make_block: Callable[[nnx.Rngs], nnx.Module],
+        make_block: Callable[[nnx.Rngs, int], nnx.Module],
         num_layers: int,
         *,
         scan: bool,
         remat: str = "none",
+        period: int = 1,
         rngs: nnx.Rngs,
     ):
-        self.num_layers, self.scan, self.remat = num_layers, scan, remat
+        self.num_layers, self.scan, self.remat, self.period = num_layers, scan, remat, period
         _remat_policy(remat)  # validate early
+        if num_layers % period:
+            raise ValueError(f"{num_layers} layers are no whole number of periods of {period}")
+
+        def unit(r, i=0):
+            if period == 1:
+                return make_block(r, 0)
+            if not scan:
+                return make_block(r, i % period)
+            return BlockGroup([make_block(r, j) for j in range(period)])
+
         if scan:
 
-            @nnx.split_rngs(splits=num_layers)
+            @nnx.split_rngs(splits=num_layers // period)
             @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
             def make_stacked(r):
-                return make_block(r)
+                return unit(r)
 
             self.layers = make_stacked(rngs)
         else:
-            self.layers = nnx.List([make_block(rngs) for _ in range(num_layers)])
+            self.layers = nnx.List([unit(rngs, i) for i in range(num_layers)])
 
     def __call__(
         self,
@@ -517,32 +652,46 @@ class BlockStack(nnx.Module):
         """The stack's output; with a decoding ``cache``, (output, cache). The cache rides in the scan's
         carry, not its inputs/outputs, so each layer's write is an in-place update of the one buffer."""
         per_layer = per_layer or {}
-        rngs = jax.random.split(rng, self.num_layers) if rng is not None else None
         policy = _remat_policy(self.remat)
+        grouped = self.scan and self.period > 1
+        units = self.num_layers // self.period if grouped else self.num_layers
+        rngs = jax.random.split(rng, units) if rng is not None else None
+        if grouped:
+            per_layer = {k: v.reshape((units, self.period) + v.shape[1:]) for k, v in per_layer.items()}
 
         def make_apply(graphdef):
             def apply(layer_params, x, layer_rng, layer_kwargs, cache, layer):
                 extra = {} if cache is None else dict(cache=cache, layer=layer)
-                out = nnx.merge(graphdef, layer_params)(x, rng=layer_rng, **kwargs, **layer_kwargs, **extra)
-                return (out, None) if cache is None else out
+                if grouped:
+                    layer_kwargs = {"per_layer_group": layer_kwargs}
+                    extra = dict(cache=cache, layer=layer) if cache is not None else dict(layer=layer)
+                module = nnx.merge(graphdef, layer_params)
+                out = module(x, rng=layer_rng, **kwargs, **layer_kwargs, **extra)
+                out = (out, None) if cache is None else out
+                return out, moe.block_stats(module)
 
             return apply if self.remat == "none" else jax.checkpoint(apply, policy=policy)
 
+        stats = None
         if not self.scan:
             for i, block in enumerate(self.layers):
                 graphdef, layer_params = nnx.split(block)
                 layer_rng = None if rngs is None else rngs[i]
                 layer_kwargs = {k: v[i] for k, v in per_layer.items()}
-                x, cache = make_apply(graphdef)(layer_params, x, layer_rng, layer_kwargs, cache, i)
-            return x if cache is None else (x, cache)
+                (x, cache), s = make_apply(graphdef)(layer_params, x, layer_rng, layer_kwargs, cache, i)
+                stats = moe.add_stats(stats, s)
+        else:
+            graphdef, params = nnx.split(self.layers)
+            apply = make_apply(graphdef)
 
-        graphdef, params = nnx.split(self.layers)
-        apply = make_apply(graphdef)
+            def body(carry, xs):
+                layer_params, layer_rng, layer_kwargs, layer = xs
+                out, s = apply(layer_params, *carry[:1], layer_rng, layer_kwargs, *carry[1:], layer)
+                return out, s
 
-        def body(carry, xs):
-            layer_params, layer_rng, layer_kwargs, layer = xs
-            return apply(layer_params, *carry[:1], layer_rng, layer_kwargs, *carry[1:], layer), None
-
-        layer_ids = jnp.arange(self.num_layers, dtype=jnp.int32)
-        (x, cache), _ = jax.lax.scan(body, (x, cache), (params, rngs, per_layer, layer_ids))
+            layer_ids = jnp.arange(units, dtype=jnp.int32)
+            (x, cache), ys = jax.lax.scan(body, (x, cache), (params, rngs, per_layer, layer_ids))
+            stats = None if ys is None else jax.tree.map(lambda a: jnp.sum(a, axis=0), ys)
+        if stats is not None:
+            moe.record(self, stats)
         return x if cache is None else (x, cache)

@@ -36,6 +36,12 @@ TRAINING_FIELDS = (
     "remat",
     "attention_impl",
     "vocab_multiple",
+    # how a mixture of experts trains (dispatch, jitter, auxiliary weights), not which function it computes
+    "moe_dispatch",
+    "capacity_factor",
+    "router_jitter",
+    "moe_lb_weight",
+    "moe_z_weight",
 )
 
 
@@ -45,6 +51,15 @@ def _stacks(model: nnx.Module) -> dict[tuple, layers.BlockStack]:
 
 def _key(path) -> str:
     return ".".join(str(p) for p in path)
+
+
+def _scanned_names(stack: layers.BlockStack, prefix: str, rest: tuple) -> list[str]:
+    """The canonical names of one array of a scanned stack, layer by layer. A stack of BlockGroups
+    (layers differing with a period) holds block j of group g as layer g * period + j."""
+    if stack.period == 1:
+        return [f"{prefix}.{i}.{_key(rest)}" for i in range(stack.num_layers)]
+    j, tail = int(rest[1]), _key(rest[2:])  # rest = ('blocks', j, ...)
+    return [f"{prefix}.{g * stack.period + j}.{tail}" for g in range(stack.num_layers // stack.period)]
 
 
 def _vocab_axis(model: nnx.Module):
@@ -89,7 +104,7 @@ def _names(model: nnx.Module) -> dict[tuple, tuple[list[str], bool]]:
             continue
         stack, rest, prefix = stacks[stack_path], path[len(stack_path) + 1 :], _key(stack_path)  # drop 'layers'
         if stack.scan:
-            out[path] = ([f"{prefix}.{i}.{_key(rest)}" for i in range(stack.num_layers)], True)
+            out[path] = (_scanned_names(stack, prefix, rest), True)
         else:
             out[path] = ([f"{prefix}.{rest[0]}.{_key(rest[1:])}"], False)
     return out
@@ -205,8 +220,7 @@ def set_params(
         stack_path = next((sp for sp in stacks if path[: len(sp)] == sp), None)
         scanned = stack_path is not None and stacks[stack_path].scan
         if scanned:
-            rest = _key(path[len(stack_path) + 1 :])
-            names = [f"{_key(stack_path)}.{i}.{rest}" for i in range(stacks[stack_path].num_layers)]
+            names = _scanned_names(stacks[stack_path], _key(stack_path), path[len(stack_path) + 1 :])
         else:
             names = [_key(path) if stack_path is None else _key(stack_path + path[len(stack_path) + 1 :])]
         absent = [n for n in names if n not in flat]
@@ -340,3 +354,20 @@ def read_workdir(workdir: str, step: int | None = None) -> tuple[str, object, di
     # Hugging Face folder without them would be: nothing downstream mistakes them for learned values.
     untrained = set(meta.get("untrained", meta.get("missing", ())))
     return family, cfg, {k: v for k, v in get_params(abstract).items() if k not in untrained}, meta
+
+
+def count_active(model: nnx.Module) -> float:
+    """Parameters a token uses: as ``count``, with a mixture of experts' expert weights counted at their
+    active share, experts_per_token / num_experts (routers and shared experts in full)."""
+    shares = {
+        path: m.o.experts_per_token / m.o.num_experts
+        for path, m in nnx.iter_modules(model)
+        if isinstance(m, layers.MoE)
+    }
+    vocab_axis = _vocab_axis(model)
+    total = 0.0
+    for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        n = math.prod(_strip(tuple(v.shape), vocab_axis(path, v)))
+        owner = next((p for p in shares if path[: len(p)] == p and "experts" in path[len(p) :]), None)
+        total += n * (shares[owner] if owner is not None else 1.0)
+    return total

@@ -60,9 +60,7 @@ class Stack(nnx.Module):
         self.embed_norm = layers.Norm(D, **norm) if cfg.embed_norm else None
         o = block_options(cfg, decoder=decoder)
         n = cfg.decoder_layers if decoder else cfg.num_layers
-        self.blocks = layers.BlockStack(
-            lambda r: layers.Block(o, rngs=r), n, scan=cfg.scan_layers, remat=cfg.remat, rngs=rngs
-        )
+        self.blocks = layers.stack(o, n, scan=cfg.scan_layers, remat=cfg.remat, rngs=rngs)
         self.final_norm = layers.Norm(D, **norm) if cfg.final_norm else None
 
     def __call__(

@@ -180,7 +180,7 @@ def compile_only(spec: str, cfg, model_cfg, module_cls) -> dict:
     # measured on probes, unrolled programs of 1 and 2 layers at two small batches b and 2b with
     # grad_accum=1 (small programs compile in seconds and fit), and extrapolated: costs are linear in the
     # batch (rows) and in the layers, cost = fixed(L) + B * per_row(L), each of them c1 + (L-1)(c2-c1).
-    dp = report["mesh"]["data"] * report["mesh"]["fsdp"]
+    dp = mesh_lib.data_parallel(report["mesh"])
     b = dp  # one row per batch shard: the smallest probe that compiles where the full program barely fits
     probed = {
         (n, rows): compile_train_step(
@@ -214,9 +214,16 @@ def config_with(cfg, batch_size: int):
     return c
 
 
+def _period(model_cfg) -> int:
+    """Layers that repeat as a unit: a mixture of experts in every moe_every-th layer repeats moe_every."""
+    return model_cfg.moe_every if getattr(model_cfg, "num_experts", 0) else 1
+
+
 def layers(model_cfg, n: int):
-    """``model_cfg`` with ``n`` unrolled layers (encoder-decoders: ``n`` on each side); per-layer tuples
-    (GPT-Neo's attention_layers) cut to match."""
+    """``model_cfg`` with ``n`` unrolled layer units (encoder-decoders: ``n`` on each side; a unit is one layer,
+    or moe_every of them for a periodic mixture of experts); per-layer tuples (GPT-Neo's attention_layers)
+    cut to match."""
+    n *= _period(model_cfg)
     per_layer = {
         f.name: getattr(model_cfg, f.name)[:n]
         for f in dataclasses.fields(model_cfg)
@@ -229,10 +236,10 @@ def layers(model_cfg, n: int):
 
 
 def layer_count(model_cfg) -> float:
-    """The number of (encoder + decoder) layer pairs ``layers(cfg, n)`` scales, for the extrapolation."""
+    """The number of (encoder + decoder) layer units ``layers(cfg, n)`` scales, for the extrapolation."""
     if hasattr(model_cfg, "decoder_layers"):
-        return (model_cfg.num_layers + model_cfg.decoder_layers) / 2
-    return float(model_cfg.num_layers)
+        return (model_cfg.num_layers + model_cfg.decoder_layers) / 2 / _period(model_cfg)
+    return model_cfg.num_layers / _period(model_cfg)
 
 
 def compile_train_step(
@@ -245,13 +252,13 @@ def compile_train_step(
     rules = tuple(tuple(r) for r in cfg.mesh.rules)
     t = cfg.train
     processes = len({d.process_index for d in devices})
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    dp = mesh_lib.data_parallel(mesh.shape)
     # The probes only need rows that the batch axes divide: each host's share matters to a real run's
     # input pipeline, not to the compiled program's cost.
     if (t.batch_size // t.grad_accum) % dp or (t.batch_size % processes and not quiet):
         raise UserError(
             f"train.batch_size={t.batch_size} (grad_accum={t.grad_accum}) must be divisible by the data-parallel size "
-            f"data*fsdp={dp} and by the {processes} hosts of {spec}"
+            f"data*fsdp*expert={dp} and by the {processes} hosts of {spec}"
         )
     graphdef, abstract = trainer.abstract_state(make_model, tx, t.seed)
     shardings = trainer.state_shardings(abstract, mesh, rules, strict=cfg.mesh.strict)

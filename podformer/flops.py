@@ -6,7 +6,8 @@ Training FLOPs per token follow the PaLM paper (Chowdhery et al. 2022, appendix 
 
 where N counts the parameters that take part in matrix multiplies (every parameter except lookup-only
 tables: learned positions, and the token embedding when the output head is untied; a tied embedding
-is counted once, as the output projection). The first term is the forward (2N) and backward (4N)
+is counted once, as the output projection; a mixture of experts' expert weights count k / E of theirs, the
+active share: FLOPs of active parameters). The first term is the forward (2N) and backward (4N)
 matmuls; the second the attention score and value products (QK^T and AV), also counted 1x forward +
 2x backward, over the full (not causally halved) sequence as in PaLM. Rematerialisation is not
 counted: this is model FLOPs utilisation, not hardware FLOPs.
@@ -49,15 +50,22 @@ PEAK_FLOPS = {
 LOOKUP_ONLY = ("pos_embed", "token_type_embed", "rel_bias.table")
 
 
-def matmul_params(named_sizes: dict[str, int], tied: bool) -> int:
-    n = 0
+def matmul_params(named_sizes: dict[str, int], tied: bool, expert_share: float = 1.0) -> float:
+    """The parameters a token's matmuls use: a mixture-of-experts layer's expert weights count with
+    ``expert_share`` (experts_per_token / num_experts: the active ones), its router and shared experts fully."""
+    n = 0.0
     for name, size in named_sizes.items():
         if any(name == k or name.endswith("." + k) for k in LOOKUP_ONLY):
             continue
         if name == "embed" and not tied:
             continue
-        n += size
+        n += size * (expert_share if ".experts." in f".{name}." else 1.0)
     return n
+
+
+def expert_share(model_cfg) -> float:
+    E = getattr(model_cfg, "num_experts", 0)
+    return model_cfg.experts_per_token / E if E else 1.0
 
 
 def per_token(model_cfg, named_sizes: dict[str, int], seq_len: int, decoder_len: int | None = None) -> float:
@@ -67,12 +75,13 @@ def per_token(model_cfg, named_sizes: dict[str, int], seq_len: int, decoder_len:
     tied = getattr(model_cfg, "tie_embeddings", True)
     per_pair = 12 * model_cfg.num_heads * model_cfg.resolved_head_dim  # one query-key pair, one layer
     if families.of(model_cfg).kind != "seq2seq":
-        n = matmul_params(named_sizes, tied)
+        n = matmul_params(named_sizes, tied, expert_share(model_cfg))
         return 6.0 * n + per_pair * model_cfg.num_layers * seq_len
     L_e, L_d = seq_len, decoder_len or seq_len
     enc = {k: v for k, v in named_sizes.items() if k.startswith("encoder.")}
     dec = {k: v for k, v in named_sizes.items() if k not in enc}  # decoder, embedding / output projection
-    n_enc, n_dec = matmul_params(enc, tied), matmul_params(dec, tied)
+    share = expert_share(model_cfg)
+    n_enc, n_dec = matmul_params(enc, tied, share), matmul_params(dec, tied, share)
     attention = per_pair * (model_cfg.num_layers * L_e * L_e + model_cfg.decoder_layers * (L_d * L_d + L_d * L_e))
     return (6.0 * (n_enc * L_e + n_dec * L_d) + attention) / L_e
 

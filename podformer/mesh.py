@@ -1,9 +1,9 @@
-"""The device mesh (data, fsdp, tensor), built once from the config, in the order of the physical torus.
+"""The device mesh (data, fsdp, expert, tensor), built once from the config, in the order of the physical torus.
 
 Within a slice (one TPU slice's ICI torus, one GPU node's NVLink domain) the axes follow the torus; across
 slices (the data-centre network, DCN) only ``data`` and ``fsdp`` may extend: ``mesh.dcn_data`` and
 ``mesh.dcn_fsdp`` say how many slices each axis spans, and that part of the axis is its outermost one, so
-the tensor axis, and the inner part of every axis, never leaves a slice. PaLM's two v4 pods are
+the expert and tensor axes, and the inner part of every axis, never leave a slice. PaLM's two v4 pods are
 ``mesh.dcn_data=2``: data parallel across pods, model parallel within.
 """
 
@@ -16,16 +16,18 @@ from jax.sharding import AxisType, Mesh
 
 from podformer.core.errors import UserError
 
-AXES = ("data", "fsdp", "tensor")
+AXES = ("data", "fsdp", "expert", "tensor")
+# Axes a mesh config may leave out (configs written before the axis existed): size 1.
+OPTIONAL = ("expert",)
 
 
-def resolve_shape(mesh_cfg, num_devices: int, where: str = "") -> tuple[int, int, int]:
-    """(data, fsdp, tensor) from the config's sizes, -1 the rest; ``where`` names the devices in errors."""
+def resolve_shape(mesh_cfg, num_devices: int, where: str = "") -> tuple[int, ...]:
+    """(data, fsdp, expert, tensor) from the config's sizes, -1 the rest; ``where`` names the devices in errors."""
     where = where or f"{num_devices} devices"
-    sizes = [int(mesh_cfg[a]) for a in AXES]
+    sizes = [int(mesh_cfg.get(a, 1) if a in OPTIONAL else mesh_cfg[a]) for a in AXES]
     free = [a for a, s in zip(AXES, sizes, strict=True) if s == -1]
     if len(free) > 1:
-        raise UserError(f"mesh: only one of data/fsdp/tensor may be -1 (got {', '.join(free)})")
+        raise UserError(f"mesh: only one of data/fsdp/expert/tensor may be -1 (got {', '.join(free)})")
     if any(s == 0 or s < -1 for s in sizes):
         raise UserError(f"mesh sizes must be positive or -1, got {dict(zip(AXES, sizes, strict=True))}")
     fixed = int(np.prod([s for s in sizes if s != -1]))
@@ -38,7 +40,7 @@ def resolve_shape(mesh_cfg, num_devices: int, where: str = "") -> tuple[int, int
         sizes[AXES.index(free[0])] = num_devices // fixed
     if int(np.prod(sizes)) != num_devices:
         raise UserError(
-            f"mesh data*fsdp*tensor = {'*'.join(map(str, sizes))} = {int(np.prod(sizes))} does not match the "
+            f"mesh data*fsdp*expert*tensor = {'*'.join(map(str, sizes))} = {int(np.prod(sizes))} does not match the "
             f"{where}; set mesh.data=-1 to use the rest, or sizes multiplying to {num_devices}"
         )
     return tuple(sizes)
@@ -119,7 +121,7 @@ def device_grid(shape: tuple[int, ...], devices) -> np.ndarray:
         return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
     except (ValueError, NotImplementedError, AssertionError):
         n = len(devices)
-        works = [t for t in range(1, n + 1) if n % t == 0 and _fits((n // t, 1, t), devices)]
+        works = [t for t in range(1, n + 1) if n % t == 0 and _fits((n // t, 1, 1, t), devices)]
         raise UserError(
             f"mesh {dict(zip(AXES, shape, strict=True))} cannot be laid out on the torus of {describe(devices)}; "
             f"tensor sizes that can: {', '.join(map(str, works[:12]))} (data/fsdp take the rest)"
@@ -148,13 +150,13 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
     groups = slices(devices, dcn[0] * dcn[1])
     where = describe(groups[0]) + (" per slice" if len(groups) > 1 else "")
     ici = resolve_shape(mesh_cfg, len(groups[0]), where)
-    grids = np.stack([device_grid(ici, g) for g in groups])  # (slices, data, fsdp, tensor)
+    grids = np.stack([device_grid(ici, g) for g in groups])  # (slices, data, fsdp, expert, tensor)
     # Slice s = (dcn data index) * dcn_fsdp + (dcn fsdp index); each axis's slice part is its outer part.
-    grids = grids.reshape(dcn[0], dcn[1], *ici).transpose(0, 2, 1, 3, 4)
-    grid = grids.reshape(dcn[0] * ici[0], dcn[1] * ici[1], ici[2])
+    grids = grids.reshape(dcn[0], dcn[1], *ici).transpose(0, 2, 1, 3, *range(4, 2 + len(ici)))
+    grid = grids.reshape(dcn[0] * ici[0], dcn[1] * ici[1], *ici[2:])
     # Auto axis types: shardings come from the logical rules and with_sharding_constraint, and XLA's
     # partitioner propagates the rest (jax.make_mesh's default is Explicit).
-    return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * 3)
+    return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
 
 
 def dcn_shape(mesh_cfg, tpu_slices: int = 1) -> tuple[int, int]:
@@ -172,12 +174,17 @@ def dcn_shape(mesh_cfg, tpu_slices: int = 1) -> tuple[int, int]:
 
 
 def check_batch(mesh: Mesh, global_batch: int, grad_accum: int) -> None:
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    dp = data_parallel(mesh.shape)
     micro = global_batch // grad_accum
     if micro % dp:
         raise UserError(
             f"train.batch_size={global_batch} (micro-batch {micro} with grad_accum={grad_accum}) is not divisible "
-            f"by the data-parallel size data*fsdp={dp}; use a multiple of {dp}"
+            f"by the data-parallel size data*fsdp*expert={dp}; use a multiple of {dp}"
         )
     if global_batch % jax.process_count():
         raise UserError(f"train.batch_size={global_batch} must be divisible by the {jax.process_count()} processes")
+
+
+def data_parallel(shape) -> int:
+    """The batch's split: data x fsdp x expert (the expert axis carries batch rows in the dense layers)."""
+    return int(shape["data"]) * int(shape["fsdp"]) * int(shape.get("expert", 1))

@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding
 from podformer.core import sharding
 from podformer.losses import Loss
 from podformer.metrics import log
-from podformer.model import params
+from podformer.model import moe, params
 
 
 class TrainState(nnx.Module):
@@ -152,7 +152,12 @@ def train_step(
 
     def grad_of(mb, mb_rng):
         def f(p):
-            return loss.fn(nnx.merge(model_def, p, rest), mb, mb_rng, denom, **extra)
+            model = nnx.merge(model_def, p, rest)
+            value, metrics = loss.fn(model, mb, mb_rng, denom, **extra)
+            # Mixture-of-experts layers' auxiliary losses join the objective (each a mean over this
+            # micro-batch's tokens, so 1/accum of it sums to the batch mean); ``loss`` stays the objective's.
+            stats = {k: v / accum for k, v in moe.collect(model).items()}
+            return value + stats.get("moe_aux_loss", 0.0), {**metrics, **stats}
 
         (_, metrics), grads = jax.value_and_grad(f, has_aux=True)(params)
         return grads, metrics

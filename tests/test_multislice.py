@@ -42,12 +42,12 @@ def test_two_tpu_slices_put_the_dcn_axis_outermost_and_keep_tensor_groups_in_a_s
     assert mesh_lib.describe(devices).startswith("2 slices of 8 ")
     # data parallel across the slices (dcn_data=-1: all of them), fsdp x tensor within
     mesh = mesh_lib.make_mesh(mesh_cfg(1, 4, 2), devices)
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 2}
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "expert": 1, "tensor": 2}
     slices = np.vectorize(lambda d: d.slice_index)(mesh.devices)
     assert (slices[0] == 0).all() and (slices[1] == 1).all()
     # fsdp across the slices: its outer half on slice 0, and each tensor pair on one slice's neighbours
     mesh = mesh_lib.make_mesh(mesh_cfg(2, 2, 2, dcn_data=1, dcn_fsdp=2), devices)
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 2}
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "expert": 1, "tensor": 2}
     slices = np.vectorize(lambda d: d.slice_index)(mesh.devices)
     assert (slices[:, :2] == 0).all() and (slices[:, 2:] == 1).all()
     for pair in mesh.devices.reshape(-1, 2):
@@ -61,7 +61,7 @@ def test_two_tpu_slices_put_the_dcn_axis_outermost_and_keep_tensor_groups_in_a_s
 def test_fake_devices_split_into_slices_and_the_per_slice_groups_follow_the_config():
     devices = jax.devices()[:8]
     mesh = mesh_lib.make_mesh(mesh_cfg(1, 2, 2, dcn_data=2), devices)
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "expert": 1, "tensor": 2}
     ids = np.vectorize(lambda d: d.id)(mesh.devices)
     assert sorted(ids[0].flat) == [d.id for d in devices[:4]] and sorted(ids[1].flat) == [d.id for d in devices[4:]]
     with pytest.raises(UserError, match="per slice"):

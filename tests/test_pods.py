@@ -46,7 +46,7 @@ def test_every_factorisation_of_a_pod_slice_builds_a_mesh_with_tensor_groups_on_
     count = 0
     for data, fsdp, tensor in factorisations(len(devices)):
         mesh = mesh_lib.make_mesh(mesh_cfg(data, fsdp, tensor), devices)
-        assert dict(mesh.shape) == {"data": data, "fsdp": fsdp, "tensor": tensor}
+        assert dict(mesh.shape) == {"data": data, "fsdp": fsdp, "expert": 1, "tensor": tensor}
         assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in devices)
         groups = mesh.devices.reshape(-1, tensor)
         for g in groups[:: max(1, len(groups) // 16)]:  # a sample of groups: each a line of neighbours

@@ -64,9 +64,15 @@ def _params(workdir, step):
     return flat
 
 
-def test_exact_resume_after_sigkill(tmp_path):
+# A mixture-of-experts run too: capacity dispatch and router jitter (randomness that must resume exactly).
+MOE = ["--config.model.num_experts=4", "--config.model.expert_d_ff=64", "--config.model.moe_dispatch=capacity"]
+MOE += ["--config.model.router_jitter=0.1"]
+
+
+@pytest.mark.parametrize("extra", [pytest.param([], id="dense"), pytest.param(MOE, id="moe", marks=pytest.mark.slow)])
+def test_exact_resume_after_sigkill(tmp_path, extra):
     n = 6
-    args = [*SMALL, f"--config.train.steps={2 * n}", f"--config.checkpoint.every={n}"]
+    args = [*SMALL, *extra, f"--config.train.steps={2 * n}", f"--config.checkpoint.every={n}"]
     straight = tmp_path / "straight"
     run_cli("train.py", [*args, f"--workdir={straight}"])
 

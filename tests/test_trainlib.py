@@ -45,8 +45,10 @@ def test_mesh_shapes():
     class M(dict):
         __getattr__ = dict.__getitem__
 
-    assert mesh_lib.resolve_shape(M(data=-1, fsdp=2, tensor=2), 8) == (2, 2, 2)
-    assert mesh_lib.resolve_shape(M(data=1, fsdp=-1, tensor=1), 8) == (1, 8, 1)
+    # (data, fsdp, expert, tensor); a config without mesh.expert has one expert shard
+    assert mesh_lib.resolve_shape(M(data=-1, fsdp=2, tensor=2), 8) == (2, 2, 1, 2)
+    assert mesh_lib.resolve_shape(M(data=1, fsdp=-1, tensor=1), 8) == (1, 8, 1, 1)
+    assert mesh_lib.resolve_shape(M(data=1, fsdp=2, expert=-1, tensor=1), 8) == (1, 2, 4, 1)
     with pytest.raises(UserError, match="only one of"):
         mesh_lib.resolve_shape(M(data=-1, fsdp=-1, tensor=1), 8)
     with pytest.raises(UserError, match="divisible by 3"):

@@ -11,7 +11,7 @@ from podformer.model import bert, gpt, hf, params, t5
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-NOT_IN_TRANSFORMERS = ("palm", "gopher", "chinchilla")
+NOT_IN_TRANSFORMERS = ("palm", "gopher", "chinchilla", "glam")  # GLaM: tests/test_moe.py
 PRESETS = (
     [(gpt.GPT, gpt.GPTConfig, p) for p in gpt.PRESETS if not p.startswith(NOT_IN_TRANSFORMERS)]
     + [(bert.Bert, bert.BertConfig, p) for p in ("base_uncased", "large_uncased", "base_cased", "large_cased")]

@@ -69,6 +69,21 @@ def specs(T) -> dict:
             ),  # fmt: skip
             T.LlamaForCausalLM,
         ),
+        "mixtral": (
+            T.MixtralConfig(
+                vocab_size=V,
+                hidden_size=32,
+                intermediate_size=24,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                num_local_experts=4,
+                num_experts_per_tok=2,
+                rope_theta=500.0,
+                sliding_window=None,
+            ),  # fmt: skip
+            T.MixtralForCausalLM,
+        ),
         "bert": (T.BertConfig(**bert, max_position_embeddings=40), T.BertForPreTraining),
         "bert_mlm": (T.BertConfig(**bert, max_position_embeddings=40, hidden_act="gelu_new"), T.BertForMaskedLM),
         "roberta": (T.RobertaConfig(**bert, max_position_embeddings=42), T.RobertaForMaskedLM),

@@ -18,7 +18,7 @@ from podformer.core.errors import UserError
 
 # The logical vocabulary every parameter and activation uses. The rules table in configs/common.py
 # must map each of these to a mesh axis, a tuple of mesh axes, or None.
-LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv", "mlp", "vocab", "layers")
+LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv", "mlp", "vocab", "layers", "expert")
 
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 
@@ -47,7 +47,8 @@ def resolve(
             raise KeyError(f"logical axis {name!r} has no entry in the sharding rules; add it to mesh.rules")
         mesh_axes = tuple(a for a in _mesh_axes(table[name]) if a not in used)
         if mesh_shape is not None:
-            mesh_axes = tuple(a for a in mesh_axes if mesh_shape[a] > 1)
+            # An axis the mesh lacks (a mesh built without 'expert') is size 1: nothing to shard over.
+            mesh_axes = tuple(a for a in mesh_axes if mesh_shape.get(a, 1) > 1)
         if shape is not None and mesh_shape is not None:
             size = 1
             kept = []
@@ -224,7 +225,14 @@ def report(findings: list) -> str:
 
 
 # The config field behind each logical axis, for the fix a strict error suggests.
-FIELDS = {"heads": "num_heads", "embed": "d_model", "mlp": "d_ff", "kv": "head_dim", "layers": "num_layers"}
+FIELDS = {
+    "expert": "num_experts",
+    "heads": "num_heads",
+    "embed": "d_model",
+    "mlp": "d_ff",
+    "kv": "head_dim",
+    "layers": "num_layers",
+}
 
 
 def check_strict(findings: list, num_devices: int) -> None:

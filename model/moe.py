@@ -1,0 +1,146 @@
+"""Mixture-of-experts routing and dispatch, as functions on arrays; layers.MoE holds the parameters.
+
+Shape suffixes as in layers.py, plus T tokens (B * L flattened), E experts, C capacity per expert,
+A assignments (T * k, the top-k choices of every token), F the expert width.
+
+Router (float32): softmax over E logits, then top-k (Switch k=1, GShard/GLaM/Mixtral k=2); the k weights
+are optionally renormalised to sum to 1 (GShard, Mixtral, Qwen3-MoE) or kept as the softmax gave them
+(Switch, OLMoE). Two dispatch modes compute the same function when nothing is dropped:
+
+- capacity (GShard, GLaM, Switch): each expert takes at most C = ceil(capacity_factor * T * k / E)
+  assignments; assignments are served in priority order -- every token's first choice, in token order,
+  then every second choice, ... (GShard's rule: a second choice only takes room left by first choices) --
+  and those beyond C are dropped: that expert adds nothing, the token passes on through the residual.
+- dropless (MaxText's megablox path): assignments sorted by expert and multiplied with one grouped
+  matmul (jax.lax.ragged_dot); used at inference, where no token may be dropped.
+
+Auxiliary terms, each a mean over the MoE layers of a stack (``collect``): the load-balancing loss
+E * sum_e f_e * P_e (Switch eq. 4; f_e the share of the T*k assignments routed to e, P_e the mean router
+probability of e; 1 when balanced), the router z-loss mean_t logsumexp(logits_t)^2 (ST-MoE eq. 5), the share
+of assignments dropped and the load balance max_e n_e / mean_e n_e (n_e assignments routed to e).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+
+STATS = ("moe_aux_loss", "moe_lb_loss", "moe_z_loss", "moe_dropped", "moe_balance")
+
+
+def route(logits_TE: Array, k: int, renormalize: bool) -> tuple[Array, Array, Array]:
+    """(weights_TK, experts_TK, probs_TE) from float32 router logits: softmax, then top-k."""
+    probs_TE = jax.nn.softmax(logits_TE.astype(jnp.float32), axis=-1)
+    weights_TK, experts_TK = jax.lax.top_k(probs_TE, k)
+    if renormalize:
+        weights_TK = weights_TK / jnp.sum(weights_TK, axis=-1, keepdims=True)
+    return weights_TK, experts_TK, probs_TE
+
+
+def capacity(tokens: int, k: int, num_experts: int, factor: float) -> int:
+    return max(1, math.ceil(factor * tokens * k / num_experts))
+
+
+def positions(experts_TK: Array, num_experts: int) -> Array:
+    """Each assignment's slot in its expert's buffer under GShard's priority: choice-major, then token."""
+    onehot_KTE = jax.nn.one_hot(experts_TK.T, num_experts, dtype=jnp.int32)
+    flat_AE = onehot_KTE.reshape(-1, num_experts)
+    slot_AE = jnp.cumsum(flat_AE, axis=0) - 1
+    slot_A = jnp.sum(slot_AE * flat_AE, axis=-1)
+    return slot_A.reshape(experts_TK.T.shape).T  # (T, K)
+
+
+def aux_stats(logits_TE: Array, probs_TE: Array, experts_TK: Array, kept_TK: Array) -> dict[str, Array]:
+    E = probs_TE.shape[-1]
+    counts_E = jnp.sum(jax.nn.one_hot(experts_TK, E, dtype=jnp.float32), axis=(0, 1))
+    f_E = counts_E / jnp.sum(counts_E)
+    p_E = jnp.mean(probs_TE, axis=0)
+    z = jax.nn.logsumexp(logits_TE.astype(jnp.float32), axis=-1)
+    return {
+        "moe_lb_loss": E * jnp.sum(jax.lax.stop_gradient(f_E) * p_E),
+        "moe_z_loss": jnp.mean(jnp.square(z)),
+        "moe_dropped": jax.lax.stop_gradient(1.0 - jnp.mean(kept_TK.astype(jnp.float32))),
+        "moe_balance": jax.lax.stop_gradient(jnp.max(counts_E) / jnp.mean(counts_E)),
+    }
+
+
+def dispatch_capacity(x_TD: Array, weights_TK: Array, experts_TK: Array, expert_fn, cap: int, constrain):
+    """sum_k w_tk * expert_{e_tk}(x_t) over the assignments within capacity; (y_TD, kept_TK). The (E, C, D)
+    buffer is constrained to the expert axis: the partitioner moves tokens to their experts' devices."""
+    T, D = x_TD.shape
+    E = expert_fn.num_experts
+    slot_TK = positions(experts_TK, E)
+    kept_TK = slot_TK < cap
+    # Dropped assignments write to (and read from) one spare row past the E * C real ones.
+    index_TK = jnp.where(kept_TK, experts_TK * cap + slot_TK, E * cap)
+    buf = (
+        jnp.zeros((E * cap + 1, D), x_TD.dtype)
+        .at[index_TK.reshape(-1)]
+        .set(jnp.repeat(x_TD, experts_TK.shape[1], axis=0), unique_indices=False)
+    )
+    buf_ECD = constrain(buf[: E * cap].reshape(E, cap, D))
+    out_ECD = constrain(expert_fn(buf_ECD))
+    out = jnp.concatenate([out_ECD.reshape(E * cap, D), jnp.zeros((1, D), out_ECD.dtype)])
+    y_TKD = jnp.take(out, index_TK, axis=0)
+    w_TK = jnp.where(kept_TK, weights_TK, 0.0).astype(y_TKD.dtype)
+    return jnp.einsum("TKD,TK->TD", y_TKD, w_TK), kept_TK
+
+
+def dispatch_dropless(x_TD: Array, weights_TK: Array, experts_TK: Array, expert_fn):
+    """Every assignment served: sorted by expert, one grouped matmul per expert weight (ragged_dot)."""
+    T, K = experts_TK.shape
+    E = expert_fn.num_experts
+    flat_A = experts_TK.reshape(-1)
+    order_A = jnp.argsort(flat_A, stable=True)
+    sizes_E = jnp.bincount(flat_A, length=E).astype(jnp.int32)
+    x_AD = jnp.take(x_TD, order_A // K, axis=0)
+    y_AD = expert_fn.grouped(x_AD, sizes_E)
+    y_AD = jnp.zeros_like(y_AD).at[order_A].set(y_AD)  # back to (token, choice) order
+    y_TKD = y_AD.reshape(T, K, -1)
+    return jnp.einsum("TKD,TK->TD", y_TKD, weights_TK.astype(y_TKD.dtype)), jnp.ones((T, K), bool)
+
+
+def collect(model: nnx.Module) -> dict[str, Array]:
+    """Pop the MoE statistics the stacks of ``model`` sowed during its last call, each as its mean over the
+    MoE layers; ``moe_aux_loss`` is the weighted auxiliary objective (moe_lb_weight * load balancing +
+    moe_z_weight * z-loss). {} for a dense model (or one not called since)."""
+    sown = nnx.pop(model, nnx.Intermediate)
+    summed = None
+    for path, v in nnx.to_flat_state(sown):
+        if path[-1] == "moe_stats":
+            for s in v.get_value():
+                summed = add_stats(summed, {"layers": jnp.float32(1.0), **s})
+    if summed is None:
+        return {}
+    summed = dict(summed)
+    layers = summed.pop("layers")
+    return {k: v / layers for k, v in summed.items()}
+
+
+def add_stats(a: dict | None, b: dict | None) -> dict | None:
+    if a is None or b is None:
+        return b if a is None else a
+    return jax.tree.map(jnp.add, a, b)
+
+
+def block_stats(block: nnx.Module) -> dict | None:
+    """Pop what a block's MoE sowed in its call: {stat: value, 'layers': 1.0}, or None if dense."""
+    sown = nnx.pop(block, nnx.Intermediate)
+    found = [v for path, v in nnx.to_flat_state(sown) if path[-1] == "moe_stats"]
+    out = None
+    for v in found:
+        for s in v.get_value():
+            out = add_stats(out, {"layers": jnp.float32(1.0), **s})
+    return out
+
+
+def record(module: nnx.Module, stats: dict) -> None:
+    """Keep ``stats`` on ``module`` as an nnx.Intermediate named ``moe_stats`` (what ``Module.sow`` does,
+    which Flax now wants inside nnx.capture; the stacks and the trainer pop these themselves)."""
+    previous = getattr(module, "moe_stats", None)
+    module.moe_stats = nnx.Intermediate((*(previous.get_value() if previous is not None else ()), stats))
