@@ -13,7 +13,10 @@ import math
 
 import jax
 import jax.numpy as jnp
+from flax.core import spmd as flax_spmd
+from jax.sharding import PartitionSpec
 
+from podformer.core import sharding
 from podformer.core.errors import UserError
 from podformer.model import host_blas, kernels
 
@@ -255,8 +258,27 @@ def _attention_flash(q, k, v, mask, bias, scale, dropout_rate, rng):
     )
     qh, kh, vh = _heads_first(q * jnp.asarray(scale, q.dtype), k, v)
     # The kernel scales (q k^T + ab); the bias must not be scaled, so q is scaled beforehand.
-    out = fa.flash_attention(qh, kh, vh, ab=ab, sm_scale=1.0, block_sizes=sizes)
-    return jnp.swapaxes(out, 1, 2)
+    kernel = lambda *a: fa.flash_attention(*a[:3], ab=a[3] if len(a) > 3 else None, sm_scale=1.0, block_sizes=sizes)  # noqa: E731
+    args = (qh, kh, vh) if ab is None else (qh, kh, vh, ab)
+    return jnp.swapaxes(_per_shard(kernel, args, B, H), 1, 2)
+
+
+def _per_shard(kernel, args: tuple, B: int, H: int):
+    """``kernel`` over (B, H, ...) arrays under the active mesh: a Mosaic kernel cannot be partitioned by
+    XLA, so it runs in a shard_map, each device on its own rows (the rules' batch axes) and heads (their
+    heads axes), as MaxText runs Splash. Attention is independent per row and head: no collectives."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return kernel(*args)
+    rules = flax_spmd.get_logical_axis_rules() or ()
+    shape = dict(mesh.shape)
+    dims = (
+        sharding.logical_to_spec(("batch", "heads"), rules, (B, H), shape)
+        if rules
+        else PartitionSpec(None, None)
+    )
+    spec = PartitionSpec(dims[0], dims[1], None, None)
+    return jax.shard_map(kernel, in_specs=(spec,) * len(args), out_specs=spec, check_vma=False)(*args)
 
 
 def _attention_cudnn(q, k, v, mask, bias, scale, dropout_rate, rng):
@@ -272,8 +294,30 @@ def _attention_cudnn(q, k, v, mask, bias, scale, dropout_rate, rng):
     return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation="cudnn")
 
 
+def resolve_auto(q, k, dropout_rate: float, rng) -> tuple[str, str]:
+    """What ``attention_impl='auto'`` runs for these operands, and why: the fused kernel of the platform
+    (Pallas flash on TPUs, cuDNN on NVIDIA GPUs) where it supports the call, else XLA's."""
+    platform = _pallas["target"] or jax.devices()[0].platform
+    dropout = dropout_rate > 0.0 and rng is not None
+    if platform == "tpu" or _pallas["interpret"]:
+        if q.shape[1] % 128 or k.shape[1] % 128:
+            return "xla", f"flash tiles sequences in multiples of 128 (got {q.shape[1]} and {k.shape[1]})"
+        return ("xla", "flash has no attention dropout") if dropout else ("flash", "Pallas flash on TPU")
+    if platform == "gpu":
+        if q.dtype not in (jnp.bfloat16, jnp.float16):
+            return "xla", f"cuDNN needs bfloat16 or float16 compute, not {q.dtype}"
+        return ("xla", "cuDNN has no attention dropout here") if dropout else ("cudnn", "cuDNN on NVIDIA GPUs")
+    return "xla", f"no fused attention kernel on {platform}"
+
+
+def _attention_auto(q, k, v, mask, bias, scale, dropout_rate, rng):
+    impl, _ = resolve_auto(q, k, dropout_rate, rng)
+    return ATTENTION_IMPLS[impl](q, k, v, mask, bias, scale, dropout_rate, rng)
+
+
 # One switch for the attention kernel; every call in podformer goes through `attention` below.
 ATTENTION_IMPLS = {
+    "auto": _attention_auto,
     "xla": _attention_jax("xla"),
     "cudnn": _attention_cudnn,
     # Splash attention is not here: its masks are static or per-head, so packed batches need segment

@@ -50,3 +50,63 @@ def test_credited_bytes_never_count_a_byte_twice():
     values = [("a", 60, 0, "x"), ("b", 60, 40, "y"), ("c", 20, 10, "z")]
     credited = {v[0]: n for v, n in memory._credit(100, values)}
     assert credited == {"a": 60, "b": 40, "c": 0}
+
+
+def test_flash_attention_under_a_data_fsdp_tensor_mesh_equals_xla():
+    # The Pallas kernel in a shard_map over rows (data x fsdp) and heads (tensor) on 8 fake CPU devices,
+    # in Pallas' interpreter: values and gradients against XLA attention on one device.
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from configs.common import RULES
+    from podformer.model import attention
+
+    B, L, H, K = 4, 128, 2, 8
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    q, k, v = (jax.random.normal(x, (B, L, H, K)) for x in (k1, k2, k3))
+    seg = jnp.concatenate([jnp.ones((B, 96), jnp.int32), 2 * jnp.ones((B, 32), jnp.int32)], axis=1)
+    mask = attention.make_attention_mask(seg, seg, causal=True)
+
+    def f(impl, q, k, v):
+        out = attention.attention(q, k, v, mask_B1LS=mask, scale=0.3, impl=impl)
+        return jnp.sum(out * jnp.cos(out)), out
+
+    grad = jax.jit(jax.value_and_grad(f, argnums=(1, 2, 3), has_aux=True), static_argnums=0)
+    (_, ref), ref_grads = grad("xla", q, k, v)
+    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(RULES), attention.pallas_mode(interpret=True):
+        spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp"), None, "tensor"))
+        q, k, v = (jax.device_put(x, spec) for x in (q, k, v))
+        (_, out), grads = grad("flash", q, k, v)
+        assert attention.resolve_auto(q, k, 0.0, None)[0] == "flash"  # interpret mode stands for a TPU
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+    for g, r in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(g, r, atol=1e-5)
+
+
+def test_auto_attention_is_xla_on_cpu_with_the_reason():
+    import jax.numpy as jnp
+
+    from podformer.model import attention
+
+    q = jnp.zeros((1, 128, 2, 8))
+    assert attention.resolve_auto(q, q, 0.0, None) == ("xla", "no fused attention kernel on cpu")
+    with attention.pallas_mode(target="tpu"):
+        assert attention.resolve_auto(q, q, 0.0, None) == ("flash", "Pallas flash on TPU")
+        impl, why = attention.resolve_auto(q[:, :100], q[:, :100], 0.0, None)
+        assert impl == "xla" and "multiples of 128" in why
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_auto_attention_on_a_v5p_fsdp_tensor_mesh_compiles_the_pallas_kernel():
+    # model.attention_impl=auto compiled for TPUs picks the Pallas flash kernel, and its shard_map lets
+    # the TPU compiler lower it under fsdp x tensor ("Mosaic kernels cannot be automatically partitioned"
+    # otherwise): the kernel's custom call is in the compiled program.
+    args = ["--config.model.attention_impl=auto", "--config.mesh.data=1", "--config.mesh.fsdp=2"]
+    args += ["--config.mesh.tensor=2", "--config.train.batch_size=8", "--config.train.seq_len=128"]
+    r = compiled_report(args, "v5p:2x2x1")
+    assert r["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2}
+    assert "tpu_custom_call" in r["hlo_custom_calls"], r["hlo_custom_calls"]
