@@ -8,6 +8,7 @@ relative positions, ALiBi) are (B or 1, H, L, S) float arrays.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 
@@ -49,6 +50,26 @@ def make_attention_mask(
         L, S = q_segment_ids_BL.shape[1], kv_segment_ids_BS.shape[1]
         mask &= (jnp.arange(L)[:, None] + (S - L)) >= jnp.arange(S)[None, :]
     return mask[:, None, :, :]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SegmentMask:
+    """``make_attention_mask`` kept as its segment ids: what the flash kernel takes (its own causal and
+    segment masking, block by block), so no (B, 1, L, S) mask nor (B, H, L, S) bias is ever built for it.
+    Every other kernel gets ``dense()``."""
+
+    q_segment_ids_BL: Array
+    kv_segment_ids_BS: Array
+    causal: bool = dataclasses.field(metadata=dict(static=True))
+
+    def dense(self) -> Array:
+        return make_attention_mask(self.q_segment_ids_BL, self.kv_segment_ids_BS, causal=self.causal)
+
+
+def dense_mask(mask):
+    """A (B, 1, L, S) boolean mask (or None) from a mask or a ``SegmentMask``."""
+    return mask.dense() if isinstance(mask, SegmentMask) else mask
 
 
 def local_window_mask(L: int, S: int, window: Array | int, q_offset: Array | int | None = None) -> Array:
@@ -234,6 +255,11 @@ def _attention_flash(q, k, v, mask, bias, scale, dropout_rate, rng):
     _pallas_checks("flash", q, k, dropout_rate, rng)
     B, L, H, _ = q.shape
     S = k.shape[1]
+    segments = None
+    if isinstance(mask, SegmentMask) and (not mask.causal or L == S):
+        # The kernel's causal mask is by index with queries and keys aligned (L == S), as ours is then.
+        segments, causal, mask = mask, mask.causal, None
+    mask = dense_mask(mask)
     ab = None
     if mask is not None or bias is not None:
         ab = jnp.zeros((1, 1, 1, 1), jnp.float32)
@@ -258,8 +284,16 @@ def _attention_flash(q, k, v, mask, bias, scale, dropout_rate, rng):
     )
     qh, kh, vh = _heads_first(q * jnp.asarray(scale, q.dtype), k, v)
     # The kernel scales (q k^T + ab); the bias must not be scaled, so q is scaled beforehand.
-    kernel = lambda *a: fa.flash_attention(*a[:3], ab=a[3] if len(a) > 3 else None, sm_scale=1.0, block_sizes=sizes)  # noqa: E731
-    args = (qh, kh, vh) if ab is None else (qh, kh, vh, ab)
+    if segments is not None:
+        ids = fa.SegmentIds(segments.q_segment_ids_BL, segments.kv_segment_ids_BS)
+
+        def kernel(q, k, v, ids):
+            return fa.flash_attention(q, k, v, segment_ids=ids, causal=causal, sm_scale=1.0, block_sizes=sizes)
+
+        args = (qh, kh, vh, ids)
+    else:
+        kernel = lambda *a: fa.flash_attention(*a[:3], ab=a[3] if len(a) > 3 else None, sm_scale=1.0, block_sizes=sizes)  # noqa: E731
+        args = (qh, kh, vh) if ab is None else (qh, kh, vh, ab)
     return jnp.swapaxes(_per_shard(kernel, args, B, H), 1, 2)
 
 
@@ -272,13 +306,11 @@ def _per_shard(kernel, args: tuple, B: int, H: int):
         return kernel(*args)
     rules = flax_spmd.get_logical_axis_rules() or ()
     shape = dict(mesh.shape)
-    dims = (
-        sharding.logical_to_spec(("batch", "heads"), rules, (B, H), shape)
-        if rules
-        else PartitionSpec(None, None)
-    )
+    dims = sharding.logical_to_spec(("batch", "heads"), rules, (B, H), shape) if rules else PartitionSpec(None, None)
     spec = PartitionSpec(dims[0], dims[1], None, None)
-    return jax.shard_map(kernel, in_specs=(spec,) * len(args), out_specs=spec, check_vma=False)(*args)
+    # Segment ids (B, L) and (B, S) go with their rows.
+    specs = jax.tree.map(lambda a: spec if a.ndim == 4 else PartitionSpec(dims[0], None), args)
+    return jax.shard_map(kernel, in_specs=specs, out_specs=spec, check_vma=False)(*args)
 
 
 def _attention_cudnn(q, k, v, mask, bias, scale, dropout_rate, rng):
@@ -341,6 +373,10 @@ def attention(
 ) -> Array:
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"unknown attention implementation {impl!r}; choose one of {sorted(ATTENTION_IMPLS)}")
+    if impl == "auto":
+        impl = resolve_auto(q_BLHK, k_BSGK, dropout_rate, rng)[0]
+    if impl != "flash":
+        mask_B1LS = dense_mask(mask_B1LS)
     if _recording is not None:  # the reference path computes both what the model uses and the weights
         out, weights = _attention_reference(
             q_BLHK, k_BSGK, v_BSGK, mask_B1LS, bias_BHLS, scale, dropout_rate, rng, return_weights=True

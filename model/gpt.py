@@ -122,6 +122,8 @@ class GPT(nnx.Module):
 
         if cache is None:
             mask = layers.make_attention_mask(segment_ids, segment_ids, causal=True)
+            if cfg.attention_impl in ("flash", "auto"):  # the flash kernel masks from the ids themselves
+                mask = layers.SegmentMask(segment_ids, segment_ids, causal=True)
             kv_positions = positions
         else:
             mask, kv_positions = cache.self_mask(L), cache.positions_BM

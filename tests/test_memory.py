@@ -68,22 +68,24 @@ def test_flash_attention_under_a_data_fsdp_tensor_mesh_equals_xla():
     q, k, v = (jax.random.normal(x, (B, L, H, K)) for x in (k1, k2, k3))
     seg = jnp.concatenate([jnp.ones((B, 96), jnp.int32), 2 * jnp.ones((B, 32), jnp.int32)], axis=1)
     mask = attention.make_attention_mask(seg, seg, causal=True)
+    segments = attention.SegmentMask(seg, seg, causal=True)  # the kernel's own segment and causal masking
 
-    def f(impl, q, k, v):
+    def f(impl, mask, q, k, v):
         out = attention.attention(q, k, v, mask_B1LS=mask, scale=0.3, impl=impl)
         return jnp.sum(out * jnp.cos(out)), out
 
-    grad = jax.jit(jax.value_and_grad(f, argnums=(1, 2, 3), has_aux=True), static_argnums=0)
-    (_, ref), ref_grads = grad("xla", q, k, v)
+    grad = jax.jit(jax.value_and_grad(f, argnums=(2, 3, 4), has_aux=True), static_argnums=0)
+    (_, ref), ref_grads = grad("xla", mask, q, k, v)
     mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(RULES), attention.pallas_mode(interpret=True):
         spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp"), None, "tensor"))
         q, k, v = (jax.device_put(x, spec) for x in (q, k, v))
-        (_, out), grads = grad("flash", q, k, v)
+        results = [grad("flash", m, q, k, v) for m in (mask, segments)]  # as a bias; as segment ids
         assert attention.resolve_auto(q, k, 0.0, None)[0] == "flash"  # interpret mode stands for a TPU
-    np.testing.assert_allclose(out, ref, atol=1e-5)
-    for g, r in zip(grads, ref_grads, strict=True):
-        np.testing.assert_allclose(g, r, atol=1e-5)
+    for (_, out), grads in results:
+        np.testing.assert_allclose(out, ref, atol=1e-5)
+        for g, r in zip(grads, ref_grads, strict=True):
+            np.testing.assert_allclose(g, r, atol=1e-5)
 
 
 def test_auto_attention_is_xla_on_cpu_with_the_reason():
