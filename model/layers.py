@@ -443,7 +443,7 @@ class Block(nnx.Module):
             return cached(self.cross, h, cross=True, **kw)
 
         def result(x):
-            x = sharding.constrain(x, ("batch", "length", None))
+            x = sharding.constrain(x, ("batch", "length", "activation_embed"))
             return x if cache is None else (x, caches[0])
 
         if o.parallel_block:

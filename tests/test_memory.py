@@ -60,7 +60,7 @@ def test_flash_attention_under_a_data_fsdp_tensor_mesh_equals_xla():
     import numpy as np
     from flax import nnx
 
-    from configs.common import RULES
+    from podformer.configs.common import RULES
     from podformer.model import attention
 
     B, L, H, K = 4, 128, 2, 8
