@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import logging
 import math
 
 import jax
@@ -292,7 +293,10 @@ def _attention_flash(q, k, v, mask, bias, scale, dropout_rate, rng):
 
         args = (qh, kh, vh, ids)
     else:
-        kernel = lambda *a: fa.flash_attention(*a[:3], ab=a[3] if len(a) > 3 else None, sm_scale=1.0, block_sizes=sizes)  # noqa: E731
+
+        def kernel(q, k, v, ab=None):
+            return fa.flash_attention(q, k, v, ab=ab, sm_scale=1.0, block_sizes=sizes)
+
         args = (qh, kh, vh) if ab is None else (qh, kh, vh, ab)
     return jnp.swapaxes(_per_shard(kernel, args, B, H), 1, 2)
 
@@ -342,8 +346,20 @@ def resolve_auto(q, k, dropout_rate: float, rng) -> tuple[str, str]:
     return "xla", f"no fused attention kernel on {platform}"
 
 
+_said: set[str] = set()
+
+
+def _resolve_and_say(q, k, dropout_rate: float, rng) -> str:
+    """``resolve_auto``'s kernel; a fallback to XLA's is logged once per reason (at trace time)."""
+    impl, why = resolve_auto(q, k, dropout_rate, rng)
+    if impl == "xla" and why not in _said:
+        _said.add(why)
+        logging.getLogger("podformer").info("model.attention_impl=auto: XLA attention (%s)", why)
+    return impl
+
+
 def _attention_auto(q, k, v, mask, bias, scale, dropout_rate, rng):
-    impl, _ = resolve_auto(q, k, dropout_rate, rng)
+    impl = _resolve_and_say(q, k, dropout_rate, rng)
     return ATTENTION_IMPLS[impl](q, k, v, mask, bias, scale, dropout_rate, rng)
 
 
@@ -374,7 +390,7 @@ def attention(
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"unknown attention implementation {impl!r}; choose one of {sorted(ATTENTION_IMPLS)}")
     if impl == "auto":
-        impl = resolve_auto(q_BLHK, k_BSGK, dropout_rate, rng)[0]
+        impl = _resolve_and_say(q_BLHK, k_BSGK, dropout_rate, rng)
     if impl != "flash":
         mask_B1LS = dense_mask(mask_B1LS)
     if _recording is not None:  # the reference path computes both what the model uses and the weights
