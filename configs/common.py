@@ -8,11 +8,15 @@ from podformer.model import families
 
 # Logical axis -> mesh axes. Parameters are sharded over fsdp on their model dimension and over tensor
 # on heads / mlp / vocab, experts' weights over expert on their expert dimension; activations are sharded
-# over data, fsdp and expert on the batch dimension (the dense layers use the expert devices as data parallel).
+# over data, fsdp and expert on the batch dimension (the dense layers use the expert devices as data parallel),
+# and at block boundaries over tensor on the model dimension too (MaxText's activation_embed): a tensor group
+# then holds one copy of the saved residual stream, not `tensor` copies. XLA gathers it for the norms and
+# matmuls of the next block and reduce-scatters the block's output (Megatron's sequence parallelism, on embed).
 RULES = (
     ("batch", ("data", "fsdp", "expert")),
     ("length", None),
     ("embed", "fsdp"),
+    ("activation_embed", "tensor"),
     ("heads", "tensor"),
     ("kv", None),
     ("mlp", "tensor"),

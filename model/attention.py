@@ -8,12 +8,17 @@ relative positions, ALiBi) are (B or 1, H, L, S) float arrays.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import logging
 import math
 
 import jax
 import jax.numpy as jnp
+from flax.core import spmd as flax_spmd
+from jax.sharding import PartitionSpec
 
+from podformer.core import sharding
 from podformer.core.errors import UserError
 from podformer.model import host_blas, kernels
 
@@ -46,6 +51,26 @@ def make_attention_mask(
         L, S = q_segment_ids_BL.shape[1], kv_segment_ids_BS.shape[1]
         mask &= (jnp.arange(L)[:, None] + (S - L)) >= jnp.arange(S)[None, :]
     return mask[:, None, :, :]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SegmentMask:
+    """``make_attention_mask`` kept as its segment ids: what the flash kernel takes (its own causal and
+    segment masking, block by block), so no (B, 1, L, S) mask nor (B, H, L, S) bias is ever built for it.
+    Every other kernel gets ``dense()``."""
+
+    q_segment_ids_BL: Array
+    kv_segment_ids_BS: Array
+    causal: bool = dataclasses.field(metadata=dict(static=True))
+
+    def dense(self) -> Array:
+        return make_attention_mask(self.q_segment_ids_BL, self.kv_segment_ids_BS, causal=self.causal)
+
+
+def dense_mask(mask):
+    """A (B, 1, L, S) boolean mask (or None) from a mask or a ``SegmentMask``."""
+    return mask.dense() if isinstance(mask, SegmentMask) else mask
 
 
 def local_window_mask(L: int, S: int, window: Array | int, q_offset: Array | int | None = None) -> Array:
@@ -231,6 +256,11 @@ def _attention_flash(q, k, v, mask, bias, scale, dropout_rate, rng):
     _pallas_checks("flash", q, k, dropout_rate, rng)
     B, L, H, _ = q.shape
     S = k.shape[1]
+    segments = None
+    if isinstance(mask, SegmentMask) and (not mask.causal or L == S):
+        # The kernel's causal mask is by index with queries and keys aligned (L == S), as ours is then.
+        segments, causal, mask = mask, mask.causal, None
+    mask = dense_mask(mask)
     ab = None
     if mask is not None or bias is not None:
         ab = jnp.zeros((1, 1, 1, 1), jnp.float32)
@@ -255,8 +285,36 @@ def _attention_flash(q, k, v, mask, bias, scale, dropout_rate, rng):
     )
     qh, kh, vh = _heads_first(q * jnp.asarray(scale, q.dtype), k, v)
     # The kernel scales (q k^T + ab); the bias must not be scaled, so q is scaled beforehand.
-    out = fa.flash_attention(qh, kh, vh, ab=ab, sm_scale=1.0, block_sizes=sizes)
-    return jnp.swapaxes(out, 1, 2)
+    if segments is not None:
+        ids = fa.SegmentIds(segments.q_segment_ids_BL, segments.kv_segment_ids_BS)
+
+        def kernel(q, k, v, ids):
+            return fa.flash_attention(q, k, v, segment_ids=ids, causal=causal, sm_scale=1.0, block_sizes=sizes)
+
+        args = (qh, kh, vh, ids)
+    else:
+
+        def kernel(q, k, v, ab=None):
+            return fa.flash_attention(q, k, v, ab=ab, sm_scale=1.0, block_sizes=sizes)
+
+        args = (qh, kh, vh) if ab is None else (qh, kh, vh, ab)
+    return jnp.swapaxes(_per_shard(kernel, args, B, H), 1, 2)
+
+
+def _per_shard(kernel, args: tuple, B: int, H: int):
+    """``kernel`` over (B, H, ...) arrays under the active mesh: a Mosaic kernel cannot be partitioned by
+    XLA, so it runs in a shard_map, each device on its own rows (the rules' batch axes) and heads (their
+    heads axes), as MaxText runs Splash. Attention is independent per row and head: no collectives."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return kernel(*args)
+    rules = flax_spmd.get_logical_axis_rules() or ()
+    shape = dict(mesh.shape)
+    dims = sharding.logical_to_spec(("batch", "heads"), rules, (B, H), shape) if rules else PartitionSpec(None, None)
+    spec = PartitionSpec(dims[0], dims[1], None, None)
+    # Segment ids (B, L) and (B, S) go with their rows.
+    specs = jax.tree.map(lambda a: spec if a.ndim == 4 else PartitionSpec(dims[0], None), args)
+    return jax.shard_map(kernel, in_specs=specs, out_specs=spec, check_vma=False)(*args)
 
 
 def _attention_cudnn(q, k, v, mask, bias, scale, dropout_rate, rng):
@@ -272,8 +330,42 @@ def _attention_cudnn(q, k, v, mask, bias, scale, dropout_rate, rng):
     return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation="cudnn")
 
 
+def resolve_auto(q, k, dropout_rate: float, rng) -> tuple[str, str]:
+    """What ``attention_impl='auto'`` runs for these operands, and why: the fused kernel of the platform
+    (Pallas flash on TPUs, cuDNN on NVIDIA GPUs) where it supports the call, else XLA's."""
+    platform = _pallas["target"] or jax.devices()[0].platform
+    dropout = dropout_rate > 0.0 and rng is not None
+    if platform == "tpu" or _pallas["interpret"]:
+        if q.shape[1] % 128 or k.shape[1] % 128:
+            return "xla", f"flash tiles sequences in multiples of 128 (got {q.shape[1]} and {k.shape[1]})"
+        return ("xla", "flash has no attention dropout") if dropout else ("flash", "Pallas flash on TPU")
+    if platform == "gpu":
+        if q.dtype not in (jnp.bfloat16, jnp.float16):
+            return "xla", f"cuDNN needs bfloat16 or float16 compute, not {q.dtype}"
+        return ("xla", "cuDNN has no attention dropout here") if dropout else ("cudnn", "cuDNN on NVIDIA GPUs")
+    return "xla", f"no fused attention kernel on {platform}"
+
+
+_said: set[str] = set()
+
+
+def _resolve_and_say(q, k, dropout_rate: float, rng) -> str:
+    """``resolve_auto``'s kernel; a fallback to XLA's is logged once per reason (at trace time)."""
+    impl, why = resolve_auto(q, k, dropout_rate, rng)
+    if impl == "xla" and why not in _said:
+        _said.add(why)
+        logging.getLogger("podformer").info("model.attention_impl=auto: XLA attention (%s)", why)
+    return impl
+
+
+def _attention_auto(q, k, v, mask, bias, scale, dropout_rate, rng):
+    impl = _resolve_and_say(q, k, dropout_rate, rng)
+    return ATTENTION_IMPLS[impl](q, k, v, mask, bias, scale, dropout_rate, rng)
+
+
 # One switch for the attention kernel; every call in podformer goes through `attention` below.
 ATTENTION_IMPLS = {
+    "auto": _attention_auto,
     "xla": _attention_jax("xla"),
     "cudnn": _attention_cudnn,
     # Splash attention is not here: its masks are static or per-head, so packed batches need segment
@@ -297,6 +389,10 @@ def attention(
 ) -> Array:
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"unknown attention implementation {impl!r}; choose one of {sorted(ATTENTION_IMPLS)}")
+    if impl == "auto":
+        impl = _resolve_and_say(q_BLHK, k_BSGK, dropout_rate, rng)
+    if impl != "flash":
+        mask_B1LS = dense_mask(mask_B1LS)
     if _recording is not None:  # the reference path computes both what the model uses and the weights
         out, weights = _attention_reference(
             q_BLHK, k_BSGK, v_BSGK, mask_B1LS, bias_BHLS, scale, dropout_rate, rng, return_weights=True

@@ -81,7 +81,7 @@ class Bert(nnx.Module):
             types = jnp.zeros((B, L), jnp.int32) if token_type_ids is None else token_type_ids
             x_BLD = x_BLD + layers.lookup(self.token_type_embed, types)
         x_BLD = layers.dropout(self.embed_norm(x_BLD).astype(dtype), cfg.dropout, rng_embed)
-        x_BLD = sharding.constrain(x_BLD, ("batch", "length", None))
+        x_BLD = sharding.constrain(x_BLD, ("batch", "length", "activation_embed"))
         mask = layers.make_attention_mask(segment_ids, segment_ids, causal=False)
         return self.blocks(x_BLD, mask_B1LS=mask, rng=rng_blocks)
 

@@ -116,10 +116,12 @@ class GPT(nnx.Module):
         if self.embed_norm is not None:
             x_BLD = self.embed_norm(x_BLD)
         x_BLD = layers.dropout(x_BLD.astype(dtype), cfg.dropout, rng_embed)
-        x_BLD = sharding.constrain(x_BLD, ("batch", "length", None))
+        x_BLD = sharding.constrain(x_BLD, ("batch", "length", "activation_embed"))
 
         if cache is None:
             mask = layers.make_attention_mask(segment_ids, segment_ids, causal=True)
+            if cfg.attention_impl in ("flash", "auto"):  # the flash kernel masks from the ids themselves
+                mask = layers.SegmentMask(segment_ids, segment_ids, causal=True)
             kv_positions = positions
         else:
             mask, kv_positions = cache.self_mask(L), cache.positions_BM

@@ -23,8 +23,10 @@ from flax import nnx
 from podformer.core import sharding
 from podformer.model import kernels, moe
 from podformer.model.attention import (  # noqa: F401  (re-exported)
+    SegmentMask,
     alibi_bias,
     attention,
+    dense_mask,
     dropout,
     local_window_mask,
     make_attention_mask,
@@ -352,7 +354,7 @@ class Attention(nnx.Module):
         if window is not None:  # local attention (a per-layer input: 0 for global layers)
             q_offset = None if cache is None else cache.index
             local = local_window_mask(x_BLD.shape[1], k.shape[1], window, q_offset)
-            mask_B1LS = local if mask_B1LS is None else local & mask_B1LS
+            mask_B1LS = local if mask_B1LS is None else local & dense_mask(mask_B1LS)
         scale = o.attn_scale or 1.0 / math.sqrt(o.head_dim)
         out = attention(
             q,
@@ -529,7 +531,7 @@ class Block(nnx.Module):
             return cached(self.cross, h, cross=True, **kw)
 
         def result(x):
-            x = sharding.constrain(x, ("batch", "length", None))
+            x = sharding.constrain(x, ("batch", "length", "activation_embed"))
             return x if cache is None else (x, caches[0])
 
         if o.parallel_block:

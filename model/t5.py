@@ -89,7 +89,7 @@ class Stack(nnx.Module):
         if self.embed_norm is not None:
             x_BLD = self.embed_norm(x_BLD)
         x_BLD = layers.dropout(x_BLD.astype(dtype), cfg.dropout, rng_embed)
-        x_BLD = sharding.constrain(x_BLD, ("batch", "length", None))
+        x_BLD = sharding.constrain(x_BLD, ("batch", "length", "activation_embed"))
 
         L = ids_BL.shape[1]
         if cache is None:

@@ -15,11 +15,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import tempfile
 
 import numpy as np
 
 from podformer import flops as flops_lib
-from podformer import hardware, optim, trainer
+from podformer import hardware, memory, optim, trainer
 from podformer import mesh as mesh_lib
 from podformer.core.errors import UserError
 from podformer.data import span_corruption
@@ -165,15 +166,11 @@ def compile_only(spec: str, cfg, model_cfg, module_cls) -> dict:
     per-device memory, the compiled program's FLOPs and bytes and the roofline bound. A program too big
     for the chips is a report with ``fits: False``, not an error."""
     t = cfg.train
-    kw = dict(
-        cfg=cfg,
-        tx=optim.make_optimizer(cfg.opt, t.steps),
-        schedule=optim.schedule(cfg.opt, t.steps),
-        loss=LOSSES[cfg.data.objective],
-        example_row=example_row(cfg.data, t.seq_len),
-    )
+    # ":verbose": the memory breakdown's top 25 buffers and ops instead of the top 5
+    verbose, spec = spec.endswith(":verbose"), spec.removesuffix(":verbose")
+    kw = step_kwargs(cfg)
     model = lambda c: lambda rngs: module_cls(c, rngs=rngs)  # noqa: E731
-    report = compile_train_step(spec, make_model=model(model_cfg), **kw)
+    report = compile_train_step(spec, make_model=model(model_cfg), breakdown=True, **kw)
     report["remat"] = model_cfg.remat
     # The compiler's cost analysis counts a loop body once: a scanned stack of L layers (and the
     # grad_accum micro-batch scan) would report about one layer and one micro-batch. So the cost is
@@ -203,8 +200,20 @@ def compile_only(spec: str, cfg, model_cfg, module_cls) -> dict:
         report["probe_note"] = (
             f"bytes count one read of the weights per step, not one per each of {t.grad_accum} micro-batches"
         )
-    log_report(report)
+    log_report(report, verbose=verbose)
     return report
+
+
+def step_kwargs(cfg) -> dict:
+    """What ``compile_train_step`` needs of the run config besides the model."""
+    t = cfg.train
+    return dict(
+        cfg=cfg,
+        tx=optim.make_optimizer(cfg.opt, t.steps),
+        schedule=optim.schedule(cfg.opt, t.steps),
+        loss=LOSSES[cfg.data.objective],
+        example_row=example_row(cfg.data, t.seq_len),
+    )
 
 
 def config_with(cfg, batch_size: int):
@@ -243,10 +252,21 @@ def layer_count(model_cfg) -> float:
 
 
 def compile_train_step(
-    spec: str, *, cfg, make_model, tx, schedule, loss, example_row: dict, quiet: bool = False
+    spec: str,
+    *,
+    cfg,
+    make_model,
+    tx,
+    schedule,
+    loss,
+    example_row: dict,
+    quiet: bool = False,
+    breakdown: bool = False,
 ) -> dict:
     """Compile for ``spec``: the memory figures, whether they fit, the raw cost analysis (``cost``; None
-    when the compiler refused the program). ``quiet``: no log lines (the cost probes)."""
+    when the compiler refused the program). ``quiet``: no log lines (the cost probes). ``breakdown``: also
+    the temporaries buffer by buffer (``buffers``: podformer/memory.py), from the compiler's buffer
+    assignment, dumped into a temporary folder that is gone on return."""
     gen, devices = topology_devices(spec)
     mesh = mesh_lib.make_mesh(cfg.mesh, devices)
     rules = tuple(tuple(r) for r in cfg.mesh.rules)
@@ -280,18 +300,26 @@ def compile_train_step(
         )
     # Pallas attention kernels are traced for the TPU, not refused for this host's CPU; matmuls stay XLA
     # dots even where this process opted in to the host BLAS (model/kernels.py).
+    dump = tempfile.TemporaryDirectory(prefix="podformer-aot-") if breakdown else None
+    options = {"xla_dump_to": dump.name, **memory.COMPILER_OPTIONS} if dump else None
     try:
         with kernels.use("xla"):
             compiled, _ = trainer.compile_train_step(
                 graphdef, abstract, shardings, example, loss=loss, train_cfg=t, mesh=mesh, rules=rules,
-                schedule=schedule, trace_context=attention.pallas_mode(target="tpu"),
+                schedule=schedule, trace_context=attention.pallas_mode(target="tpu"), compiler_options=options,
             )  # fmt: skip
+        if dump:
+            report["buffers"] = memory.breakdown(dump.name, compiled.as_text())
+            report["hlo_custom_calls"] = sorted(set(re.findall(r'custom_call_target="([^"]+)"', compiled.as_text())))
     except Exception as e:  # jaxlib's XlaRuntimeError (its module moves between releases); only HBM exhaustion
         asked = hbm_exhausted(str(e))
         if asked is None:
             raise
         said = next((ln.strip() for ln in str(e).splitlines() if "RESOURCE_EXHAUSTED" in ln), "")
         return report | {"fits": False, "peak_gib": asked, "refused": True, "cost": None, "compiler_said": said}
+    finally:
+        if dump:
+            dump.cleanup()
     return report | memory_figures(compiled, gen) | {"refused": False, "cost": cost_of(compiled)}
 
 
@@ -368,7 +396,7 @@ def cost_report(probes: dict, b: int, batch: int, n_layers: float, model_flops: 
     return out | {"roofline": r, "mfu_bound": hardware.mfu_bound(model_flops, r["step_s"], chip)}
 
 
-def log_report(r: dict) -> None:
+def log_report(r: dict, verbose: bool = False) -> None:
     hbm = r["hbm_gib"]
     if r["refused"]:
         log(
@@ -393,6 +421,8 @@ def log_report(r: dict) -> None:
             "more chips",
         ]
         log("levers: " + ", ".join(levers))
+    if r.get("buffers"):
+        log_breakdown(r["buffers"], r["temporaries_gib"], top=25 if verbose else 5)
     chip = r["chip"]
     if "flops" in r:
         log(
@@ -410,3 +440,24 @@ def log_report(r: dict) -> None:
     for note in ("probe_note", "cost_note"):
         if note in r:
             log(r[note])
+
+
+def log_breakdown(buffers: list, temporaries_gib: float, top: int) -> None:
+    """The largest temporaries and the ops that make them, out of the compiler's buffer assignment."""
+    gib = 2.0**30
+    listed = sum(b.credited for b in buffers) / gib
+    # The TPU backend's buffer assignment as XLA dumps it; on large programs the compiler's final figure
+    # can be larger (LLaMA-2 70B on v5p-512 with flash: 33.2 of 45.0 GiB): that rest is said, not guessed.
+    rest = temporaries_gib - listed
+    log(
+        f"temporaries: {len(buffers)} buffers in the buffer assignment, {listed:.2f} GiB of the "
+        f"{temporaries_gib:.2f} GiB"
+        + (f" ({rest:.2f} GiB outside it, placed by later compiler passes)" if rest > 0.05 * temporaries_gib else "")
+        + f"; the largest (--compile_only=SLICE:verbose for {25 if top < 25 else 'more'}):"
+    )
+    for b in buffers[:top]:
+        where = f" ({b.source})" if b.source else ""
+        log(f"  {b.credited / gib:8.3f} GiB  {b.shape:<32} {b.instruction}: {b.op or '(compiler-made)'}{where}")
+    log("temporaries by op:")
+    for op, size, n in memory.by_op(buffers)[:top]:
+        log(f"  {size / gib:8.3f} GiB  {n:4d} buffer{'s' if n > 1 else ' '}  {op}")

@@ -265,7 +265,18 @@ def jit_eval_step(graphdef, state_shardings, batch_shard, *, loss):
 
 
 def compile_train_step(
-    graphdef, abstract, shardings, example: dict, *, loss, train_cfg, mesh, rules, schedule, trace_context=None
+    graphdef,
+    abstract,
+    shardings,
+    example: dict,
+    *,
+    loss,
+    train_cfg,
+    mesh,
+    rules,
+    schedule,
+    trace_context=None,
+    compiler_options: dict | None = None,
 ):
     """The train step compiled ahead of the loop for the layout of ``example`` (one host batch, or the
     global one), so its memory is known before the first step. ``trace_context`` is entered around
@@ -291,4 +302,5 @@ def compile_train_step(
             schedule=schedule,
             skip_nonfinite=t.get("on_nonfinite", "stop") == "skip",
         )
-        return step.lower(with_shardings(abstract, shardings), abstract_batch).compile(), batch_shard
+        lowered = step.lower(with_shardings(abstract, shardings), abstract_batch)
+        return lowered.compile(compiler_options=compiler_options), batch_shard

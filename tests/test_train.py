@@ -24,7 +24,7 @@ def one_device_losses(tmp_path_factory):
     return train_losses(str(workdir))
 
 
-@pytest.mark.parametrize("mesh", [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 4, 2)])
+@pytest.mark.parametrize("mesh", [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 4, 2), (2, 1, 4)])
 def test_sharded_losses_equal_one_device(mesh, one_device_losses, tmp_path):
     d, f, t = mesh
     train.run(

@@ -18,7 +18,8 @@ from podformer.core.errors import UserError
 
 # The logical vocabulary every parameter and activation uses. The rules table in configs/common.py
 # must map each of these to a mesh axis, a tuple of mesh axes, or None.
-LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv", "mlp", "vocab", "layers", "expert")
+# activation_embed: the model dimension of activations at block boundaries (the saved residual stream).
+LOGICAL_AXES = ("batch", "length", "embed", "activation_embed", "heads", "kv", "mlp", "vocab", "layers", "expert")
 
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 
