@@ -44,7 +44,7 @@ def test_mesh_that_does_not_match_the_devices(tmp_path):
 
 def test_batch_not_divisible_by_data_parallel_size(tmp_path):
     args = ["--config.train.batch_size=12", "--config.mesh.fsdp=8", f"--workdir={tmp_path}"]
-    _one_line_error(run_cli("train.py", args, devices=8, check=False), "not divisible", "data*fsdp=8")
+    _one_line_error(run_cli("train.py", args, devices=8, check=False), "not divisible", "data*fsdp*expert=8")
 
 
 def test_missing_tokenizer_file(tmp_path):

@@ -110,5 +110,5 @@ def test_auto_attention_on_a_v5p_fsdp_tensor_mesh_compiles_the_pallas_kernel():
     args = ["--config.model.attention_impl=auto", "--config.mesh.data=1", "--config.mesh.fsdp=2"]
     args += ["--config.mesh.tensor=2", "--config.train.batch_size=8", "--config.train.seq_len=128"]
     r = compiled_report(args, "v5p:2x2x1")
-    assert r["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2}
+    assert r["mesh"] == {"data": 1, "fsdp": 2, "expert": 1, "tensor": 2}
     assert "tpu_custom_call" in r["hlo_custom_calls"], r["hlo_custom_calls"]
