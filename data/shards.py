@@ -60,7 +60,7 @@ def newline_pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
 
 @dataclasses.dataclass
 class Job:
-    """What a worker needs (pickled into the parts folder): the documents, the tokenizer, the store kind."""
+    """What a worker needs (pickled into a private temporary file): the documents, the tokenizer, the kind."""
 
     documents: Sequence[str]
     tokenizer: object
@@ -239,7 +239,11 @@ def _build_here(parts: str, job: Job, shards: list[tuple[int, int]], todo: list[
 
 
 def _run_workers(parts: str, job: Job, todo: list[int], workers: int, bar: Progress) -> None:
-    fd, jpath = tempfile.mkstemp(dir=parts, prefix=".job-", suffix=".pkl")
+    # The job goes to the workers as a pickle (documents and tokenizer objects), so it is written to this
+    # user's private temporary file (mode 0600), never into the cache, which other hosts and users may
+    # share: a worker unpickles only what its own parent wrote moments before. Checkpoints and weights
+    # are never pickled.
+    fd, jpath = tempfile.mkstemp(prefix="podformer-store-job-", suffix=".pkl")
     with os.fdopen(fd, "wb") as f:
         pickle.dump(job, f, protocol=pickle.HIGHEST_PROTOCOL)
     # One thread a worker (the workers are the parallelism): Hugging Face tokenizers' pool too.
