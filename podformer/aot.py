@@ -172,6 +172,20 @@ def compile_only(spec: str, cfg, model_cfg, module_cls) -> dict:
     model = lambda c: lambda rngs: module_cls(c, rngs=rngs)  # noqa: E731
     report = compile_train_step(spec, make_model=model(model_cfg), breakdown=True, **kw)
     report["remat"] = model_cfg.remat
+    sizes = report.pop("param_sizes")
+    ex = kw["example_row"]
+    dec = ex["decoder_targets"].shape[0] if "decoder_targets" in ex else None
+    model_flops = flops_lib.per_token(model_cfg, sizes, t.seq_len, dec) * t.batch_size * t.seq_len / report["devices"]
+    report["model_flops"] = model_flops
+    if not report["fits"]:
+        # The roofline of a program that cannot run answers nothing, and its four probes take minutes at
+        # preset widths (each GPT-2-small-wide probe 1-2 min on 2 cores): the memory and the levers first.
+        report["cost_note"] = (
+            "no cost analysis for a program that does not fit (its four probe compiles take minutes): "
+            "pull a lever above and ask again"
+        )
+        log_report(report, verbose=verbose)
+        return report
     # The compiler's cost analysis counts a loop body once: a scanned stack of L layers (and the
     # grad_accum micro-batch scan) would report about one layer and one micro-batch. So the cost is
     # measured on probes, unrolled programs of 1 and 2 layers at two small batches b and 2b with
@@ -187,10 +201,6 @@ def compile_only(spec: str, cfg, model_cfg, module_cls) -> dict:
         for rows in (b, 2 * b)
     }
     probes = {k: p["cost"] for k, p in probed.items()}
-    sizes = report.pop("param_sizes")
-    ex = kw["example_row"]
-    dec = ex["decoder_targets"].shape[0] if "decoder_targets" in ex else None
-    model_flops = flops_lib.per_token(model_cfg, sizes, t.seq_len, dec) * t.batch_size * t.seq_len / report["devices"]
     report |= cost_report(probes, b, t.batch_size, layer_count(model_cfg), model_flops, report["chip"])
     refused = [(k, p) for k, p in probed.items() if p["cost"] is None]
     if refused:
