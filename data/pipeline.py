@@ -172,7 +172,7 @@ def _rows(data_cfg, objective: str, st, tok, seq_len: int, seed: int):
 def _entropy(stores_and_weights) -> float:
     total = None
     for st, w in stores_and_weights:
-        counts = np.bincount(np.asarray(st.tokens)).astype(np.float64)
+        counts = tokens.token_counts(st.tokens).astype(np.float64)
         counts = w * counts / counts.sum()
         total = (
             counts
@@ -180,8 +180,7 @@ def _entropy(stores_and_weights) -> float:
             else np.pad(total, (0, max(0, len(counts) - len(total))))
             + np.pad(counts, (0, max(0, len(total) - len(counts))))
         )
-    p = total[total > 0] / total.sum()
-    return float(-(p * np.log(p)).sum())
+    return tokens.entropy(total)
 
 
 def build(data_cfg, *, vocab_size: int, seq_len: int, seed: int = 0) -> Data:

@@ -65,9 +65,7 @@ class SentenceStore:
         return np.split(flat, self.sent_starts[first + 1 : last] - self.sent_starts[first])
 
     def unigram_entropy(self) -> float:
-        counts = np.bincount(np.asarray(self.tokens), minlength=1).astype(np.float64)
-        p = counts[counts > 0] / counts.sum()
-        return float(-(p * np.log(p)).sum())
+        return tokens.entropy(tokens.token_counts(self.tokens))
 
 
 def build(

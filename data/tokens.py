@@ -45,9 +45,30 @@ class TokenStore:
 
     def unigram_entropy(self) -> float:
         """Entropy (nats) of the corpus' token frequencies: the loss of the best context-free model."""
-        counts = np.bincount(np.asarray(self.tokens), minlength=1).astype(np.float64)
-        p = counts[counts > 0] / counts.sum()
-        return float(-(p * np.log(p)).sum())
+        return entropy(token_counts(self.tokens))
+
+
+COUNT_CHUNK = 1 << 22  # tokens counted at a time: bincount's int64 copy of a chunk is 32 MiB
+
+
+def token_counts(tokens: np.ndarray, chunk: int = COUNT_CHUNK) -> np.ndarray:
+    """How often each token id occurs in a (memory-mapped) token array, read a chunk at a time, so the
+    memory it takes is bounded whatever the corpus size (one bincount of the whole array would make an
+    int64 copy: 8 bytes a token, 2.9 TB for C4's 360 GB of uint16 tokens)."""
+    counts = np.zeros(1, np.int64)
+    for at in range(0, len(tokens), chunk):
+        c = np.bincount(np.asarray(tokens[at : at + chunk]))
+        if len(c) > len(counts):
+            counts = np.pad(counts, (0, len(c) - len(counts)))
+        counts[: len(c)] += c
+    return counts
+
+
+def entropy(counts: np.ndarray) -> float:
+    """Entropy (nats) of the distribution proportional to ``counts``."""
+    counts = np.asarray(counts, np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
 
 
 class CallableTokenizer:

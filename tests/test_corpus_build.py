@@ -218,3 +218,24 @@ def test_progress_line_has_mb_per_second_and_time_left():
     quiet = io.StringIO()
     shards.Progress("x", 1, enabled=False, stream=quiet).update(10)
     assert quiet.getvalue() == ""
+
+
+def test_token_counts_read_a_chunk_at_a_time_whatever_the_store_size(tmp_path):
+    """The unigram entropy's counts over a memory-mapped store: equal to one bincount, in bounded memory
+    (one bincount of the whole array makes an int64 copy, 8 bytes a token: C4 would need terabytes)."""
+    n = 12_000_000
+    mm = np.lib.format.open_memmap(str(tmp_path / "t.npy"), "w+", np.uint16, (n,))
+    rng = np.random.default_rng(0)
+    for at in range(0, n, 1 << 21):
+        mm[at : at + (1 << 21)] = rng.integers(0, 5000, min(1 << 21, n - at), dtype=np.uint16)
+    mm[-1] = 65535  # the largest id only in the last chunk: the counts grow to it
+    mm.flush()
+    tokens_ = np.load(str(tmp_path / "t.npy"), mmap_mode="r")
+    tracemalloc.start()
+    counts = tokens.token_counts(tokens_, chunk=1 << 20)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 16 * 2**20 < 8 * n, peak  # one chunk's int64 copy and the counts, not the whole array's
+    np.testing.assert_array_equal(counts, np.bincount(np.asarray(tokens_)))
+    p = counts[counts > 0] / n
+    assert tokens.entropy(counts) == pytest.approx(float(-(p * np.log(p)).sum()), rel=1e-12)
