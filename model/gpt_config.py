@@ -27,6 +27,7 @@ class GPTConfig(ModelConfig):
     position: str = "learned"  # learned | rotary | alibi | none
     pos_offset: int = 0  # learned positions: position p reads row p + pos_offset (OPT: 2)
     positions_from_mask: bool = False  # without explicit positions, count only unpadded tokens (OPT)
+    qk_norm: bool = False  # per-head RMSNorm of queries and keys (Qwen3)
     rotary_dim: int = 0  # with position='rotary'; 0: the whole head
     rotary_base: float = 10000.0
     rotary_interleaved: bool = False

@@ -70,6 +70,7 @@ class BlockOptions:
     shared_parallel_norm: bool = True  # parallel block: one norm feeds both branches (GPT-J, PaLM)
     causal: bool = True
     cross_attention: bool = False  # decoder block of an encoder-decoder
+    qk_norm: bool = False  # RMSNorm of each query and key head over head_dim, before rotary (Qwen3, Gemma 3)
     rotary_dim: int = 0  # number of head dims that get rotary embeddings; 0 = none
     rotary_base: float = 10000.0
     rotary_interleaved: bool = False  # GPT-J rotates pairs (0,1),(2,3)..; NeoX/LLaMA rotate halves
@@ -240,10 +241,12 @@ _norm.defvjp(_norm_fwd, _norm_bwd)
 class Norm(nnx.Module):
     """LayerNorm (mean-centred, optional bias) or RMSNorm (T5 and LLaMA), computed in float32."""
 
-    def __init__(self, dim: int, *, kind: str = "layernorm", eps: float = 1e-5, bias: bool = True, rngs):
+    def __init__(
+        self, dim: int, *, kind: str = "layernorm", eps: float = 1e-5, bias: bool = True, axes=("embed",), rngs
+    ):
         self.kind, self.eps = kind, eps
-        self.scale = param(rngs, ones, (dim,), ("embed",))
-        self.bias = param(rngs, zeros, (dim,), ("embed",)) if (bias and kind == "layernorm") else None
+        self.scale = param(rngs, ones, (dim,), axes)
+        self.bias = param(rngs, zeros, (dim,), axes) if (bias and kind == "layernorm") else None
 
     def __call__(self, x: Array) -> Array:
         bias = None if self.bias is None else self.bias[...]
@@ -314,6 +317,10 @@ class Attention(nnx.Module):
             init_std=o.out_init_std or o.init_std,
             rngs=rngs,
         )
+        # Per-head query/key norms (Qwen3): one (K,) scale shared by every head, in float32 like every norm.
+        qk = dict(kind="rmsnorm", eps=o.norm_eps, bias=False, axes=("kv",), rngs=rngs)
+        self.q_norm = Norm(K, **qk) if o.qk_norm else None
+        self.k_norm = Norm(K, **qk) if o.qk_norm else None
 
     def __call__(
         self,
@@ -337,6 +344,8 @@ class Attention(nnx.Module):
         o = self.o
         fused = kv_BSD is None and not cross and o.kv_heads == o.num_heads
         q, k, v = self._fused_qkv(x_BLD) if fused else (self.query(x_BLD), None, None)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
         if o.rotary_dim:
             q = rotary(q, positions_BL, o.rotary_dim, o.rotary_base, o.rotary_interleaved)
         if cache is not None and cross and kv_BSD is None:
@@ -345,6 +354,8 @@ class Attention(nnx.Module):
             kv_BSD = x_BLD if kv_BSD is None else kv_BSD
             if not fused:
                 k, v = self.key(kv_BSD), self.value(kv_BSD)
+            if self.k_norm is not None:
+                k = self.k_norm(k)
             if o.rotary_dim:
                 kv_positions_BS = positions_BL if kv_positions_BS is None else kv_positions_BS
                 k = rotary(k, kv_positions_BS, o.rotary_dim, o.rotary_base, o.rotary_interleaved)

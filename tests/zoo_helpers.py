@@ -7,6 +7,7 @@ import numpy as np
 V = 97  # vocabulary of every tiny reference model
 SEQ2SEQ = ("t5", "t5_v1_1", "mt5", "bart")
 ENCODERS = ("bert", "bert_mlm", "roberta", "distilbert")
+MOE = ("mixtral", "qwen3_moe", "switch_transformers")
 ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
@@ -84,6 +85,23 @@ def specs(T) -> dict:
             ),  # fmt: skip
             T.MixtralForCausalLM,
         ),
+        "qwen3_moe": (  # dense layer 0, sparse layer 1, 3 of 8 fine-grained experts, top-k not renormalised
+            T.Qwen3MoeConfig(
+                vocab_size=V,
+                hidden_size=32,
+                intermediate_size=48,
+                moe_intermediate_size=16,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=8,
+                num_experts=8,
+                num_experts_per_tok=3,
+                decoder_sparse_step=2,
+                rope_theta=500.0,
+            ),  # fmt: skip
+            T.Qwen3MoeForCausalLM,
+        ),
         "bert": (T.BertConfig(**bert, max_position_embeddings=40), T.BertForPreTraining),
         "bert_mlm": (T.BertConfig(**bert, max_position_embeddings=40, hidden_act="gelu_new"), T.BertForMaskedLM),
         "roberta": (T.RobertaConfig(**bert, max_position_embeddings=42), T.RobertaForMaskedLM),
@@ -130,6 +148,10 @@ def make_reference(name: str, path: str):
                 p.add_(0.1 * torch.randn_like(p))
             if name in SEQ2SEQ[:3] and p.ndim == 2 and p.shape[0] == V:
                 p.mul_(0.2)
+            if name in MOE and ("experts" in pname or "router" in pname or pname.endswith("gate.weight")):
+                # Decisive routing and experts that matter: with the default 0.02 init, router
+                # probabilities are nearly uniform and a wrong expert choice moves logits by ~1e-4.
+                p.mul_(10.0)
         if name == "t5_v1_1":  # a separate output projection, as the released v1.1 checkpoints have
             ref.lm_head.weight = torch.nn.Parameter(0.2 * torch.randn(V, 32))
         if name == "bart":
