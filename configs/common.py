@@ -23,6 +23,7 @@ RULES = (
     ("vocab", "tensor"),
     ("layers", None),
     ("expert", "expert"),
+    ("expert_group", ("data", "fsdp")),  # MoE routing groups beside the expert axis (model/moe.py)
 )
 
 

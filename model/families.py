@@ -93,7 +93,7 @@ FAMILIES: dict[str, Family] = {
             kind="seq2seq",
             objective="span_corruption",
             framing=Framing(start=None, sep="</s>", decoder_start="pad"),
-            hf_formats=("t5", "mt5"),
+            hf_formats=("t5", "mt5", "switch_transformers"),
             heads=_SEQ2SEQ_HEADS,
         ),
         Family(

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import re
-
-import numpy as np
-
 from podformer.model import gpt
 from podformer.model.hf_common import (
     Field,
     Format,
     HFError,
-    Rule,
     activation,
     attention,
     conv1d,
+    expert_linear,
+    expert_packing,
     fields_from_hf,
     fields_to_hf,
     fused_qkv,
@@ -474,44 +471,7 @@ def mixtral_to_hf(cfg: GPTConfig) -> dict:
     )
 
 
-def expert_packing(experts: str, name: str):
-    """(pack, unpack) for checkpoints that keep one Linear per expert, ``<layer>{experts}.{j}.{w}.weight``
-    (``name`` the regex of the w's), stacked to one (E, out, in) tensor ``<layer>{experts}.{w}`` per layer
-    for the rules (the checkpoints' layout; transformers' in-memory fused tensors are converted back to it
-    on save)."""
-    pattern = re.compile(rf"^(.*{re.escape(experts)})\.(\d+)\.({name})\.weight$")
-
-    def pack(sd: dict) -> dict:
-        out, groups = {}, {}
-        for k, v in sd.items():
-            m = pattern.match(k)
-            if m is None:
-                out[k] = v
-            else:
-                groups.setdefault(f"{m[1]}.{m[3]}", {})[int(m[2])] = v
-        for k, per in groups.items():
-            out[k] = np.stack([per[j] for j in range(len(per))])
-        return out
-
-    def unpack(sd: dict) -> dict:
-        out = {}
-        for k, v in sd.items():
-            head, _, w = k.rpartition(".")
-            if head.endswith(experts) and re.fullmatch(name, w):
-                out.update({f"{head}.{j}.{w}.weight": v[j] for j in range(v.shape[0])})
-            else:
-                out[k] = v
-        return out
-
-    return pack, unpack
-
-
 mixtral_pack, mixtral_unpack = expert_packing(".block_sparse_moe.experts", "w[123]")
-
-
-def _expert_linear(hf: str, ours: str) -> Rule:
-    """Stacked torch Linear weights (E, out, in) <-> our expert kernel (E, in, out)."""
-    return Rule(hf, (ours,), lambda w: (np.swapaxes(w, 1, 2),), lambda k: np.swapaxes(k, 1, 2))
 
 
 def mixtral_rules(cfg: GPTConfig) -> list:
@@ -525,7 +485,7 @@ def mixtral_rules(cfg: GPTConfig) -> list:
         moe = h + "block_sparse_moe."
         rules.append(unembed(moe + "gate.weight", b + "mlp.router"))  # (E, D) <-> (D, E)
         for w, ours in (("w1", "wg"), ("w3", "wi"), ("w2", "wo")):  # gate, up, down
-            rules.append(_expert_linear(f"{moe}experts.{w}", f"{b}mlp.experts.{ours}"))
+            rules.append(expert_linear(f"{moe}experts.{w}", f"{b}mlp.experts.{ours}"))
         rules += norm(h + "input_layernorm", b + "attn_norm", bias=False)
         rules += norm(h + "post_attention_layernorm", b + "mlp_norm", bias=False)
     return rules
@@ -600,7 +560,7 @@ def qwen3_moe_rules(cfg: GPTConfig) -> list:
         if cfg.num_experts and (i + 1) % cfg.moe_every == 0:
             rules.append(unembed(h + "mlp.gate.weight", b + "mlp.router"))  # (E, D) <-> (D, E)
             for w, ours in (("gate_proj", "wg"), ("up_proj", "wi"), ("down_proj", "wo")):
-                rules.append(_expert_linear(f"{h}mlp.experts.{w}", f"{b}mlp.experts.{ours}"))
+                rules.append(expert_linear(f"{h}mlp.experts.{w}", f"{b}mlp.experts.{ours}"))
         else:
             names = {"wg": "gate_proj", "wi": "up_proj", "wo": "down_proj"}
             rules += mlp(h + "mlp", b + "mlp", names, D, F, bias=False)

@@ -91,6 +91,8 @@ class BlockOptions:
     router_jitter: float = 0.0
     moe_dispatch: str = "dropless"
     capacity_factor: float = 1.25
+    moe_group_size: int = 0
+    expert_capacity: int = 0
     moe_lb_weight: float = 0.01
     moe_z_weight: float = 0.001
 
@@ -127,6 +129,8 @@ def block_options(cfg: ModelConfig, **options) -> BlockOptions:
         router_jitter=cfg.router_jitter,
         moe_dispatch=cfg.moe_dispatch,
         capacity_factor=cfg.capacity_factor,
+        moe_group_size=cfg.moe_group_size,
+        expert_capacity=cfg.expert_capacity,
         moe_lb_weight=cfg.moe_lb_weight,
         moe_z_weight=cfg.moe_z_weight,
         **options,
@@ -472,9 +476,18 @@ class MoE(nnx.Module):
         if dropless or o.moe_dispatch == "dropless":
             y_TD, kept_TK = moe.dispatch_dropless(x_TD, weights_TK, experts_TK, self.experts)
         else:
-            cap = moe.capacity(B * L, o.experts_per_token, o.num_experts, o.capacity_factor)
-            constrain = functools.partial(sharding.constrain, axes=("expert", None, None))
-            y_TD, kept_TK = moe.dispatch_capacity(x_TD, weights_TK, experts_TK, self.experts, cap, constrain)
+            S = moe.group_size(o.moe_group_size, B, L)
+            G, K = B * L // S, o.experts_per_token
+            cap = o.expert_capacity or moe.capacity(S, K, o.num_experts, o.capacity_factor)
+            y_GSD, kept_GSK = moe.dispatch_capacity(
+                x_TD.reshape(G, S, D),
+                weights_TK.reshape(G, S, K),
+                experts_TK.reshape(G, S, K),
+                self.experts,
+                cap,
+                sharding.constrain,
+            )
+            y_TD, kept_TK = y_GSD.reshape(B * L, D), kept_GSK.reshape(B * L, K)
         stats = moe.aux_stats(logits_TE, probs_TE, experts_TK, kept_TK)
         stats["moe_aux_loss"] = o.moe_lb_weight * stats["moe_lb_loss"] + o.moe_z_weight * stats["moe_z_loss"]
         moe.record(self, stats)

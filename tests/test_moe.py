@@ -54,7 +54,8 @@ def test_gshard_rule_drops_exactly_the_overflow():
     assert cap == 2
     np.testing.assert_array_equal(moe.positions(experts, 2), [[0, 1], [1, 2], [2, 3], [0, 3]])
     x = jnp.arange(1.0, 5.0)[:, None] * jnp.ones((4, 3))
-    y, kept = moe.dispatch_capacity(x, weights, experts, _Scale(), cap, lambda a: a)
+    y, kept = moe.dispatch_capacity(x[None], weights[None], experts[None], _Scale(), cap, lambda a, axes: a)
+    y, kept = y[0], kept[0]
     np.testing.assert_array_equal(kept, [[True, True], [True, False], [False, False], [True, False]])
     # t0: 0.6 * 1x + 0.4 * 2x; t1: 0.7 * 1x; t2: dropped entirely (the residual carries it); t3: 0.9 * 2x.
     expected = np.array([0.6 + 0.8, 0.7, 0.0, 1.8])[:, None] * np.arange(1.0, 5.0)[:, None] * np.ones((4, 3))

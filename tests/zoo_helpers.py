@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 V = 97  # vocabulary of every tiny reference model
-SEQ2SEQ = ("t5", "t5_v1_1", "mt5", "bart")
+SEQ2SEQ = ("t5", "t5_v1_1", "mt5", "bart", "switch_transformers")
 ENCODERS = ("bert", "bert_mlm", "roberta", "distilbert")
-MOE = ("mixtral", "qwen3_moe", "switch_transformers")
+MOE = ("mixtral", "qwen3_moe")  # initialised with std 0.02 (Switch: router 1, experts d_model ** -0.5)
 ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
@@ -115,6 +115,16 @@ def specs(T) -> dict:
             T.T5ForConditionalGeneration,
         ),
         "mt5": (T.MT5Config(**t5, feed_forward_proj="gated-gelu"), T.MT5ForConditionalGeneration),
+        "switch_transformers": (  # sparse layer 1 of the encoder's 2, 1 and 3 of the decoder's 4; top-1 of 4
+            T.SwitchTransformersConfig(
+                **dict(t5, num_decoder_layers=4),
+                num_experts=4,
+                num_sparse_encoder_layers=1,
+                num_sparse_decoder_layers=2,
+                expert_capacity=64,  # more than a sequence: nothing dropped (tests/test_moe.py: with drops)
+            ),
+            T.SwitchTransformersForConditionalGeneration,
+        ),
         "bart": (
             T.BartConfig(
                 vocab_size=V,
@@ -146,7 +156,7 @@ def make_reference(name: str, path: str):
             # keep T5's std-1 embedding from producing huge logits.
             if p.ndim == 1 or "bias" in pname:
                 p.add_(0.1 * torch.randn_like(p))
-            if name in SEQ2SEQ[:3] and p.ndim == 2 and p.shape[0] == V:
+            if name in (*SEQ2SEQ[:3], "switch_transformers") and p.ndim == 2 and p.shape[0] == V:
                 p.mul_(0.2)
             if name in MOE and ("experts" in pname or "router" in pname or pname.endswith("gate.weight")):
                 # Decisive routing and experts that matter: with the default 0.02 init, router
