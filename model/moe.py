@@ -11,7 +11,8 @@ are optionally renormalised to sum to 1 (GShard, Mixtral, Qwen3-MoE) or kept as 
   a number of tokens); in each group each expert takes at most C = ceil(capacity_factor * S * k / E)
   assignments (S tokens per group; or expert_capacity), served in priority order -- every token's first
   choice, in token order, then every second choice, ... (GShard's rule: a second choice only takes room
-  left by first choices) -- and those beyond C are dropped: that expert adds nothing, the token passes on through the residual.
+  left by first choices) -- and those beyond C are dropped: that expert adds nothing, the token passes
+  on through the residual.
 - dropless (MaxText's megablox path): assignments sorted by expert and multiplied with one grouped
   matmul (jax.lax.ragged_dot); used at inference, where no token may be dropped.
 
