@@ -142,12 +142,15 @@ def specs(T) -> dict:
     }
 
 
-def make_reference(name: str, path: str):
-    """A transformers model of family ``name`` with non-trivial weights everywhere, saved to ``path``."""
+def make_reference(name: str, path: str, **overrides):
+    """A transformers model of family ``name`` with non-trivial weights everywhere, saved to ``path``
+    (``overrides``: config attributes changed from the spec's)."""
     import torch
     import transformers as T
 
     config, cls = specs(T)[name]
+    for k, v in overrides.items():
+        setattr(config, k, v)
     torch.manual_seed(sum(map(ord, name)))
     ref = cls(config).eval()
     with torch.no_grad():
