@@ -156,11 +156,13 @@ def test_flops_count_active_parameters():
 
 MOE = [*SMALL, "--config.train.steps=5", "--config.checkpoint.every=100", "--config.model.expert_d_ff=64"]
 MOE += ["--config.train.eval_steps=0"]  # losses only: no evaluation to compile
+MOE += ["--config.model.moe_group_size=-1"]  # GShard groups (one per row) over the batch axes, E over expert
 
 
 @pytest.mark.slow
 def test_expert_parallel_losses_equal_one_device(tmp_path):
-    """configs/gpt.py:moe_tiny (shrunk) under four (data, fsdp, expert, tensor) meshes == 1 device."""
+    """configs/gpt.py:moe_tiny (shrunk, capacity routing per sequence) under four (data, fsdp, expert, tensor)
+    meshes == 1 device."""
     args = ["--config=configs/gpt.py:moe_tiny", *MOE]
     train.run([*args, "--config.mesh.devices=1", "--config.mesh.data=1", f"--workdir={tmp_path / 'one'}"])
     one = train_losses(str(tmp_path / "one"))
