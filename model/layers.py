@@ -432,9 +432,12 @@ class Experts(nnx.Module):
         E, D, F = o.num_experts, o.d_model, o.expert_d_ff
         self.num_experts, self.act = E, ACTIVATIONS[o.activation]
         std, out_std = o.init_std, o.out_init_std or o.init_std
-        self.wi = param(rngs, normal(std), (E, D, F), ("expert", "embed", "mlp"))
-        self.wg = param(rngs, normal(std), (E, D, F), ("expert", "embed", "mlp")) if o.gated_mlp else None
-        self.wo = param(rngs, normal(out_std), (E, F, D), ("expert", "mlp", "embed"))
+        # 'expert_embed': the model dimension of an expert kernel, over fsdp only (dense weights' 'embed' is
+        # over fsdp and expert, and a mesh axis shards one dimension of an array at most)
+        self.wi = param(rngs, normal(std), (E, D, F), ("expert", "expert_embed", "mlp"))
+        wg = param(rngs, normal(std), (E, D, F), ("expert", "expert_embed", "mlp")) if o.gated_mlp else None
+        self.wg = wg
+        self.wo = param(rngs, normal(out_std), (E, F, D), ("expert", "mlp", "expert_embed"))
 
     def _hidden(self, x, matmul):
         h = matmul(x, self.wi[...].astype(x.dtype))
