@@ -133,7 +133,9 @@ def t5_rules(cfg: t5.T5Config) -> list:
 _SWITCH = tuple(f for f in _T5 if f.ours not in ("dropout", "init_std")) + (
     activation("dense_act_fn", "relu"),
     Field("num_experts", "num_experts"),
-    Field("expert_capacity", "expert_capacity", 64),
+    # capacity_factor-based routing (expert_capacity 0) has no transformers equivalent: exported with room
+    # for every token of a max_len sequence, so nothing drops there
+    Field("expert_capacity", "expert_capacity", 64, write=lambda c: c.expert_capacity or c.max_len),
     training("dropout_rate", "dropout", 0.1),
     training("initializer_factor", "init_std", 1.0, lambda v: v * 0.02),
     training("router_jitter_noise", "router_jitter", 0.01),
