@@ -58,18 +58,23 @@ SHAPES = [
         + _CPU_TRAIN,
     ),
     # Mixture of experts at decoder-cpu's active size: 8 experts of 512, top-2 (= one MLP of 1024) in every
-    # layer, dropless (ragged_dot) and capacity-based (factor 1.25); decoder-cpu is the dense model beside them.
+    # layer, dropless (ragged_dot) and capacity-based (factor 1.25; the batch one routing group, or one group
+    # per sequence); decoder-cpu is the dense model beside them.
     *[
         Shape(
-            f"moe-decoder-cpu-{dispatch}",
+            f"moe-decoder-cpu-{name}",
             "decoder",
             "configs/gpt.py:moe_tiny",
             _CPU_MODEL
             + _o(model__num_layers=4, model__max_len=256, model__scan_layers="false", model__expert_d_ff=512)
-            + _o(model__moe_dispatch=dispatch)
+            + _o(model__moe_dispatch=dispatch, model__moe_group_size=group)
             + _CPU_TRAIN,
         )
-        for dispatch in ("dropless", "capacity")
+        for name, dispatch, group in (
+            ("dropless", "dropless", 0),
+            ("capacity", "capacity", 0),
+            ("capacity-grouped", "capacity", -1),
+        )
     ],
     # Realistic shapes (bf16 compute, float32 master weights), per-device batch 8 x 1024 / 32 x 512.
     Shape(

@@ -15,7 +15,11 @@ from podformer.model import families
 RULES = (
     ("batch", ("data", "fsdp", "expert")),
     ("length", None),
-    ("embed", "fsdp"),
+    # Weights' model dimension over fsdp, and over expert too: for a mixture of experts' dense weights the
+    # expert axis is one more data-parallel axis (MaxText's embed rule has it too); an expert kernel's is
+    # expert_embed, since its expert dimension is over expert.
+    ("embed", ("fsdp", "expert")),
+    ("expert_embed", "fsdp"),
     ("activation_embed", "tensor"),
     ("heads", "tensor"),
     ("kv", None),
@@ -23,6 +27,7 @@ RULES = (
     ("vocab", "tensor"),
     ("layers", None),
     ("expert", "expert"),
+    ("expert_group", ("data", "fsdp")),  # MoE routing groups beside the expert axis (model/moe.py)
 )
 
 

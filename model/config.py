@@ -44,6 +44,11 @@ class ModelConfig:
     router_jitter: float = 0.0  # training: router input * U(1 - eps, 1 + eps) (Switch)
     moe_dispatch: str = "dropless"  # dropless | capacity
     capacity_factor: float = 1.25
+    # Capacity routing in groups (GShard): each group of moe_group_size consecutive tokens routes on its own,
+    # C per expert per group, so the dispatch buffer (groups, E, C, D) shards over the batch axes. 0: the
+    # whole batch one group; -1: one group per sequence (Switch Transformers' rule in transformers).
+    moe_group_size: int = 0
+    expert_capacity: int = 0  # tokens per expert per group; 0: ceil(capacity_factor * group * k / E)
     moe_lb_weight: float = 0.01  # load-balancing loss weight (Switch: 0.01)
     moe_z_weight: float = 0.001  # router z-loss weight (ST-MoE: 0.001)
 
@@ -55,6 +60,8 @@ class ModelConfig:
                 raise ValueError(f"num_layers={self.num_layers} must be a multiple of moe_every={self.moe_every}")
             if self.moe_dispatch not in ("dropless", "capacity"):
                 raise ValueError(f"moe_dispatch={self.moe_dispatch!r}: choose dropless or capacity")
+            if self.moe_group_size < -1 or self.expert_capacity < 0:
+                raise ValueError("moe_group_size must be -1, 0 or a token count; expert_capacity >= 0")
         if self.d_model % self.num_heads and not self.head_dim:
             raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}; set head_dim")
 

@@ -53,7 +53,7 @@ FAMILIES: dict[str, Family] = {
             kind="decoder",
             objective="causal_lm",
             framing=Framing(start="<s>", sep=None),  # documents start with bos
-            hf_formats=("gpt2", "gpt_neo", "gptj", "gpt_neox", "opt", "bloom", "llama", "mixtral"),
+            hf_formats=("gpt2", "gpt_neo", "gptj", "gpt_neox", "opt", "bloom", "llama", "mixtral", "qwen3_moe"),
             heads=("sequence", "span", "token", "lm"),
         ),
         Family(
@@ -93,7 +93,7 @@ FAMILIES: dict[str, Family] = {
             kind="seq2seq",
             objective="span_corruption",
             framing=Framing(start=None, sep="</s>", decoder_start="pad"),
-            hf_formats=("t5", "mt5"),
+            hf_formats=("t5", "mt5", "switch_transformers"),
             heads=_SEQ2SEQ_HEADS,
         ),
         Family(

@@ -31,6 +31,7 @@ def block_options(cfg: GPTConfig) -> layers.BlockOptions:
         parallel_block=cfg.parallel_block,
         shared_parallel_norm=cfg.shared_parallel_norm,
         causal=True,
+        qk_norm=cfg.qk_norm,
         rotary_dim=(cfg.rotary_dim or cfg.resolved_head_dim) if cfg.position == "rotary" else 0,
         rotary_base=cfg.rotary_base,
         rotary_interleaved=cfg.rotary_interleaved,

@@ -27,6 +27,7 @@ class GPTConfig(ModelConfig):
     position: str = "learned"  # learned | rotary | alibi | none
     pos_offset: int = 0  # learned positions: position p reads row p + pos_offset (OPT: 2)
     positions_from_mask: bool = False  # without explicit positions, count only unpadded tokens (OPT)
+    qk_norm: bool = False  # per-head RMSNorm of queries and keys (Qwen3)
     rotary_dim: int = 0  # with position='rotary'; 0: the whole head
     rotary_base: float = 10000.0
     rotary_interleaved: bool = False
@@ -73,13 +74,18 @@ _PALM.update(position="rotary", activation="silu", gated_mlp=True, **_NOBIAS)
 _DEEPMIND = dict(vocab_size=32000, max_len=2048, position="rotary", norm="rmsnorm")
 
 # GLaM (Du et al. 2022, table 4): a mixture of 64 experts, top-2 (GShard's renormalised gates, capacity
-# factor 2 in training), in every other layer; 256K vocabulary, no biases. Its per-layer relative position
-# bias is stood in for by rotary. Plain GELU experts and dense layers: with them the totals match the table
-# (1.9B, 27B, 143B, 1.2T; tests/test_moe.py), as a gated FFN's 1.5x would not.
+# factor 2 in training, per routing group), in every other layer; 256K vocabulary, no biases. Its
+# per-layer relative position bias is stood in for by rotary. Plain GELU experts and dense layers: with them
+# the totals match the table (1.9B, 27B, 143B, 1.2T; tests/test_moe.py), as a gated FFN's 1.5x would not.
 _GLAM = dict(vocab_size=256000, max_len=1024, position="rotary", norm="rmsnorm", activation="gelu", **_NOBIAS)
 _GLAM.update(num_experts=64, experts_per_token=2, moe_every=2, moe_dispatch="capacity", capacity_factor=2.0)
+_GLAM.update(moe_group_size=-1)  # GShard's groups: each sequence routes on its own (its capacity, its devices)
 # Mixtral (Jiang et al. 2024): LLaMA's block with 8 SwiGLU experts in every layer, top-2 renormalised.
 _MIXTRAL = dict(_LLAMA, norm_eps=1e-5, rotary_base=1e6, num_kv_heads=8, num_experts=8, experts_per_token=2)
+# Qwen3-MoE (Qwen team 2025; the released configs): fine-grained experts -- 128 SwiGLU experts of a small
+# width, top-8 renormalised (norm_topk_prob) -- in every layer, per-head q/k RMSNorm, GQA with 4 kv heads.
+_QWEN3_MOE = dict(_LLAMA, vocab_size=151936, max_len=40960, rotary_base=1e6, qk_norm=True, num_kv_heads=4)
+_QWEN3_MOE.update(head_dim=128, num_experts=128, experts_per_token=8, moe_lb_weight=0.001)
 
 PRESETS: dict[str, dict] = {
     # GPT-2 (Radford et al. 2019; OpenAI's released checkpoints).
@@ -199,6 +205,13 @@ PRESETS: dict[str, dict] = {
         num_heads=48,
         d_ff=16384,
         expert_d_ff=16384,
+    ),  # fmt: skip
+    # Qwen3-30B-A3B and Qwen3-235B-A22B: 30.5B / 3.3B and 235B / 22B total / active.
+    "qwen3_moe_30b_a3b": dict(
+        _QWEN3_MOE, d_model=2048, num_layers=48, num_heads=32, d_ff=6144, expert_d_ff=768
+    ),  # fmt: skip
+    "qwen3_moe_235b_a22b": dict(
+        _QWEN3_MOE, d_model=4096, num_layers=94, num_heads=64, d_ff=12288, expert_d_ff=1536
     ),  # fmt: skip
 }
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Callable
 
 import numpy as np
@@ -109,6 +110,43 @@ def mlp(hf: str, ours: str, names: dict[str, str], D: int, F: int, *, bias: bool
         if bias:
             rules.append(tensor(f"{hf}.{name}.bias", f"{ours}.{our}.bias"))
     return rules
+
+
+def expert_packing(experts: str, name: str, index: str = ""):
+    """(pack, unpack) for checkpoints that keep one Linear per expert, ``<layer>{experts}.{index}{j}.{w}.weight``
+    (``name`` the regex of the w's; Switch's ``index`` is 'expert_'), stacked to one (E, out, in) tensor
+    ``<layer>{experts}.{w}`` per layer for the rules (the checkpoints' layout; transformers' in-memory fused
+    tensors are converted back to it on save)."""
+    pattern = re.compile(rf"^(.*{re.escape(experts)})\.{index}(\d+)\.({name})\.weight$")
+
+    def pack(sd: dict) -> dict:
+        out, groups = {}, {}
+        for k, v in sd.items():
+            m = pattern.match(k)
+            if m is None:
+                out[k] = v
+            else:
+                groups.setdefault(f"{m[1]}.{m[3]}", {})[int(m[2])] = v
+        for k, per in groups.items():
+            out[k] = np.stack([per[j] for j in range(len(per))])
+        return out
+
+    def unpack(sd: dict) -> dict:
+        out = {}
+        for k, v in sd.items():
+            head, _, w = k.rpartition(".")
+            if head.endswith(experts) and re.fullmatch(name, w):
+                out.update({f"{head}.{index}{j}.{w}.weight": v[j] for j in range(v.shape[0])})
+            else:
+                out[k] = v
+        return out
+
+    return pack, unpack
+
+
+def expert_linear(hf: str, ours: str) -> Rule:
+    """Stacked torch Linear weights (E, out, in) <-> our expert kernel (E, in, out)."""
+    return Rule(hf, (ours,), lambda w: (np.swapaxes(w, 1, 2),), lambda k: np.swapaxes(k, 1, 2))
 
 
 REQUIRED = object()  # a Field default: the key must be in config.json

@@ -1,20 +1,17 @@
-"""transformers decoder-only formats (GPT-2, GPT-Neo, GPT-J, GPT-NeoX, OPT, BLOOM, LLaMA, Mixtral) <-> model.gpt."""
+"""transformers decoder formats (GPT-2, GPT-Neo, GPT-J, NeoX, OPT, BLOOM, LLaMA, Mixtral, Qwen3-MoE) <-> model.gpt."""
 
 from __future__ import annotations
-
-import re
-
-import numpy as np
 
 from podformer.model import gpt
 from podformer.model.hf_common import (
     Field,
     Format,
     HFError,
-    Rule,
     activation,
     attention,
     conv1d,
+    expert_linear,
+    expert_packing,
     fields_from_hf,
     fields_to_hf,
     fused_qkv,
@@ -474,39 +471,7 @@ def mixtral_to_hf(cfg: GPTConfig) -> dict:
     )
 
 
-_EXPERT = re.compile(r"^(.*\.block_sparse_moe\.experts)\.(\d+)\.(w[123])\.weight$")
-
-
-def mixtral_pack(sd: dict) -> dict:
-    """Per-expert Linears ``...block_sparse_moe.experts.{j}.w{1,2,3}.weight`` -> one (E, out, in) tensor
-    ``...block_sparse_moe.experts.w{1,2,3}`` per layer (the checkpoints' layout; transformers' in-memory
-    fused gate_up_proj is converted back to it on save)."""
-    out, groups = {}, {}
-    for k, v in sd.items():
-        m = _EXPERT.match(k)
-        if m is None:
-            out[k] = v
-        else:
-            groups.setdefault(f"{m[1]}.{m[3]}", {})[int(m[2])] = v
-    for k, per in groups.items():
-        out[k] = np.stack([per[j] for j in range(len(per))])
-    return out
-
-
-def mixtral_unpack(sd: dict) -> dict:
-    out = {}
-    for k, v in sd.items():
-        head, _, w = k.rpartition(".")
-        if head.endswith(".block_sparse_moe.experts"):
-            out.update({f"{head}.{j}.{w}.weight": v[j] for j in range(v.shape[0])})
-        else:
-            out[k] = v
-    return out
-
-
-def _expert_linear(hf: str, ours: str) -> Rule:
-    """Stacked torch Linear weights (E, out, in) <-> our expert kernel (E, in, out)."""
-    return Rule(hf, (ours,), lambda w: (np.swapaxes(w, 1, 2),), lambda k: np.swapaxes(k, 1, 2))
+mixtral_pack, mixtral_unpack = expert_packing(".block_sparse_moe.experts", "w[123]")
 
 
 def mixtral_rules(cfg: GPTConfig) -> list:
@@ -520,7 +485,85 @@ def mixtral_rules(cfg: GPTConfig) -> list:
         moe = h + "block_sparse_moe."
         rules.append(unembed(moe + "gate.weight", b + "mlp.router"))  # (E, D) <-> (D, E)
         for w, ours in (("w1", "wg"), ("w3", "wi"), ("w2", "wo")):  # gate, up, down
-            rules.append(_expert_linear(f"{moe}experts.{w}", f"{b}mlp.experts.{ours}"))
+            rules.append(expert_linear(f"{moe}experts.{w}", f"{b}mlp.experts.{ours}"))
+        rules += norm(h + "input_layernorm", b + "attn_norm", bias=False)
+        rules += norm(h + "post_attention_layernorm", b + "mlp_norm", bias=False)
+    return rules
+
+
+# ---------------------------------------------------------------------------------------------------
+# Qwen3-MoE: fine-grained experts (e.g. 128 of width 768, top-8) in every decoder_sparse_step-th layer --
+# the last of each period, as our moe_every -- per-head q/k RMSNorm, top-k renormalised or not
+# (norm_topk_prob), dense layers of intermediate_size between the sparse ones.
+
+_QWEN3_MOE = tuple(f for f in _LLAMA if f.ours not in ("mlp_bias",)) + (
+    Field("moe_intermediate_size", "expert_d_ff"),
+    # transformers 5 writes num_experts as num_local_experts; older folders have num_experts
+    Field("num_local_experts", "num_experts", lambda hf: hf.get("num_experts", 128)),
+    Field("num_experts_per_tok", "experts_per_token"),
+    Field("decoder_sparse_step", "moe_every", 1),
+    Field("norm_topk_prob", "router_renormalize", False),
+    training("router_aux_loss_coef", "moe_lb_weight", 0.001),
+)
+
+
+def qwen3_moe_config(hf: dict, sd: dict) -> GPTConfig:
+    if hf.get("mlp_only_layers"):
+        raise HFError(f"Qwen3-MoE with mlp_only_layers={hf['mlp_only_layers']} is not supported (dense layers "
+                      "only by decoder_sparse_step)")  # fmt: skip
+    if hf.get("use_sliding_window"):
+        raise HFError("Qwen3-MoE with use_sliding_window=true is not supported")
+    theta, _ = rope_from_hf(hf)
+    fields = fields_from_hf(_QWEN3_MOE, hf)
+    if fields["num_experts"] and fields["num_layers"] % fields["moe_every"]:
+        raise HFError(f"num_hidden_layers={fields['num_layers']} is no multiple of decoder_sparse_step")
+    return GPTConfig(
+        **fields,
+        qk_norm=True,
+        gated_mlp=True,
+        attn_out_bias=fields["qkv_bias"],  # attention_bias: all four projections
+        mlp_bias=False,
+        norm="rmsnorm",
+        position="rotary",
+        rotary_base=theta,
+        tie_embeddings=tied(hf, sd, "lm_head.weight", "model.embed_tokens.weight", False),
+    )
+
+
+def qwen3_moe_to_hf(cfg: GPTConfig) -> dict:
+    if cfg.shared_experts or not cfg.qk_norm or cfg.qkv_bias != cfg.attn_out_bias or cfg.mlp_bias:
+        raise HFError("Qwen3-MoE has q/k norms, no shared experts, one attention-bias switch and no MLP biases")
+    return dict(
+        fields_to_hf(_QWEN3_MOE, cfg),
+        rope_parameters=dict(rope_type="default", rope_theta=cfg.rotary_base),
+        tie_word_embeddings=cfg.tie_embeddings,
+        mlp_only_layers=[],
+        use_sliding_window=False,
+        sliding_window=None,
+    )
+
+
+qwen3_moe_pack, qwen3_moe_unpack = expert_packing(".mlp.experts", "gate_proj|up_proj|down_proj")
+
+
+def qwen3_moe_rules(cfg: GPTConfig) -> list:
+    D, H, G, K, F = _dims(cfg)
+    rules = [tensor("model.embed_tokens.weight", "embed")] + norm("model.norm", "final_norm", bias=False)
+    rules += _head(cfg, "lm_head.weight")
+    for i in range(cfg.num_layers):
+        h, b = f"model.layers.{i}.", f"blocks.{i}."
+        names = ("q_proj", "k_proj", "v_proj", "o_proj")
+        bias = dict(qkv_bias=cfg.qkv_bias, out_bias=cfg.qkv_bias)
+        rules += attention(h + "self_attn", b + "attn", names, (D, H, G, K), **bias)
+        rules += norm(h + "self_attn.q_norm", b + "attn.q_norm", bias=False)
+        rules += norm(h + "self_attn.k_norm", b + "attn.k_norm", bias=False)
+        if cfg.num_experts and (i + 1) % cfg.moe_every == 0:
+            rules.append(unembed(h + "mlp.gate.weight", b + "mlp.router"))  # (E, D) <-> (D, E)
+            for w, ours in (("gate_proj", "wg"), ("up_proj", "wi"), ("down_proj", "wo")):
+                rules.append(expert_linear(f"{h}mlp.experts.{w}", f"{b}mlp.experts.{ours}"))
+        else:
+            names = {"wg": "gate_proj", "wi": "up_proj", "wo": "down_proj"}
+            rules += mlp(h + "mlp", b + "mlp", names, D, F, bias=False)
         rules += norm(h + "input_layernorm", b + "attn_norm", bias=False)
         rules += norm(h + "post_attention_layernorm", b + "mlp_norm", bias=False)
     return rules
@@ -615,5 +658,17 @@ FORMATS = [
         base_model=("MixtralModel", "model."),
         pack=mixtral_pack,
         unpack=mixtral_unpack,
+    ),
+    Format(
+        "qwen3_moe",
+        qwen3_moe_config,
+        qwen3_moe_to_hf,
+        qwen3_moe_rules,
+        "Qwen3MoeForCausalLM",
+        "model.",
+        _IGNORE,
+        base_model=("Qwen3MoeModel", "model."),
+        pack=qwen3_moe_pack,
+        unpack=qwen3_moe_unpack,
     ),
 ]

@@ -1,6 +1,8 @@
-"""transformers encoder-decoder formats (T5 v1.0 / v1.1, mT5, BART) <-> model.t5."""
+"""transformers encoder-decoder formats (T5 v1.0 / v1.1, mT5, Switch Transformers, BART) <-> model.t5."""
 
 from __future__ import annotations
+
+import dataclasses
 
 from podformer.model import t5
 from podformer.model.hf_common import (
@@ -11,6 +13,8 @@ from podformer.model.hf_common import (
     activation_from_hf,
     activation_to_hf,
     attention,
+    expert_linear,
+    expert_packing,
     fields_from_hf,
     fields_to_hf,
     mlp,
@@ -120,6 +124,101 @@ def t5_rules(cfg: t5.T5Config) -> list:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Switch Transformers (Fedus et al. 2022): T5 v1.0's blocks, every other feed-forward layer of both stacks a
+# top-1 mixture of experts whose output is scaled by the router's probability (not renormalised). Each
+# sequence routes on its own: in token order, an expert takes at most expert_capacity of its tokens, the
+# rest pass through the residual -- in transformers at evaluation too; podformer's capacity dispatch with
+# one group per sequence (moe_group_size=-1) is that rule.
+
+_SWITCH = tuple(f for f in _T5 if f.ours not in ("dropout", "init_std")) + (
+    activation("dense_act_fn", "relu"),
+    Field("num_experts", "num_experts"),
+    # capacity_factor-based routing (expert_capacity 0) has no transformers equivalent: exported with room
+    # for every token of a max_len sequence, so nothing drops there
+    Field("expert_capacity", "expert_capacity", 64, write=lambda c: c.expert_capacity or c.max_len),
+    training("dropout_rate", "dropout", 0.1),
+    training("initializer_factor", "init_std", 1.0, lambda v: v * 0.02),
+    training("router_jitter_noise", "router_jitter", 0.01),
+    training("router_aux_loss_coef", "moe_lb_weight", 0.001),
+    training("router_z_loss_coef", "moe_z_weight", 0.001),
+)
+
+
+def _sparse_step(hf: dict, layers: int, side: str) -> int:
+    """transformers: layers // num_sparse_<side>_layers, layer i sparse when i % step == 1 (every layer when
+    1): with step 2, layers 1, 3, 5, ..., the last of each period as podformer's moe_every."""
+    sparse = hf.get(f"num_sparse_{side}_layers", 3)
+    step = layers // sparse if sparse else 0
+    if step not in (1, 2) or step * sparse != layers:
+        raise HFError(f"Switch Transformers with {sparse} sparse of {layers} {side} layers is not supported "
+                      "(every layer or every other layer)")  # fmt: skip
+    return step
+
+
+def switch_config(hf: dict, sd: dict) -> t5.T5Config:
+    if hf.get("router_bias"):
+        raise HFError("Switch Transformers with router_bias=true is not supported")
+    fields = fields_from_hf(_SWITCH, hf)
+    step = _sparse_step(hf, fields["num_layers"], "encoder")
+    if _sparse_step(hf, fields["num_decoder_layers"], "decoder") != step:
+        raise HFError("Switch Transformers with different sparse steps in the encoder and decoder is not supported")
+    tie = tied(hf, sd, "lm_head.weight", "shared.weight", True)
+    return t5.T5Config(
+        **fields,
+        moe_every=step,
+        experts_per_token=1,
+        router_renormalize=False,
+        moe_dispatch="capacity",
+        moe_group_size=-1,
+        tie_embeddings=tie,
+        scale_output=tie,  # transformers rescales the decoder output exactly when the head is tied
+    )
+
+
+def switch_to_hf(cfg: t5.T5Config) -> dict:
+    out = t5_to_hf(dataclasses.replace(cfg, num_experts=0))  # T5's checks and fields
+    if cfg.gated_mlp or cfg.experts_per_token != 1 or cfg.router_renormalize or cfg.moe_every not in (1, 2):
+        raise HFError("Switch Transformers has plain MLPs and a top-1 router in every or every other layer")
+    if cfg.shared_experts or cfg.scale_output != cfg.tie_embeddings:
+        raise HFError("Switch Transformers has no shared experts and rescales the output exactly when tied")
+    del out["feed_forward_proj"], out["scale_decoder_outputs"]
+    return dict(
+        out,
+        **fields_to_hf(_SWITCH, cfg),
+        num_sparse_encoder_layers=cfg.num_layers // cfg.moe_every,
+        num_sparse_decoder_layers=cfg.decoder_layers // cfg.moe_every,
+        router_bias=False,
+        router_dtype="float32",
+    )
+
+
+switch_pack, switch_unpack = expert_packing(".mlp.experts", "wi|wo", index="expert_")
+
+
+def _switch_stack(cfg: t5.T5Config, side: str, num_layers: int) -> list:
+    D, F = cfg.d_model, cfg.d_ff
+    rules = []
+    for r in _t5_stack(cfg, side, num_layers):  # attention, norms; the feed-forward layers are Switch's own
+        if ".DenseReluDense." not in r.hf:
+            rules.append(r)
+    for i in range(num_layers):
+        j = 2 if side == "decoder" else 1
+        h, b = f"{side}.block.{i}.layer.{j}.", f"{side}.blocks.{i}."
+        rules += norm(h + "layer_norm", b + "mlp_norm", bias=False)
+        if (i + 1) % cfg.moe_every == 0:
+            rules.append(unembed(h + "mlp.router.classifier.weight", b + "mlp.router"))  # (E, D) <-> (D, E)
+            rules += [expert_linear(f"{h}mlp.experts.{w}", f"{b}mlp.experts.{w}") for w in ("wi", "wo")]
+        else:
+            rules += mlp(h + "mlp", b + "mlp", {"wi": "wi", "wo": "wo"}, D, F, bias=False)
+    return rules
+
+
+def switch_rules(cfg: t5.T5Config) -> list:
+    rules = [tensor("shared.weight", "embed")] + ([] if cfg.tie_embeddings else [unembed("lm_head.weight", "lm_head")])
+    return rules + _switch_stack(cfg, "encoder", cfg.num_layers) + _switch_stack(cfg, "decoder", cfg.decoder_layers)
+
+
+# ---------------------------------------------------------------------------------------------------
 # BART
 
 
@@ -206,6 +305,18 @@ FORMATS = [
         "",
         _T5_IGNORE,
         base_model=("MT5Model", ""),
+    ),
+    Format(
+        "switch_transformers",
+        switch_config,
+        switch_to_hf,
+        switch_rules,
+        "SwitchTransformersForConditionalGeneration",
+        "",
+        _T5_IGNORE,
+        base_model=("SwitchTransformersModel", ""),
+        pack=switch_pack,
+        unpack=switch_unpack,
     ),
     Format(
         "bart",

@@ -70,6 +70,7 @@ class BlockOptions:
     shared_parallel_norm: bool = True  # parallel block: one norm feeds both branches (GPT-J, PaLM)
     causal: bool = True
     cross_attention: bool = False  # decoder block of an encoder-decoder
+    qk_norm: bool = False  # RMSNorm of each query and key head over head_dim, before rotary (Qwen3, Gemma 3)
     rotary_dim: int = 0  # number of head dims that get rotary embeddings; 0 = none
     rotary_base: float = 10000.0
     rotary_interleaved: bool = False  # GPT-J rotates pairs (0,1),(2,3)..; NeoX/LLaMA rotate halves
@@ -90,6 +91,8 @@ class BlockOptions:
     router_jitter: float = 0.0
     moe_dispatch: str = "dropless"
     capacity_factor: float = 1.25
+    moe_group_size: int = 0
+    expert_capacity: int = 0
     moe_lb_weight: float = 0.01
     moe_z_weight: float = 0.001
 
@@ -126,6 +129,8 @@ def block_options(cfg: ModelConfig, **options) -> BlockOptions:
         router_jitter=cfg.router_jitter,
         moe_dispatch=cfg.moe_dispatch,
         capacity_factor=cfg.capacity_factor,
+        moe_group_size=cfg.moe_group_size,
+        expert_capacity=cfg.expert_capacity,
         moe_lb_weight=cfg.moe_lb_weight,
         moe_z_weight=cfg.moe_z_weight,
         **options,
@@ -240,10 +245,12 @@ _norm.defvjp(_norm_fwd, _norm_bwd)
 class Norm(nnx.Module):
     """LayerNorm (mean-centred, optional bias) or RMSNorm (T5 and LLaMA), computed in float32."""
 
-    def __init__(self, dim: int, *, kind: str = "layernorm", eps: float = 1e-5, bias: bool = True, rngs):
+    def __init__(
+        self, dim: int, *, kind: str = "layernorm", eps: float = 1e-5, bias: bool = True, axes=("embed",), rngs
+    ):
         self.kind, self.eps = kind, eps
-        self.scale = param(rngs, ones, (dim,), ("embed",))
-        self.bias = param(rngs, zeros, (dim,), ("embed",)) if (bias and kind == "layernorm") else None
+        self.scale = param(rngs, ones, (dim,), axes)
+        self.bias = param(rngs, zeros, (dim,), axes) if (bias and kind == "layernorm") else None
 
     def __call__(self, x: Array) -> Array:
         bias = None if self.bias is None else self.bias[...]
@@ -314,6 +321,10 @@ class Attention(nnx.Module):
             init_std=o.out_init_std or o.init_std,
             rngs=rngs,
         )
+        # Per-head query/key norms (Qwen3): one (K,) scale shared by every head, in float32 like every norm.
+        qk = dict(kind="rmsnorm", eps=o.norm_eps, bias=False, axes=("kv",), rngs=rngs)
+        self.q_norm = Norm(K, **qk) if o.qk_norm else None
+        self.k_norm = Norm(K, **qk) if o.qk_norm else None
 
     def __call__(
         self,
@@ -337,6 +348,8 @@ class Attention(nnx.Module):
         o = self.o
         fused = kv_BSD is None and not cross and o.kv_heads == o.num_heads
         q, k, v = self._fused_qkv(x_BLD) if fused else (self.query(x_BLD), None, None)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
         if o.rotary_dim:
             q = rotary(q, positions_BL, o.rotary_dim, o.rotary_base, o.rotary_interleaved)
         if cache is not None and cross and kv_BSD is None:
@@ -345,6 +358,8 @@ class Attention(nnx.Module):
             kv_BSD = x_BLD if kv_BSD is None else kv_BSD
             if not fused:
                 k, v = self.key(kv_BSD), self.value(kv_BSD)
+            if self.k_norm is not None:
+                k = self.k_norm(k)
             if o.rotary_dim:
                 kv_positions_BS = positions_BL if kv_positions_BS is None else kv_positions_BS
                 k = rotary(k, kv_positions_BS, o.rotary_dim, o.rotary_base, o.rotary_interleaved)
@@ -417,9 +432,12 @@ class Experts(nnx.Module):
         E, D, F = o.num_experts, o.d_model, o.expert_d_ff
         self.num_experts, self.act = E, ACTIVATIONS[o.activation]
         std, out_std = o.init_std, o.out_init_std or o.init_std
-        self.wi = param(rngs, normal(std), (E, D, F), ("expert", "embed", "mlp"))
-        self.wg = param(rngs, normal(std), (E, D, F), ("expert", "embed", "mlp")) if o.gated_mlp else None
-        self.wo = param(rngs, normal(out_std), (E, F, D), ("expert", "mlp", "embed"))
+        # 'expert_embed': the model dimension of an expert kernel, over fsdp only (dense weights' 'embed' is
+        # over fsdp and expert, and a mesh axis shards one dimension of an array at most)
+        self.wi = param(rngs, normal(std), (E, D, F), ("expert", "expert_embed", "mlp"))
+        wg = param(rngs, normal(std), (E, D, F), ("expert", "expert_embed", "mlp")) if o.gated_mlp else None
+        self.wg = wg
+        self.wo = param(rngs, normal(out_std), (E, F, D), ("expert", "mlp", "expert_embed"))
 
     def _hidden(self, x, matmul):
         h = matmul(x, self.wi[...].astype(x.dtype))
@@ -461,9 +479,18 @@ class MoE(nnx.Module):
         if dropless or o.moe_dispatch == "dropless":
             y_TD, kept_TK = moe.dispatch_dropless(x_TD, weights_TK, experts_TK, self.experts)
         else:
-            cap = moe.capacity(B * L, o.experts_per_token, o.num_experts, o.capacity_factor)
-            constrain = functools.partial(sharding.constrain, axes=("expert", None, None))
-            y_TD, kept_TK = moe.dispatch_capacity(x_TD, weights_TK, experts_TK, self.experts, cap, constrain)
+            S = moe.group_size(o.moe_group_size, B, L)
+            G, K = B * L // S, o.experts_per_token
+            cap = o.expert_capacity or moe.capacity(S, K, o.num_experts, o.capacity_factor)
+            y_GSD, kept_GSK = moe.dispatch_capacity(
+                x_TD.reshape(G, S, D),
+                weights_TK.reshape(G, S, K),
+                experts_TK.reshape(G, S, K),
+                self.experts,
+                cap,
+                sharding.constrain,
+            )
+            y_TD, kept_TK = y_GSD.reshape(B * L, D), kept_GSK.reshape(B * L, K)
         stats = moe.aux_stats(logits_TE, probs_TE, experts_TK, kept_TK)
         stats["moe_aux_loss"] = o.moe_lb_weight * stats["moe_lb_loss"] + o.moe_z_weight * stats["moe_z_loss"]
         moe.record(self, stats)

@@ -7,10 +7,12 @@ Router (float32): softmax over E logits, then top-k (Switch k=1, GShard/GLaM/Mix
 are optionally renormalised to sum to 1 (GShard, Mixtral, Qwen3-MoE) or kept as the softmax gave them
 (Switch, OLMoE). Two dispatch modes compute the same function when nothing is dropped:
 
-- capacity (GShard, GLaM, Switch): each expert takes at most C = ceil(capacity_factor * T * k / E)
-  assignments; assignments are served in priority order -- every token's first choice, in token order,
-  then every second choice, ... (GShard's rule: a second choice only takes room left by first choices) --
-  and those beyond C are dropped: that expert adds nothing, the token passes on through the residual.
+- capacity (GShard, GLaM, Switch): tokens route in groups (moe_group_size: the batch, one sequence, or
+  a number of tokens); in each group each expert takes at most C = ceil(capacity_factor * S * k / E)
+  assignments (S tokens per group; or expert_capacity), served in priority order -- every token's first
+  choice, in token order, then every second choice, ... (GShard's rule: a second choice only takes room
+  left by first choices) -- and those beyond C are dropped: that expert adds nothing, the token passes
+  on through the residual.
 - dropless (MaxText's megablox path): assignments sorted by expert and multiplied with one grouped
   matmul (jax.lax.ragged_dot); used at inference, where no token may be dropped.
 
@@ -69,26 +71,44 @@ def aux_stats(logits_TE: Array, probs_TE: Array, experts_TK: Array, kept_TK: Arr
     }
 
 
-def dispatch_capacity(x_TD: Array, weights_TK: Array, experts_TK: Array, expert_fn, cap: int, constrain):
-    """sum_k w_tk * expert_{e_tk}(x_t) over the assignments within capacity; (y_TD, kept_TK). The (E, C, D)
-    buffer is constrained to the expert axis: the partitioner moves tokens to their experts' devices."""
-    T, D = x_TD.shape
-    E = expert_fn.num_experts
-    slot_TK = positions(experts_TK, E)
-    kept_TK = slot_TK < cap
+def group_size(setting: int, B: int, L: int) -> int:
+    """Tokens per routing group: moe_group_size (0: all B * L; -1: one sequence, L), dividing B * L."""
+    S = {0: B * L, -1: L}.get(setting, setting)
+    if (B * L) % S:
+        raise ValueError(f"moe_group_size={setting} does not divide the batch's {B} x {L} tokens")
+    return S
+
+
+# The dispatch buffer's two layouts: as built, each group on its tokens' devices (the batch axes); for the
+# experts, expert e's rows on the devices holding expert e and the groups over the rest of the batch axes.
+# The constraint between them is GShard's all-to-all over the expert axis.
+GROUPS_AXES = ("batch", None, None, None)  # (G, E, C, D)
+EXPERTS_AXES = ("expert", "expert_group", None, None)  # (E, G, C, D)
+
+
+def dispatch_capacity(x_GSD: Array, weights_GSK: Array, experts_GSK: Array, expert_fn, cap: int, constrain):
+    """sum_k w_k * expert_{e_k}(x) over the assignments within capacity, each of the G groups of S tokens
+    routed on its own (GShard's rule within a group); (y_GSD, kept_GSK). ``constrain(x, axes)`` places the
+    (G, E, C, D) buffers (sharding.constrain; the identity in unit tests)."""
+    G, S, D = x_GSD.shape
+    K, E = experts_GSK.shape[-1], expert_fn.num_experts
+    slot_GSK = jax.vmap(positions, in_axes=(0, None))(experts_GSK, E)
+    kept_GSK = slot_GSK < cap
     # Dropped assignments write to (and read from) one spare row past the E * C real ones.
-    index_TK = jnp.where(kept_TK, experts_TK * cap + slot_TK, E * cap)
-    buf = (
-        jnp.zeros((E * cap + 1, D), x_TD.dtype)
-        .at[index_TK.reshape(-1)]
-        .set(jnp.repeat(x_TD, experts_TK.shape[1], axis=0), unique_indices=False)
-    )
-    buf_ECD = constrain(buf[: E * cap].reshape(E, cap, D))
-    out_ECD = constrain(expert_fn(buf_ECD))
-    out = jnp.concatenate([out_ECD.reshape(E * cap, D), jnp.zeros((1, D), out_ECD.dtype)])
-    y_TKD = jnp.take(out, index_TK, axis=0)
-    w_TK = jnp.where(kept_TK, weights_TK, 0.0).astype(y_TKD.dtype)
-    return jnp.einsum("TKD,TK->TD", y_TKD, w_TK), kept_TK
+    index_GSK = jnp.where(kept_GSK, experts_GSK * cap + slot_GSK, E * cap)
+
+    def scatter(x_SD, index_SK):
+        rows = jnp.zeros((E * cap + 1, D), x_SD.dtype).at[index_SK.reshape(-1)].set(jnp.repeat(x_SD, K, axis=0))
+        return rows[: E * cap].reshape(E, cap, D)
+
+    buf_GECD = constrain(jax.vmap(scatter)(x_GSD, index_GSK), GROUPS_AXES)
+    buf_EGCD = constrain(jnp.swapaxes(buf_GECD, 0, 1), EXPERTS_AXES)
+    out_EGCD = expert_fn(buf_EGCD.reshape(E, G * cap, D)).reshape(E, G, cap, D)
+    out_GECD = constrain(jnp.swapaxes(constrain(out_EGCD, EXPERTS_AXES), 0, 1), GROUPS_AXES)
+    out = jnp.concatenate([out_GECD.reshape(G, E * cap, D), jnp.zeros((G, 1, D), out_GECD.dtype)], axis=1)
+    y_GSKD = jax.vmap(lambda o, i: jnp.take(o, i, axis=0))(out, index_GSK)
+    w_GSK = jnp.where(kept_GSK, weights_GSK, 0.0).astype(y_GSKD.dtype)
+    return jnp.einsum("GSKD,GSK->GSD", y_GSKD, w_GSK), kept_GSK
 
 
 def dispatch_dropless(x_TD: Array, weights_TK: Array, experts_TK: Array, expert_fn):

@@ -39,6 +39,8 @@ TRAINING_FIELDS = (
     # how a mixture of experts trains (dispatch, jitter, auxiliary weights), not which function it computes
     "moe_dispatch",
     "capacity_factor",
+    "moe_group_size",
+    "expert_capacity",
     "router_jitter",
     "moe_lb_weight",
     "moe_z_weight",

@@ -59,6 +59,12 @@ def _sizes(d_model, num_layers, num_heads, head_dim, d_ff):
 # v1.1 and mT5: gated GELU, untied output projection without the rescale, no dropout in pretraining.
 _V1_1 = dict(activation="gelu_tanh", gated_mlp=True, tie_embeddings=False, scale_output=False, dropout=0.0)
 _MT5 = dict(_V1_1, vocab_size=250112)
+# Switch Transformers (Fedus et al. 2022; Google's released checkpoints): T5 v1.0's base / large blocks,
+# every other feed-forward layer of both stacks E experts of d_ff, top-1, the router probability scaling
+# the expert (not renormalised), capacity factor 1.25 per sequence, router jitter 0.01, load-balancing
+# weight 0.01 and no z-loss (that came with ST-MoE).
+_SWITCH = dict(num_experts=8, experts_per_token=1, moe_every=2, router_renormalize=False, router_jitter=0.01)
+_SWITCH.update(moe_dispatch="capacity", capacity_factor=1.25, moe_group_size=-1, moe_lb_weight=0.01, moe_z_weight=0.0)
 T5_PRESETS = {
     "small": _sizes(512, 6, 8, 64, 2048),
     "base": _sizes(768, 12, 12, 64, 3072),
@@ -75,6 +81,9 @@ T5_PRESETS = {
     "mt5_large": dict(_MT5, **_sizes(1024, 24, 16, 64, 2816)),
     "mt5_xl": dict(_MT5, **_sizes(2048, 24, 32, 64, 5120)),
     "mt5_xxl": dict(_MT5, **_sizes(4096, 24, 64, 64, 10240)),
+    # 0.62B, 1.07B, 1.98B, 3.79B, 7.42B total, 0.22B active (T5-base); large-128: 26.3B total, 0.74B active.
+    **{f"switch_base_{e}": dict(_SWITCH, num_experts=e, **_sizes(768, 12, 12, 64, 3072)) for e in (8, 16, 32, 64, 128)},
+    "switch_large_128": dict(_SWITCH, num_experts=128, **_sizes(1024, 24, 16, 64, 4096)),
 }
 
 

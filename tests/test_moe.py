@@ -54,11 +54,41 @@ def test_gshard_rule_drops_exactly_the_overflow():
     assert cap == 2
     np.testing.assert_array_equal(moe.positions(experts, 2), [[0, 1], [1, 2], [2, 3], [0, 3]])
     x = jnp.arange(1.0, 5.0)[:, None] * jnp.ones((4, 3))
-    y, kept = moe.dispatch_capacity(x, weights, experts, _Scale(), cap, lambda a: a)
+    y, kept = moe.dispatch_capacity(x[None], weights[None], experts[None], _Scale(), cap, lambda a, axes: a)
+    y, kept = y[0], kept[0]
     np.testing.assert_array_equal(kept, [[True, True], [True, False], [False, False], [True, False]])
     # t0: 0.6 * 1x + 0.4 * 2x; t1: 0.7 * 1x; t2: dropped entirely (the residual carries it); t3: 0.9 * 2x.
     expected = np.array([0.6 + 0.8, 0.7, 0.0, 1.8])[:, None] * np.arange(1.0, 5.0)[:, None] * np.ones((4, 3))
     np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-6)
+
+
+def test_groups_route_on_their_own():
+    # The example above as two groups of two tokens, capacity ceil(0.5 * 2 * 2 / 2) = 1 per expert per group.
+    # Group 0 (t0, t1): first choices t0 -> e0 (slot 0), t1 -> e0 (1); second t0 -> e1 (0), t1 -> e1 (1).
+    # Group 1 (t2, t3): first t2 -> e0 (0), t3 -> e1 (0); second t2 -> e1 (1), t3 -> e0 (1).
+    experts = jnp.array([[[0, 1], [0, 1]], [[0, 1], [1, 0]]])
+    weights = jnp.array([[[0.6, 0.4], [0.7, 0.3]], [[0.8, 0.2], [0.9, 0.1]]])
+    assert moe.capacity(2, 2, 2, 0.5) == 1
+    x = jnp.arange(1.0, 5.0).reshape(2, 2, 1) * jnp.ones((2, 2, 3))
+    y, kept = moe.dispatch_capacity(x, weights, experts, _Scale(), 1, lambda a, axes: a)
+    np.testing.assert_array_equal(kept, [[[True, True], [False, False]], [[True, False], [True, False]]])
+    # t0: 0.6 * 1x + 0.4 * 2x; t1: dropped; t2: 0.8 * 1x; t3: 0.9 * 2x.
+    expected = np.array([1.4 * 1, 0.0, 0.8 * 3, 1.8 * 4]).reshape(2, 2, 1) * np.ones((2, 2, 3))
+    np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-6)
+    assert moe.group_size(-1, 3, 10) == 10 and moe.group_size(0, 3, 10) == 30 and moe.group_size(6, 3, 10) == 6
+    with pytest.raises(ValueError, match="does not divide"):
+        moe.group_size(7, 3, 10)
+
+
+@pytest.mark.parametrize("group", [-1, 5])
+def test_group_routing_with_room_equals_dropless(group):
+    x = jax.random.normal(jax.random.key(2), (3, 10, 16))
+    cap, free = _layer("capacity", factor=4.0, moe_group_size=group), _layer("dropless")
+    a, b = cap(x), free(x)
+    assert float(moe.collect(cap)["moe_dropped"]) == 0.0
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+    small = _layer("capacity", factor=4.0, moe_group_size=group, expert_capacity=1)  # one token per expert
+    assert float(jnp.abs(small(x) - a).max()) > 1e-2 and float(moe.collect(small)["moe_dropped"]) > 0.5
 
 
 def test_aux_losses_equal_their_formulas():
@@ -126,11 +156,13 @@ def test_flops_count_active_parameters():
 
 MOE = [*SMALL, "--config.train.steps=5", "--config.checkpoint.every=100", "--config.model.expert_d_ff=64"]
 MOE += ["--config.train.eval_steps=0"]  # losses only: no evaluation to compile
+MOE += ["--config.model.moe_group_size=-1"]  # GShard groups (one per row) over the batch axes, E over expert
 
 
 @pytest.mark.slow
 def test_expert_parallel_losses_equal_one_device(tmp_path):
-    """configs/gpt.py:moe_tiny (shrunk) under four (data, fsdp, expert, tensor) meshes == 1 device."""
+    """configs/gpt.py:moe_tiny (shrunk, capacity routing per sequence) under four (data, fsdp, expert, tensor)
+    meshes == 1 device."""
     args = ["--config=configs/gpt.py:moe_tiny", *MOE]
     train.run([*args, "--config.mesh.devices=1", "--config.mesh.data=1", f"--workdir={tmp_path / 'one'}"])
     one = train_losses(str(tmp_path / "one"))

@@ -186,3 +186,22 @@ def test_import_and_export_commands(reference, tmp_path):
     assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
     assert hf.read_config(out)["model_type"] == "t5"
     assert (tmp_path / "out" / "tokenizer.json").read_text() == "{}"
+
+
+def test_switch_capacity_drops_what_transformers_drops(reference, tmp_path):
+    """Switch with 2 tokens per expert per sequence: transformers drops tokens at evaluation too, and the
+    imported model (capacity dispatch, one group per sequence) drops the same ones. Right padding only:
+    transformers routes padding tokens too, and left padding would let them take room before real tokens
+    (podformer's padded positions carry other hidden states)."""
+    big, _ = reference("switch_transformers")
+    ref = zh.make_reference("switch_transformers", str(tmp_path), expert_capacity=2)
+    b = zh.batch("switch_transformers")
+    b["attention_mask"][2] = 1
+    b["attention_mask"][2, 8:] = 0
+    keep = zh.valid("switch_transformers", b)
+    expected = zh.reference_logits("switch_transformers", ref, b)
+    assert np.abs(expected - zh.reference_logits("switch_transformers", big, b))[keep].max() > 1e-2  # drops
+    model = hf.from_pretrained(str(tmp_path))
+    assert (model.cfg.expert_capacity, model.cfg.moe_group_size, model.cfg.moe_dispatch) == (2, -1, "capacity")
+    got = zh.our_logits("switch_transformers", model, b)
+    assert np.abs(got - expected)[keep].max() < 1e-4

@@ -101,3 +101,22 @@ def test_full_size_configs_read_their_papers_datasets():
         c = module.get_config(variant)
         assert (c.data.source, c.data.tfds_name) == ("tfds", name), (module.__name__, variant)
         assert module.get_config("tiny").data.source == "embedded"
+
+
+MOE_PRESETS = [(gpt.GPT, gpt.GPTConfig, p) for p in gpt.PRESETS if p.startswith(("mixtral", "qwen3_moe"))]
+MOE_PRESETS += [(t5.T5, t5.T5Config, p) for p in t5.T5_PRESETS if p.startswith("switch")]
+
+
+@pytest.mark.parametrize("module_cls,config_cls,preset", MOE_PRESETS, ids=[p for _, _, p in MOE_PRESETS])
+def test_moe_preset_active_parameters_match_transformers(module_cls, config_cls, preset):
+    """Active per token: transformers' parameters with each expert module's counted at experts_per_token /
+    num_experts (its routers in full), the same architecture on the meta device."""
+    cfg = getattr(config_cls, preset)()
+    config = hf.hf_config(cfg)
+    model_type, architecture = config.pop("model_type"), config.pop("architectures")[0]
+    with torch.device("meta"):
+        model = getattr(transformers, architecture)(transformers.AutoConfig.for_model(model_type, **config))
+    share = cfg.experts_per_token / cfg.num_experts
+    expected = sum(p.numel() * (share if ".experts." in name else 1) for name, p in model.named_parameters())
+    ours = params.count_active(nnx.eval_shape(lambda: module_cls(cfg, rngs=nnx.Rngs(0))))
+    assert ours == pytest.approx(expected, rel=1e-12)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 V = 97  # vocabulary of every tiny reference model
-SEQ2SEQ = ("t5", "t5_v1_1", "mt5", "bart")
+SEQ2SEQ = ("t5", "t5_v1_1", "mt5", "bart", "switch_transformers")
 ENCODERS = ("bert", "bert_mlm", "roberta", "distilbert")
+MOE = ("mixtral", "qwen3_moe")  # initialised with std 0.02 (Switch: router 1, experts d_model ** -0.5)
 ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
@@ -84,6 +85,23 @@ def specs(T) -> dict:
             ),  # fmt: skip
             T.MixtralForCausalLM,
         ),
+        "qwen3_moe": (  # dense layer 0, sparse layer 1, 3 of 8 fine-grained experts, top-k not renormalised
+            T.Qwen3MoeConfig(
+                vocab_size=V,
+                hidden_size=32,
+                intermediate_size=48,
+                moe_intermediate_size=16,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=8,
+                num_experts=8,
+                num_experts_per_tok=3,
+                decoder_sparse_step=2,
+                rope_theta=500.0,
+            ),  # fmt: skip
+            T.Qwen3MoeForCausalLM,
+        ),
         "bert": (T.BertConfig(**bert, max_position_embeddings=40), T.BertForPreTraining),
         "bert_mlm": (T.BertConfig(**bert, max_position_embeddings=40, hidden_act="gelu_new"), T.BertForMaskedLM),
         "roberta": (T.RobertaConfig(**bert, max_position_embeddings=42), T.RobertaForMaskedLM),
@@ -97,6 +115,16 @@ def specs(T) -> dict:
             T.T5ForConditionalGeneration,
         ),
         "mt5": (T.MT5Config(**t5, feed_forward_proj="gated-gelu"), T.MT5ForConditionalGeneration),
+        "switch_transformers": (  # sparse layer 1 of the encoder's 2, 1 and 3 of the decoder's 4; top-1 of 4
+            T.SwitchTransformersConfig(
+                **dict(t5, num_decoder_layers=4),
+                num_experts=4,
+                num_sparse_encoder_layers=1,
+                num_sparse_decoder_layers=2,
+                expert_capacity=64,  # more than a sequence: nothing dropped (tests/test_moe.py: with drops)
+            ),
+            T.SwitchTransformersForConditionalGeneration,
+        ),
         "bart": (
             T.BartConfig(
                 vocab_size=V,
@@ -114,12 +142,15 @@ def specs(T) -> dict:
     }
 
 
-def make_reference(name: str, path: str):
-    """A transformers model of family ``name`` with non-trivial weights everywhere, saved to ``path``."""
+def make_reference(name: str, path: str, **overrides):
+    """A transformers model of family ``name`` with non-trivial weights everywhere, saved to ``path``
+    (``overrides``: config attributes changed from the spec's)."""
     import torch
     import transformers as T
 
     config, cls = specs(T)[name]
+    for k, v in overrides.items():
+        setattr(config, k, v)
     torch.manual_seed(sum(map(ord, name)))
     ref = cls(config).eval()
     with torch.no_grad():
@@ -128,8 +159,12 @@ def make_reference(name: str, path: str):
             # keep T5's std-1 embedding from producing huge logits.
             if p.ndim == 1 or "bias" in pname:
                 p.add_(0.1 * torch.randn_like(p))
-            if name in SEQ2SEQ[:3] and p.ndim == 2 and p.shape[0] == V:
+            if name in (*SEQ2SEQ[:3], "switch_transformers") and p.ndim == 2 and p.shape[0] == V:
                 p.mul_(0.2)
+            if name in MOE and ("experts" in pname or "router" in pname or pname.endswith("gate.weight")):
+                # Decisive routing and experts that matter: with the default 0.02 init, router
+                # probabilities are nearly uniform and a wrong expert choice moves logits by ~1e-4.
+                p.mul_(10.0)
         if name == "t5_v1_1":  # a separate output projection, as the released v1.1 checkpoints have
             ref.lm_head.weight = torch.nn.Parameter(0.2 * torch.randn(V, 32))
         if name == "bart":
