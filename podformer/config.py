@@ -141,6 +141,13 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     if t.batch_size % t.grad_accum:
         raise UserError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
     family_config(cfg.model, families.get(cfg.model.family).config)  # bad model values fail here, before JAX
+    group = cfg.model.get("moe_group_size", 0) if cfg.model.get("num_experts", 0) else 0
+    tokens = t.batch_size // t.grad_accum * t.seq_len
+    if group > 0 and tokens % group:
+        raise UserError(
+            f"model.moe_group_size={group} does not divide a micro-batch's {t.batch_size // t.grad_accum} x "
+            f"{t.seq_len} = {tokens} tokens; pick a divisor, or -1 (one group per sequence)"
+        )
 
 
 # Counts that must be >= 1 and counts where 0 has a meaning (documented in configs/common.py) but a negative

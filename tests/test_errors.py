@@ -65,3 +65,13 @@ def test_unknown_variant_and_flag(tmp_path):
     _one_line_error(run_cli("train.py", ["--config=configs/gpt.py:huge"], check=False), "unknown variant", "gpt2_small")
     _one_line_error(run_cli("train.py", ["--wrokdir=x"], check=False), "did you mean --workdir")
     assert not os.path.exists(os.path.join(tmp_path, "x"))
+
+
+def test_routing_groups_that_do_not_divide_the_micro_batch():
+    cfg = config_lib.load_config_file("configs/gpt.py:moe_tiny")
+    for key, value in (("model.moe_dispatch", "capacity"), ("model.moe_group_size", "1000")):
+        config_lib.apply_override(cfg, key, value)
+    with pytest.raises(UserError, match=r"moe_group_size=1000 does not divide a micro-batch's 32 x 128 = 4096 tokens"):
+        config_lib.validate(cfg)
+    config_lib.apply_override(cfg, "model.moe_group_size", "1024")
+    config_lib.validate(cfg)
