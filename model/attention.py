@@ -216,7 +216,13 @@ def pallas_mode(*, interpret: bool = False, target: str | None = None):
         if interpret:  # must cover the lowering too (jit lowers after tracing): the whole block
             from jax.experimental.pallas import tpu as pltpu
 
-            with pltpu.force_tpu_interpret_mode():
+            # `True`, not an InterpretParams: Pallas' HLO interpreter, which lowers the kernel's body to
+            # plain XLA ops (a loop over the grid). The TPU simulator (InterpretParams) runs every kernel
+            # as Python io_callbacks on XLA:CPU's device threads, in lockstep through barriers across all
+            # devices: under a mesh of 8 fake devices a train step deadlocked there (every device thread
+            # waiting for the GIL inside the simulator's callbacks while the main thread blocked on the
+            # step's result; no CPU used), and a callback per kernel op is far too slow for a loss test.
+            with pltpu.force_tpu_interpret_mode(True):
                 yield
         else:
             yield
