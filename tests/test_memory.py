@@ -56,6 +56,19 @@ def test_credited_bytes_never_count_a_byte_twice():
     assert credited == {"a": 60, "b": 40, "c": 0}
 
 
+def test_the_live_buffers_at_the_heap_peak_are_read_from_the_live_range_dump():
+    text = """HloLiveRange (max 9):
+  BufferLiveRange:
+    fusion.1{}:0-5
+  Live ranges at 4 (peak):
+    while.3{2}: 1073741824 bytes (cumulative: 1073741824 bytes)
+    fusion.1{}: 939524096 bytes (cumulative: 2013265920 bytes)
+  Stack trace breakdown for peak usage: 2 013 265 920 bytes
+    main (100.0%, total: 2 013 265 920 bytes)
+"""
+    assert memory.peak_live(text) == [("while.3{2}", 2**30), ("fusion.1{}", 939524096)]
+
+
 def test_flash_attention_under_a_data_fsdp_tensor_mesh_equals_xla():
     # The Pallas kernel in a shard_map over rows (data x fsdp) and heads (tensor) on 8 fake CPU devices,
     # in Pallas' interpreter: values and gradients against XLA attention on one device.
