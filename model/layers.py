@@ -159,16 +159,8 @@ def buffer(shape: tuple[int, ...], axes: tuple[str | None, ...]) -> Buffer:
 
 def lookup(table: nnx.Param, ids: Array, offset: int = 0) -> Array:
     """Rows of an embedding table; ``offset`` shifts learned positions (OPT, BART, RoBERTa keep the first
-    rows of their tables for padding, so position p reads row p + 2).
-
-    The table is gathered whole along its model dimension first (an all-gather of its fsdp shards, as for
-    any weight a matmul uses), so each device takes its own rows' embeddings. Sharded over fsdp on embed,
-    XLA instead gathered every token of the global batch for each device's slice of D (an (all tokens,
-    D / fsdp) buffer and an all-to-all) and took the backward as a float32 scatter-add of that size:
-    3 GiB per chip for LLaMA-2 70B on 256 chips, where the gathered table is 1 GiB (and its float32
-    gradient, reduce-scattered into the shards, as much)."""
-    table = sharding.constrain(table[...], ("vocab", None))
-    return jnp.take(table, ids + offset if offset else ids, axis=0)
+    rows of their tables for padding, so position p reads row p + 2)."""
+    return jnp.take(table[...], ids + offset if offset else ids, axis=0)
 
 
 class Bias(nnx.Module):
