@@ -176,7 +176,7 @@ def peak_live(text: str) -> list[tuple[str, int]]:
 
 def at_peak(dump_dir: str, hlo_text: str, buffers: list[Buffer]) -> list[Buffer]:
     """The temporaries live at the heap peak, largest first, named as in ``breakdown`` (``credited`` is the
-    value's whole size: at one moment no two live values share bytes)."""
+    value's whole size: at one moment no two live values share bytes); the arguments are left out."""
     files = glob.glob(os.path.join(dump_dir, "*after_optimizations-live-range.txt"))
     if not files:
         return []
@@ -184,12 +184,26 @@ def at_peak(dump_dir: str, hlo_text: str, buffers: list[Buffer]) -> list[Buffer]
         live = peak_live(f.read())
     shapes = {b.instruction: b.shape for b in buffers}
     ops = op_names(hlo_text)
+    # The simulation also holds the entry's parameters (the state and the batch: the arguments, not
+    # temporaries); a loop's own parameters alias its operands and are not listed as values there.
+    arguments = set(re.findall(r"^\s*%?([\w.\-]+) = [^=]*? parameter\(\d+\)", _entry(hlo_text), re.M))
     out = []
     for value, size in live:
         instr = re.sub(r"\{.*\}$", "", value)
+        if instr in arguments:
+            continue
         op, src = ops.get(instr, ("", ""))
         out.append(Buffer(value, shapes.get(value, shapes.get(instr, "")), size, size, _short(op), src))
     return sorted(out, key=lambda b: -b.size)
+
+
+def _entry(hlo_text: str) -> str:
+    """The ENTRY computation's text."""
+    start = hlo_text.find("\nENTRY ")
+    if start < 0:
+        return ""
+    end = hlo_text.find("\n}", start)
+    return hlo_text[start : end if end > 0 else None]
 
 
 def by_op(buffers: list[Buffer]) -> list[tuple[str, int, int]]:
