@@ -253,10 +253,10 @@ def _block(n: int, preferred: int) -> int:
 
 
 def _attention_flash(q, k, v, mask, bias, scale, dropout_rate, rng):
-    """Pallas TPU flash attention (jax.experimental.pallas.ops.tpu.flash_attention). Every mask and
-    bias is exact: the boolean mask and any additive bias (T5 relative, ALiBi) go in as one additive
-    (B, H, L, S) bias the kernel streams block by block. That costs O(L*S) memory traffic; the softmax
-    itself is never materialised."""
+    """Pallas TPU flash attention (jax.experimental.pallas.ops.tpu.flash_attention; Splash attention for
+    segment ids without a bias, below). Every mask and bias is exact: the boolean mask and any additive
+    bias (T5 relative, ALiBi) go in as one additive (B, H, L, S) bias the kernel streams block by block.
+    That costs O(L*S) memory traffic; the softmax itself is never materialised."""
     from jax.experimental.pallas.ops.tpu import flash_attention as fa
 
     _pallas_checks("flash", q, k, dropout_rate, rng)
@@ -300,8 +300,13 @@ def _attention_flash(q, k, v, mask, bias, scale, dropout_rate, rng):
 
         def kernel(q, k, v, q_ids, kv_ids):
             heads = [sm.CausalMask((L, S)) if causal else sm.FullMask((L, S)) for _ in range(q.shape[1])]
-            splash = sk.make_splash_mha(sm.MultiHeadMask(heads), head_shards=1, q_seq_shards=1, block_sizes=splash_sizes)
-            return jax.vmap(lambda q, k, v, a, b: splash(q, k, v, segment_ids=sk.SegmentIds(a, b)))(q, k, v, q_ids, kv_ids)
+            mask = sm.MultiHeadMask(heads)
+            splash = sk.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=splash_sizes)
+
+            def row(q, k, v, q_ids, kv_ids):  # one row of the batch: (H, L, K)
+                return splash(q, k, v, segment_ids=sk.SegmentIds(q_ids, kv_ids))
+
+            return jax.vmap(row)(q, k, v, q_ids, kv_ids)
 
         splash_sizes = sk.BlockSizes(
             block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq, block_kv_dkv=bk,
@@ -384,8 +389,8 @@ ATTENTION_IMPLS = {
     "auto": _attention_auto,
     "xla": _attention_jax("xla"),
     "cudnn": _attention_cudnn,
-    # Splash attention is not here: its masks are static or per-head, so packed batches need segment
-    # ids, and attention() receives dense (B, 1, L, S) masks; its dynamic-mask mode does not trace under jit.
+    # Pallas flash; with a SegmentMask and no bias (GPT's packed causal rows) it runs Splash attention,
+    # whose static causal mask and segment ids are exactly that mask.
     "flash": _attention_flash,
     "reference": _attention_reference,
 }
