@@ -216,7 +216,13 @@ def pallas_mode(*, interpret: bool = False, target: str | None = None):
         if interpret:  # must cover the lowering too (jit lowers after tracing): the whole block
             from jax.experimental.pallas import tpu as pltpu
 
-            with pltpu.force_tpu_interpret_mode():
+            # `True`, not an InterpretParams: Pallas' HLO interpreter, which lowers the kernel's body to
+            # plain XLA ops (a loop over the grid). The TPU simulator (InterpretParams) runs every kernel
+            # as Python io_callbacks on XLA:CPU's device threads, in lockstep through barriers across all
+            # devices: under a mesh of 8 fake devices a train step deadlocked there (every device thread
+            # waiting for the GIL inside the simulator's callbacks while the main thread blocked on the
+            # step's result; no CPU used), and a callback per kernel op is far too slow for a loss test.
+            with pltpu.force_tpu_interpret_mode(True):
                 yield
         else:
             yield
@@ -247,10 +253,10 @@ def _block(n: int, preferred: int) -> int:
 
 
 def _attention_flash(q, k, v, mask, bias, scale, dropout_rate, rng):
-    """Pallas TPU flash attention (jax.experimental.pallas.ops.tpu.flash_attention). Every mask and
-    bias is exact: the boolean mask and any additive bias (T5 relative, ALiBi) go in as one additive
-    (B, H, L, S) bias the kernel streams block by block. That costs O(L*S) memory traffic; the softmax
-    itself is never materialised."""
+    """Pallas TPU flash attention (jax.experimental.pallas.ops.tpu.flash_attention; Splash attention for
+    segment ids without a bias, below). Every mask and bias is exact: the boolean mask and any additive
+    bias (T5 relative, ALiBi) go in as one additive (B, H, L, S) bias the kernel streams block by block.
+    That costs O(L*S) memory traffic; the softmax itself is never materialised."""
     from jax.experimental.pallas.ops.tpu import flash_attention as fa
 
     _pallas_checks("flash", q, k, dropout_rate, rng)
@@ -286,12 +292,27 @@ def _attention_flash(q, k, v, mask, bias, scale, dropout_rate, rng):
     qh, kh, vh = _heads_first(q * jnp.asarray(scale, q.dtype), k, v)
     # The kernel scales (q k^T + ab); the bias must not be scaled, so q is scaled beforehand.
     if segments is not None:
-        ids = fa.SegmentIds(segments.q_segment_ids_BL, segments.kv_segment_ids_BS)
+        # Segment ids and causality, no bias: Splash attention (as MaxText runs it), whose backward keeps
+        # the row log-sum-exp as (H, L) float32; the flash kernel keeps its row max and sum broadcast to
+        # 128 lanes, (B, H, L, 128) float32 each (LLaMA-2 70B on v5p-512: 0.5 GiB each per layer).
+        from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+        from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
-        def kernel(q, k, v, ids):
-            return fa.flash_attention(q, k, v, segment_ids=ids, causal=causal, sm_scale=1.0, block_sizes=sizes)
+        def kernel(q, k, v, q_ids, kv_ids):
+            heads = [sm.CausalMask((L, S)) if causal else sm.FullMask((L, S)) for _ in range(q.shape[1])]
+            mask = sm.MultiHeadMask(heads)
+            splash = sk.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=splash_sizes)
 
-        args = (qh, kh, vh, ids)
+            def row(q, k, v, q_ids, kv_ids):  # one row of the batch: (H, L, K)
+                return splash(q, k, v, segment_ids=sk.SegmentIds(q_ids, kv_ids))
+
+            return jax.vmap(row)(q, k, v, q_ids, kv_ids)
+
+        splash_sizes = sk.BlockSizes(
+            block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq, block_kv_dkv=bk,
+            block_kv_dkv_compute=bk, block_q_dq=bq, block_kv_dq=bk,
+        )  # fmt: skip
+        args = (qh, kh, vh, segments.q_segment_ids_BL, segments.kv_segment_ids_BS)
     else:
 
         def kernel(q, k, v, ab=None):
@@ -368,8 +389,8 @@ ATTENTION_IMPLS = {
     "auto": _attention_auto,
     "xla": _attention_jax("xla"),
     "cudnn": _attention_cudnn,
-    # Splash attention is not here: its masks are static or per-head, so packed batches need segment
-    # ids, and attention() receives dense (B, 1, L, S) masks; its dynamic-mask mode does not trace under jit.
+    # Pallas flash; with a SegmentMask and no bias (GPT's packed causal rows) it runs Splash attention,
+    # whose static causal mask and segment ids are exactly that mask.
     "flash": _attention_flash,
     "reference": _attention_reference,
 }

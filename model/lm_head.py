@@ -11,10 +11,13 @@ so only one chunk of logits ever exists and it is still in cache when its gradie
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
+from flax.core import spmd as flax_spmd
 
+from podformer.core import sharding
 from podformer.model import host_blas, kernels, vocab
 
 Array = jax.Array
@@ -28,18 +31,28 @@ CHUNK_BYTES = 256 * 2**20
 
 
 def num_chunks(batch: int, length: int, vocab: int, budget: int = CHUNK_BYTES) -> int:
-    """Sequence chunks for the fused loss: 1 unless a single device holds the whole batch.
+    """Sequence chunks for the fused loss: the fewest whose float32 logits on one device (its rows of the
+    batch, under the active mesh and rules) fit ``budget``.
 
-    With the batch sharded over several devices every chunk's weight gradient would need its own
-    cross-device reduction (XLA cannot carry a pending reduction through a loop), so sharded runs
-    keep one chunk; the fusion alone still saves the extra passes over the logits there."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and mesh.size > 1:
-        return 1
+    Under a mesh each chunk's weight gradient is reduce-scattered into the weight's shards as the chunk is
+    done (the scan's carry is constrained to them, ``_fused_fwd``): one reduction per chunk, over the
+    fsdp axis that also gathers every weight each step, and only one chunk of logits exists at a time
+    (LLaMA-2 70B on 256 chips: 2 GiB of logits per chip in one chunk, 256 MiB in 8)."""
+    rows = batch // _batch_shards(batch)
     for c in range(1, length + 1):
-        if length % c == 0 and batch * (length // c) * vocab * 4 <= budget:
+        if length % c == 0 and rows * (length // c) * vocab * 4 <= budget:
             return c
     return length
+
+
+def _batch_shards(batch: int) -> int:
+    mesh = jax.sharding.get_abstract_mesh()
+    rules = flax_spmd.get_logical_axis_rules()
+    if mesh.empty or not rules:
+        return 1
+    (axes,) = sharding.logical_to_spec(("batch",), rules, (batch,), dict(mesh.shape))
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    return math.prod(mesh.shape[a] for a in axes)
 
 
 def _chunk_stats(x_BcD, w_VD, b_V, t_Bc, vocab_size):
@@ -135,7 +148,9 @@ def _fused_fwd(x_BLD, w_VD, b_V, targets_BL, weights_BL, chunks, vocab_size):
         dw_DV, db_V = carry
         x, t, wt = xs
         ce, correct, dx, dw_chunk, db_chunk = _chunk_grads(x, w_VD, b_V, t, wt, vocab_size)
-        dw_DV = dw_DV + dw_chunk
+        # Into the weight's shards now: a replicated carry would hold (and all-reduce) the whole (D, V)
+        # float32 gradient on every device.
+        dw_DV = sharding.constrain(dw_DV + dw_chunk, ("embed", "vocab"))
         db_V = None if db_V is None else db_V + db_chunk
         return (dw_DV, db_V), (ce, correct, dx)
 

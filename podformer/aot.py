@@ -319,7 +319,9 @@ def compile_train_step(
                 schedule=schedule, trace_context=attention.pallas_mode(target="tpu"), compiler_options=options,
             )  # fmt: skip
         if dump:
-            report["buffers"] = memory.breakdown(dump.name, compiled.as_text())
+            text = compiled.as_text()
+            report["buffers"] = memory.breakdown(dump.name, text)
+            report["peak_buffers"] = memory.at_peak(dump.name, text, report["buffers"])
             report["hlo_custom_calls"] = sorted(set(re.findall(r'custom_call_target="([^"]+)"', compiled.as_text())))
     except Exception as e:  # jaxlib's XlaRuntimeError (its module moves between releases); only HBM exhaustion
         asked = hbm_exhausted(str(e))
@@ -433,6 +435,8 @@ def log_report(r: dict, verbose: bool = False) -> None:
         log("levers: " + ", ".join(levers))
     if r.get("buffers"):
         log_breakdown(r["buffers"], r["temporaries_gib"], top=25 if verbose else 5)
+    if r.get("peak_buffers"):
+        log_peak(r["peak_buffers"], top=25 if verbose else 5)
     chip = r["chip"]
     if "flops" in r:
         log(
@@ -469,5 +473,14 @@ def log_breakdown(buffers: list, temporaries_gib: float, top: int) -> None:
         where = f" ({b.source})" if b.source else ""
         log(f"  {b.credited / gib:8.3f} GiB  {b.shape:<32} {b.instruction}: {b.op or '(compiler-made)'}{where}")
     log("temporaries by op:")
+    for op, size, n in memory.by_op(buffers)[:top]:
+        log(f"  {size / gib:8.3f} GiB  {n:4d} buffer{'s' if n > 1 else ' '}  {op}")
+
+
+def log_peak(buffers: list, top: int) -> None:
+    """What is live at the worst moment: the buffers that decide whether a program fits."""
+    gib = 2.0**30
+    total = sum(b.size for b in buffers) / gib
+    log(f"live at the heap peak (XLA's simulation, {total:.2f} GiB in {len(buffers)} buffers), by op:")
     for op, size, n in memory.by_op(buffers)[:top]:
         log(f"  {size / gib:8.3f} GiB  {n:4d} buffer{'s' if n > 1 else ' '}  {op}")

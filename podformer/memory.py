@@ -154,6 +154,58 @@ def breakdown(dump_dir: str, hlo_text: str | None = None) -> list[Buffer]:
     return sorted(out, key=lambda b: -b.credited)
 
 
+_PEAK = re.compile(r"^\s*Live ranges at \d+ \(peak\):")
+_LIVE = re.compile(r"^\s+(\S+?): (\d+) bytes \(cumulative")
+
+
+def peak_live(text: str) -> list[tuple[str, int]]:
+    """(value, bytes) live at the peak of XLA's heap simulation, from a ``*-live-range.txt`` dump: what
+    the program holds at its worst moment, where the buffer assignment lists everything it ever holds."""
+    out, inside = [], False
+    for line in text.splitlines():
+        if _PEAK.match(line):
+            inside = True
+            continue
+        if inside:
+            m = _LIVE.match(line)
+            if not m:
+                break
+            out.append((m.group(1), int(m.group(2))))
+    return out
+
+
+def at_peak(dump_dir: str, hlo_text: str, buffers: list[Buffer]) -> list[Buffer]:
+    """The temporaries live at the heap peak, largest first, named as in ``breakdown`` (``credited`` is the
+    value's whole size: at one moment no two live values share bytes); the arguments are left out."""
+    files = glob.glob(os.path.join(dump_dir, "*after_optimizations-live-range.txt"))
+    if not files:
+        return []
+    with open(max(files, key=os.path.getsize)) as f:
+        live = peak_live(f.read())
+    shapes = {b.instruction: b.shape for b in buffers}
+    ops = op_names(hlo_text)
+    # The simulation also holds the entry's parameters (the state and the batch: the arguments, not
+    # temporaries); a loop's own parameters alias its operands and are not listed as values there.
+    arguments = set(re.findall(r"^\s*%?([\w.\-]+) = [^=]*? parameter\(\d+\)", _entry(hlo_text), re.M))
+    out = []
+    for value, size in live:
+        instr = re.sub(r"\{.*\}$", "", value)
+        if instr in arguments:
+            continue
+        op, src = ops.get(instr, ("", ""))
+        out.append(Buffer(value, shapes.get(value, shapes.get(instr, "")), size, size, _short(op), src))
+    return sorted(out, key=lambda b: -b.size)
+
+
+def _entry(hlo_text: str) -> str:
+    """The ENTRY computation's text."""
+    start = hlo_text.find("\nENTRY ")
+    if start < 0:
+        return ""
+    end = hlo_text.find("\n}", start)
+    return hlo_text[start : end if end > 0 else None]
+
+
 def by_op(buffers: list[Buffer]) -> list[tuple[str, int, int]]:
     """(op, credited bytes, number of buffers), largest first: the breakdown grouped by what made it."""
     groups = defaultdict(lambda: [0, 0])

@@ -1,12 +1,16 @@
 """Pod-scale memory: the compile-only memory breakdown (issue 15)."""
 
 import importlib.util
+import json
+import subprocess
+import sys
 
 import pytest
 
 from podformer import aot, memory
 from podformer import config as config_lib
 from podformer.model import families
+from tests.helpers import REPO, SMALL, env
 
 needs_libtpu = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None, reason="needs the [aot] extra: pip install -e '.[aot]'"
@@ -52,6 +56,19 @@ def test_credited_bytes_never_count_a_byte_twice():
     assert credited == {"a": 60, "b": 40, "c": 0}
 
 
+def test_the_live_buffers_at_the_heap_peak_are_read_from_the_live_range_dump():
+    text = """HloLiveRange (max 9):
+  BufferLiveRange:
+    fusion.1{}:0-5
+  Live ranges at 4 (peak):
+    while.3{2}: 1073741824 bytes (cumulative: 1073741824 bytes)
+    fusion.1{}: 939524096 bytes (cumulative: 2013265920 bytes)
+  Stack trace breakdown for peak usage: 2 013 265 920 bytes
+    main (100.0%, total: 2 013 265 920 bytes)
+"""
+    assert memory.peak_live(text) == [("while.3{2}", 2**30), ("fusion.1{}", 939524096)]
+
+
 def test_flash_attention_under_a_data_fsdp_tensor_mesh_equals_xla():
     # The Pallas kernel in a shard_map over rows (data x fsdp) and heads (tensor) on 8 fake CPU devices,
     # in Pallas' interpreter: values and gradients against XLA attention on one device.
@@ -86,6 +103,41 @@ def test_flash_attention_under_a_data_fsdp_tensor_mesh_equals_xla():
         np.testing.assert_allclose(out, ref, atol=1e-5)
         for g, r in zip(grads, ref_grads, strict=True):
             np.testing.assert_allclose(g, r, atol=1e-5)
+
+
+# train.py in one process on 8 fake devices, once per attention kernel, with the Pallas kernels in
+# Pallas' interpreter: {kernel: {step: loss}}.
+_TRAIN_BOTH = """
+import json, sys, tempfile
+import train
+from podformer.model import attention
+from tests.helpers import train_losses
+out = {}
+for impl in ("xla", "flash"):
+    workdir = tempfile.mkdtemp()
+    with attention.pallas_mode(interpret=True):
+        train.run([*sys.argv[1:], f"--config.model.attention_impl={impl}", f"--workdir={workdir}"])
+    out[impl] = train_losses(workdir)
+print("LOSSES", json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_training_losses_with_flash_under_a_data_fsdp_tensor_mesh_equal_xla():
+    # The whole train step (packed rows, GPT's causal SegmentMask, remat, the optimizer) with the Pallas
+    # kernel in its shard_map over data x fsdp rows and tensor heads: the losses of XLA attention.
+    args = [*SMALL, "--config.model.num_layers=1", "--config.train.seq_len=128", "--config.model.max_len=128"]
+    args += ["--config.train.batch_size=8", "--config.train.steps=3", "--config.checkpoint.every=100"]
+    args += ["--config.train.eval_steps=0", "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]
+    proc = subprocess.run(
+        [sys.executable, "-c", _TRAIN_BOTH, *args], cwd=REPO, env=env(8), capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "mesh {'data': 2, 'fsdp': 2, 'expert': 1, 'tensor': 2}" in proc.stdout
+    losses = json.loads(proc.stdout.split("LOSSES", 1)[1])
+    assert sorted(losses["xla"]) == ["1", "2", "3"]
+    for step, loss in losses["xla"].items():
+        assert abs(losses["flash"][step] - loss) <= 1e-5 * abs(loss), (step, losses)
 
 
 def test_auto_attention_is_xla_on_cpu_with_the_reason():

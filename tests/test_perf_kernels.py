@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from podformer.configs.common import RULES
 from podformer.core.errors import UserError
 from podformer.losses import causal_lm, token_cross_entropy
 from podformer.model import attention, lm_head, params
@@ -151,12 +152,36 @@ def test_fused_lm_head_loss_matches_logits_path(chunks):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-def test_fused_loss_chunks_only_unsharded_runs():
+def test_fused_loss_chunks_by_the_logits_of_one_device():
     assert lm_head.num_chunks(8, 2048, 50304) == 16  # 3.3 GB of logits on one device: chunked
     assert lm_head.num_chunks(8, 256, 32000) == 1  # the CPU benchmark: one chunk is faster there
-    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    with jax.set_mesh(mesh):
-        assert lm_head.num_chunks(8, 2048, 50304) == 1  # sharded batch: one chunk, one gradient reduction
+    mesh = jax.make_mesh((4, 2), ("data", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(RULES):
+        # Two rows per device (batch over data only): 824 MB of logits -> 4 chunks of 206 MB.
+        assert lm_head.num_chunks(8, 2048, 50304) == 4
+
+
+def test_chunked_fused_loss_under_an_fsdp_tensor_mesh_equals_one_device():
+    # Chunks under a mesh: each chunk's weight gradient goes into the weight's (fsdp x tensor) shards.
+    k1, k2, k3 = jax.random.split(jax.random.key(2), 3)
+    x = jax.random.normal(k1, (8, 16, 32))
+    w = jax.random.normal(k2, (64, 32))
+    t = jax.random.randint(k3, (8, 16), 0, 64)
+    wt = jnp.ones((8, 16))
+
+    def loss_and_grads(chunks):
+        fn = lambda x, w: lm_head.cross_entropy(x, w, t, wt, chunks=chunks)[0]  # noqa: E731
+        return jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))(x, w)
+
+    ref = loss_and_grads(1)
+    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(RULES):
+        x = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp"))))
+        w = jax.device_put(w, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("tensor", "fsdp")))
+        got = loss_and_grads(4)
+    np.testing.assert_allclose(got[0], ref[0], rtol=1e-6)
+    for g, r in zip(got[1], ref[1], strict=True):
+        np.testing.assert_allclose(g, r, atol=1e-5)
 
 
 def test_mixed_precision_bf16_compute_f32_master_weights(reference_params, default_result):

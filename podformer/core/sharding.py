@@ -273,6 +273,15 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, spec)
 
 
+def splits(axis: str, size: int) -> bool:
+    """Whether the active mesh and rules split a dimension of logical ``axis`` and ``size``."""
+    mesh = jax.sharding.get_abstract_mesh()
+    rules = flax_spmd.get_logical_axis_rules()
+    if mesh.empty or not rules:
+        return False
+    return logical_to_spec((axis,), rules, (size,), dict(mesh.shape))[0] is not None
+
+
 def batch_spec(rules: Rules, ndim: int, mesh: jax.sharding.Mesh, batch_size: int) -> PartitionSpec:
     """The sharding of a (batch, ...) input array."""
     return logical_to_spec(
