@@ -71,7 +71,8 @@ def test_sharded_forward_equals_unsharded(name, reference):
     _, path = reference(name)
     b = zh.batch(name)
     expected = zh.our_logits(name, hf.from_pretrained(path), b)
-    mesh = jax.make_mesh((1, 4, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+    # podformer's mesh axes (mesh.AXES): the rules name every one (embed over fsdp and expert).
+    mesh = jax.make_mesh((1, 4, 1, 2), ("data", "fsdp", "expert", "tensor"), axis_types=(AxisType.Auto,) * 4)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(RULES):
         model = hf.from_pretrained(path)
         leaves = jax.tree.leaves(nnx.state(model, nnx.Param), is_leaf=_is_var)
