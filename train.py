@@ -95,6 +95,9 @@ def _run(cfg, flags: dict, workdir: str) -> dict:
         f"podformer: {cfg.config_spec} -> {workdir}; mesh {dict(mesh.shape)} over {mesh.size} "
         f"{jax.devices()[0].platform} devices, {jax.process_count()} process(es)"
     )
+    pipe = trainer.pipeline_schedule(cfg, model_cfg, mesh.shape)  # None without mesh.stage
+    if pipe is not None:
+        log(pipe.describe(model_cfg.num_layers))
 
     def make_model(rngs):
         return module_cls(model_cfg, rngs=rngs)
@@ -171,10 +174,10 @@ def _run(cfg, flags: dict, workdir: str) -> dict:
     loss = teacher.loss if teacher is not None else LOSSES[cfg.data.objective]
     step_fn, batch_shard = trainer.compile_train_step(
         graphdef, abstract, shardings, loader.host_batch(0), loss=loss, train_cfg=t, mesh=mesh, rules=rules,
-        schedule=schedule,
+        schedule=schedule, pipeline=pipe,
     )  # fmt: skip
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        eval_fn = trainer.jit_eval_step(graphdef, shardings, batch_shard, loss=loss)
+        eval_fn = trainer.jit_eval_step(graphdef, shardings, batch_shard, loss=loss, pipeline=pipe)
     # What the objective trains; the rest (a head it never calls) is never exported (podformer/model/hf.py).
     untrained = trainer.untrained_params(
         graphdef, abstract, loader.host_batch(0), fresh, loss=loss, mesh=mesh, rules=rules, global_batch=t.batch_size

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from podformer.core import sharding
-from podformer.model import kernels, moe
+from podformer.model import kernels, moe, pipeline
 from podformer.model.attention import (  # noqa: F401  (re-exported)
     SegmentMask,
     alibi_bias,
@@ -673,6 +673,18 @@ class BlockStack(nnx.Module):
                 return out, moe.block_stats(module)
 
             return apply if self.remat == "none" else jax.checkpoint(apply, policy=policy)
+
+        schedule = pipeline.current()
+        if schedule is not None and self.scan and cache is None:
+            # Pipeline stages (model/pipeline.py): checked at the config boundary (Schedule.check); dense stacks.
+            graphdef, params = nnx.split(self.layers)
+
+            def layer(layer_params, h, layer_rng, layer_kwargs, batch_kwargs):
+                return nnx.merge(graphdef, layer_params)(h, rng=layer_rng, **batch_kwargs, **layer_kwargs)
+
+            if self.remat != "none":
+                layer = jax.checkpoint(layer, policy=policy)
+            return pipeline.run(layer, params, x, schedule, rngs=rngs, per_layer=per_layer, batch_kwargs=kwargs)
 
         stats = None
         if not self.scan:
