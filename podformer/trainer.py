@@ -241,8 +241,8 @@ def pipeline_schedule(cfg, model_cfg, mesh_shape) -> pipeline_lib.Schedule | Non
     family = families.of(model_cfg)
     if family.kind != "decoder":
         raise UserError(
-            f"mesh.stage={stages}: pipeline stages run decoder-only models; {family.name} is an {family.kind} model "
-            "(use fsdp/tensor for it)"
+            f"mesh.stage={stages}: pipeline stages run decoder-only models, not {family.name} ({family.kind}); "
+            "shard it with mesh.fsdp/mesh.tensor"
         )
     p, t = cfg.pipeline, cfg.train
     sched = pipeline_lib.Schedule(stages, int(p.microbatches) or 2 * stages, int(p.repeats))
