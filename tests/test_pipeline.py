@@ -187,3 +187,24 @@ def test_staged_losses_equal_one_device(tmp_path, capsys):
         assert re.search(r"resumed from .*/3\b", capsys.readouterr().out)
         _close(train_losses(str(work)), one, f"resumed on stage={s}")
     assert os.path.isdir(tmp_path / "resume_on_2" / "checkpoints" / "5")
+
+
+def test_the_planner_splits_the_stack_over_stages():
+    """GPT-2 small on 64 H100s with 4 stages: the 12 blocks' state over all 64 chips, the embeddings over the
+    16 chips of a stage (every stage holds them), worked from the architecture by hand."""
+    from podformer import config as config_lib
+    from podformer import hardware, plan
+
+    args = ["--config=configs/gpt.py:gpt2_small", "--config.mesh.stage=4", "--config.pipeline.microbatches=8"]
+    cfg, _ = config_lib.parse_args(args, plan.DEFAULT_CONFIG, {})
+    m = plan.model_figures(cfg)
+    d = 768
+    block = 12 * d * d + 13 * d  # q/k/v/out 4d^2 + 4d, MLP 8d^2 + 5d, two LayerNorms 4d
+    rest = 50304 * d + 1024 * d + 2 * d  # token table (padded vocabulary, tied head), positions, final norm
+    assert (m["stack_params"], m["params"] - m["stack_params"]) == (12 * block, rest - (50304 - 50257) * d)
+    a = plan.analytic_memory(m["model_cfg"], m["params"], cfg, hardware.parse_hardware("h100x64"), m["stack_params"])
+    held = m["params"] - m["stack_params"]  # params counts the real vocabulary, as the state estimate does
+    assert a["state"] == pytest.approx(16 * (12 * block / 64 + held / 16))
+    assert a["bubble"] == pytest.approx(3 / 11) and a["stages"] == 4
+    with pytest.raises(UserError, match="mesh.stage=4 does not divide the 6 chips"):
+        plan.analytic_memory(m["model_cfg"], m["params"], cfg, hardware.parse_hardware("h100x6"), m["stack_params"])
