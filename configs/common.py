@@ -12,8 +12,10 @@ from podformer.model import families
 # and at block boundaries over tensor on the model dimension too (MaxText's activation_embed): a tensor group
 # then holds one copy of the saved residual stream, not `tensor` copies. XLA gathers it for the norms and
 # matmuls of the next block and reduce-scatters the block's output (Megatron's sequence parallelism, on embed).
+# Under pipeline stages the batch is split over 'stage' too outside the stack (embeddings, head, loss: each
+# stage group takes 1/stage of the rows); inside it the stage dimension holds the axis (model/pipeline.py).
 RULES = (
-    ("batch", ("data", "fsdp", "expert")),
+    ("batch", ("data", "fsdp", "expert", "stage")),
     ("length", None),
     ("embed", "fsdp"),
     ("activation_embed", "tensor"),

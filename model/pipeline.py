@@ -26,6 +26,8 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
+from flax.core import spmd as flax_spmd
 from jax.sharding import PartitionSpec
 
 from podformer.core import sharding
@@ -119,6 +121,16 @@ def _stage_sharded(a: jax.Array, dim: int) -> jax.Array:
     return jax.lax.with_sharding_constraint(a, PartitionSpec(*spec))
 
 
+def _without_stage(rules):
+    def drop(entry):
+        if entry is None or isinstance(entry, str):
+            return None if entry == STAGE else entry
+        kept = tuple(a for a in entry if a != STAGE)
+        return kept or None
+
+    return tuple((name, drop(entry)) for name, entry in rules)
+
+
 def run(
     layer: Callable,
     params,
@@ -169,8 +181,14 @@ def run(
 
         return jax.lax.scan(body, h, (w_P, rng_P, kw_P))[0]
 
-    # spmd_axis_name: the blocks' own sharding constraints keep the stage dimension split over 'stage'.
-    stages = jax.vmap(stage, in_axes=(1, 1, 1, 0, 0, None), spmd_axis_name=STAGE)
+    # spmd_axis_name: the blocks' own sharding constraints keep the stage dimension split over 'stage'; inside,
+    # the rules name 'stage' for nothing else (the batch of a micro-batch in a stage is over data/fsdp only).
+    vmapped = jax.vmap(stage, in_axes=(1, 1, 1, 0, 0, None), spmd_axis_name=STAGE)
+    inner_rules = _without_stage(flax_spmd.get_logical_axis_rules())
+
+    def stages(*args):
+        with nnx.logical_axis_rules(inner_rules):
+            return vmapped(*args)
     stage_ids = jnp.arange(S, dtype=jnp.int32)
 
     def iteration(carry, t):
