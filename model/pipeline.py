@@ -71,7 +71,8 @@ class Schedule:
             return
         if not scan:
             raise UserError(
-                f"mesh.stage={S} splits a scanned layer stack; set --config.model.scan_layers=true (this stack is unrolled)"
+                f"mesh.stage={S} splits a scanned layer stack; set --config.model.scan_layers=true "
+                "(this stack is unrolled)"
             )
         if moe:
             raise UserError(f"mesh.stage={S}: pipeline stages do not run mixture-of-experts layers; use mesh.expert")
@@ -172,7 +173,10 @@ def run(
         pick = (lambda a: a[0]) if R == 1 else (lambda a: jax.lax.dynamic_index_in_dim(a, r, 0, keepdims=False))
         w_P, kw_P = jax.tree.map(pick, w_RP), jax.tree.map(pick, kw_RP)
         rng_P = None if rng_RP is None else jax.vmap(lambda key: jax.random.fold_in(key, m))(pick(rng_RP))
-        mine = [jax.lax.dynamic_index_in_dim(a, m, 0, keepdims=False) if b else a for a, b in zip(leaves, batched)]
+        mine = [
+            jax.lax.dynamic_index_in_dim(a, m, 0, keepdims=False) if b else a
+            for a, b in zip(leaves, batched, strict=True)
+        ]
         kwargs = jax.tree.unflatten(treedef, mine)
 
         def body(h, xs):
@@ -189,6 +193,7 @@ def run(
     def stages(*args):
         with nnx.logical_axis_rules(inner_rules):
             return vmapped(*args)
+
     stage_ids = jnp.arange(S, dtype=jnp.int32)
 
     def iteration(carry, t):

@@ -128,7 +128,8 @@ def device_grid(shape: tuple[int, ...], devices) -> np.ndarray:
         n = len(devices)
         works = [t for t in range(1, n + 1) if n % t == 0 and _fits((n // t, 1, 1, t), devices)]
         raise UserError(
-            f"mesh {dict(zip((STAGE, *AXES)[-len(shape) :], shape, strict=True))} cannot be laid out on the torus of {describe(devices)}; "
+            f"mesh {dict(zip((STAGE, *AXES)[-len(shape) :], shape, strict=True))} cannot be laid out on the torus "
+            f"of {describe(devices)}; "
             f"tensor sizes that can: {', '.join(map(str, works[:12]))} (data/fsdp take the rest)"
         ) from None
 

@@ -197,7 +197,8 @@ def plan(cfg, hw: hardware.Hardware, tokens: float, *, mfu: float = 0.0, days: f
         out["fit"] = a
         where = f"fsdp over all {hw.chips} chips"
         if a["stages"] > 1:
-            where = f"{a['stages']} pipeline stages (bubble {a['bubble']:.3f}), fsdp over {hw.chips // a['stages']} chips each"
+            per = hw.chips // a["stages"]
+            where = f"{a['stages']} pipeline stages (bubble {a['bubble']:.3f}), fsdp over {per} chips each"
         log(
             f"fits (analytic estimate, {where}, remat {a['remat']}): "
             f"{a['state'] / 2**30:.3g} GiB "

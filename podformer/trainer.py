@@ -13,11 +13,11 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from podformer.core import sharding
+from podformer.core.errors import UserError
 from podformer.losses import Loss
 from podformer.metrics import log
 from podformer.model import families, moe, params
 from podformer.model import pipeline as pipeline_lib
-from podformer.core.errors import UserError
 
 
 class TrainState(nnx.Module):
@@ -145,7 +145,9 @@ def train_step(
     ``skip_nonfinite`` such a step returns the state it was given (train.on_nonfinite=skip). ``pipeline``:
     the stages' schedule (model/pipeline.py), which every (grad_accum) micro-batch's forward runs under."""
     with pipeline_lib.use(pipeline):
-        return _train_step(state, batch, graphdef, loss, accum, seed, mesh, rules, global_batch, schedule, skip_nonfinite)
+        return _train_step(
+            state, batch, graphdef, loss, accum, seed, mesh, rules, global_batch, schedule, skip_nonfinite
+        )
 
 
 def _train_step(state, batch, graphdef, loss, accum, seed, mesh, rules, global_batch, schedule, skip_nonfinite):

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from podformer import train, trainer
 from podformer import mesh as mesh_lib
+from podformer import train, trainer
 from podformer.configs import gpt as gpt_configs
 from podformer.configs.common import RULES
 from podformer.core import sharding
@@ -88,7 +88,11 @@ def test_the_schedule_from_the_config():
     [
         ({"model__num_layers": 6}, 4, "model.num_layers=6 is not divisible by mesh.stage=4 = 4"),
         ({"pipeline__repeats": 2}, 4, r"num_layers=4 is not divisible by mesh.stage=4 x pipeline.repeats=2 = 8"),
-        ({"model__num_layers": 8, "pipeline__microbatches": 2, "pipeline__repeats": 2}, 4, "pipeline.microbatches=2 is fewer than mesh.stage=4"),
+        (
+            {"model__num_layers": 8, "pipeline__microbatches": 2, "pipeline__repeats": 2},
+            4,
+            "pipeline.microbatches=2 is fewer than mesh.stage=4",
+        ),
         ({"model__scan_layers": False}, 2, "set --config.model.scan_layers=true"),
         ({"pipeline__microbatches": 3}, 2, r"batch of 32 rows .* not divisible by pipeline.microbatches=3"),
         ({"train__grad_accum": 4, "pipeline__microbatches": 16}, 2, r"batch of 8 rows .*microbatches=16"),
