@@ -165,8 +165,10 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
     grids = grids.reshape(dcn[0], dcn[1], stages, *ici).transpose(2, 0, 3, 1, 4, *range(5, 3 + len(ici)))
     grid = grids.reshape(stages, dcn[0] * ici[0], dcn[1] * ici[1], *ici[2:])
     # Auto axis types: shardings come from the logical rules and with_sharding_constraint, and XLA's
-    # partitioner propagates the rest (jax.make_mesh's default is Explicit).
-    axes = (STAGE, *AXES)
+    # partitioner propagates the rest (jax.make_mesh's default is Explicit). The stage axis exists only with
+    # stages: a mesh without them is (data, fsdp, expert, tensor), as before stages existed.
+    axes = (STAGE, *AXES) if stages > 1 else AXES
+    grid = grid if stages > 1 else grid[0]
     return Mesh(grid, axes, axis_types=(AxisType.Auto,) * len(axes))
 
 
