@@ -58,7 +58,8 @@ class Schedule:
     def describe(self, num_layers: int) -> str:
         S, M, R = self.stages, self.microbatches, self.repeats
         per = num_layers // (S * R)
-        groups = f"{per} layers per stage" if R == 1 else f"{R} groups of {per} layers per stage"
+        layers = f"{per} layer{'s' if per > 1 else ''}"
+        groups = f"{layers} per stage" if R == 1 else f"{R} groups of {layers} per stage"
         return (
             f"pipeline: {self.name}, {S} stages x {M} micro-batches, {groups}, {self.iterations} iterations; "
             f"bubble (S-1)/({'R*' if R > 1 else ''}M+S-1) = {S - 1}/{self.iterations} = {self.bubble:.4f}"
