@@ -121,8 +121,9 @@ def test_micro_batches_spread_over_data_parallel_devices():
 
 
 def test_a_layer_stack_under_stages_equals_the_scan():
-    """Forward and gradients of a 4-layer stack under GPipe and circular, on a 2-stage mesh == the plain scan."""
-    cfg = gpt.GPTConfig.tiny(d_model=32, num_layers=4, num_heads=2, scan_layers=True, vocab_size=256)
+    """Forward and gradients of a 4-layer stack under GPipe and circular, on a 2-stage mesh == the plain scan
+    (remat=full: the policy applies per layer inside the stages as in the scan)."""
+    cfg = gpt.GPTConfig.tiny(d_model=32, num_layers=4, num_heads=2, scan_layers=True, vocab_size=256, remat="full")
     model = gpt.GPT(cfg, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
     ids = jax.random.randint(jax.random.key(1), (8, 16), 0, 256)
