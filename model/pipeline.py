@@ -28,12 +28,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.core import spmd as flax_spmd
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec
 
 from podformer.core import sharding
 from podformer.core.errors import UserError
 
 STAGE = "stage"  # the mesh axis (podformer/mesh.py)
+# Each layer's input inside a stage, by name: what every remat policy of a staged stack saves (pipeline_policy).
+LAYER_INPUT = "pipeline_layer_input"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,10 +145,15 @@ def run(
     rngs: jax.Array | None,
     per_layer: dict,
     batch_kwargs: dict,
+    policy,
 ) -> jax.Array:
     """The stack's output for ``x_BLD`` under ``schedule``. ``layer(params, x, rng, per_layer, kwargs)``
     applies one layer; ``params``, ``rngs`` and ``per_layer`` have a leading N (layers) axis; array leaves of
-    ``batch_kwargs`` with a leading B axis (masks, positions) follow their micro-batch, the rest are shared."""
+    ``batch_kwargs`` with a leading B axis (masks, positions) follow their micro-batch, the rest are shared.
+
+    ``policy``: the remat policy of one iteration (all stages), which must save ``LAYER_INPUT``. Each iteration
+    is one jax.checkpoint: without it autodiff of the iteration loop keeps what each layer derives from its
+    weights (their slices, casts) once per iteration -- (R*M + S - 1) copies of the stage's weights."""
     S, M, R = schedule.stages, schedule.microbatches, schedule.repeats
     N = jax.tree.leaves(params)[0].shape[0]
     P = N // (S * R)
@@ -155,8 +163,8 @@ def run(
     def micro(a):  # (B, ...) -> (M, B/M, ...): micro-batch j holds rows j, j + M, j + 2M, ...
         return a.reshape((mb, M) + a.shape[1:]).swapaxes(0, 1)
 
-    def groups(a):  # (N, ...) -> (R, S, P, ...): layer (r*S + s)*P + p, stage dim sharded over 'stage'
-        return _stage_sharded(a.reshape((R, S, P) + a.shape[1:]), 1)
+    def groups(a):  # (N, ...) -> (S, R, P, ...): layer (r*S + s)*P + p, stage dim sharded over 'stage'
+        return _stage_sharded(a.reshape((R, S, P) + a.shape[1:]).swapaxes(0, 1), 0)
 
     leaves, treedef = jax.tree.flatten(batch_kwargs)
     batched = [hasattr(a, "shape") and a.ndim > 0 and a.shape[0] == B for a in leaves]
@@ -182,13 +190,13 @@ def run(
 
         def body(h, xs):
             lp, lrng, lkw = xs
-            return layer(lp, h, lrng, lkw, kwargs), None
+            return layer(lp, checkpoint_name(h, LAYER_INPUT), lrng, lkw, kwargs), None
 
         return jax.lax.scan(body, h, (w_P, rng_P, kw_P))[0]
 
     # spmd_axis_name: the blocks' own sharding constraints keep the stage dimension split over 'stage'; inside,
     # the rules name 'stage' for nothing else (the batch of a micro-batch in a stage is over data/fsdp only).
-    vmapped = jax.vmap(stage, in_axes=(1, 1, 1, 0, 0, None), spmd_axis_name=STAGE)
+    vmapped = jax.checkpoint(jax.vmap(stage, in_axes=(0, 0, 0, 0, 0, None), spmd_axis_name=STAGE), policy=policy)
     inner_rules = _without_stage(flax_spmd.get_logical_axis_rules())
 
     def stages(*args):
@@ -199,6 +207,9 @@ def run(
 
     def iteration(carry, t):
         out, buf = carry
+        # The buffer's constraints also bind its cotangent: without them the backward pass gathers the whole
+        # batch's activation gradients onto every device (MT-NLG's first AOT compile: 3 x 160 GB).
+        buf = sharding.constrain(buf, (None, *act))
         first = jax.lax.dynamic_index_in_dim(buf, jnp.mod(t, M), 0, keepdims=True)
         h = sharding.constrain(jnp.concatenate([first, out[:-1]], axis=0), ("layers", *act))  # the shift
         out = sharding.constrain(stages(w, layer_rngs, per_layer, h, stage_ids, t), ("layers", *act))
@@ -207,7 +218,7 @@ def run(
         m = jnp.mod(k, M)
         old = jax.lax.dynamic_index_in_dim(buf, m, 0, keepdims=False)
         buf = jax.lax.dynamic_update_index_in_dim(buf, jnp.where(done, out[S - 1], old), m, 0)
-        return (out, buf), None
+        return (out, sharding.constrain(buf, (None, *act))), None
 
     out0 = jnp.zeros((S,) + buf.shape[1:], buf.dtype)
     ts = jnp.arange(schedule.iterations, dtype=jnp.int32)
