@@ -205,22 +205,25 @@ def run(
 
     stage_ids = jnp.arange(S, dtype=jnp.int32)
 
+    # The buffer turns one slot per iteration: at iteration t slot j holds micro-batch (j + t) mod M, so stage 0
+    # always reads slot 0 and the last stage's micro-batch (t - S + 1) mod M always lands in slot (1 - S) mod M.
+    # Static slots, no dynamic indexing of the buffer: the partitioner keeps it (and its cotangent) sharded,
+    # where dynamic slices of it had the whole batch's activations gathered onto every device (MT-NLG AOT).
+    slot = (1 - S) % M
+
     def iteration(carry, t):
         out, buf = carry
-        # The buffer's constraints also bind its cotangent: without them the backward pass gathers the whole
-        # batch's activation gradients onto every device (MT-NLG's first AOT compile: 3 x 160 GB).
         buf = sharding.constrain(buf, (None, *act))
-        first = jax.lax.dynamic_index_in_dim(buf, jnp.mod(t, M), 0, keepdims=True)
-        h = sharding.constrain(jnp.concatenate([first, out[:-1]], axis=0), ("layers", *act))  # the shift
+        h = sharding.constrain(jnp.concatenate([buf[:1], out[:-1]], axis=0), ("layers", *act))  # the shift
         out = sharding.constrain(stages(w, layer_rngs, per_layer, h, stage_ids, t), ("layers", *act))
         k = t - (S - 1)  # the micro-batch the last stage just finished, if any
         done = (k >= 0) & (k < R * M)
-        m = jnp.mod(k, M)
-        old = jax.lax.dynamic_index_in_dim(buf, m, 0, keepdims=False)
-        buf = jax.lax.dynamic_update_index_in_dim(buf, jnp.where(done, out[S - 1], old), m, 0)
+        buf = buf.at[slot].set(jnp.where(done, out[S - 1], buf[slot]))
+        buf = jnp.concatenate([buf[1:], buf[:1]], axis=0)  # turn: slot j + 1 -> j
         return (out, sharding.constrain(buf, (None, *act))), None
 
     out0 = jnp.zeros((S,) + buf.shape[1:], buf.dtype)
-    ts = jnp.arange(schedule.iterations, dtype=jnp.int32)
-    (_, buf), _ = jax.lax.scan(iteration, (out0, buf), ts)
+    T = schedule.iterations
+    (_, buf), _ = jax.lax.scan(iteration, (out0, buf), jnp.arange(T, dtype=jnp.int32))
+    buf = jnp.roll(buf, T % M, axis=0)  # slot j holds micro-batch (j + T) mod M: back to j
     return sharding.constrain(buf.swapaxes(0, 1).reshape(x_BLD.shape), ("batch", *act[1:]))
