@@ -690,6 +690,10 @@ class BlockStack(nnx.Module):
             def layer(layer_params, h, layer_rng, layer_kwargs, batch_kwargs):
                 return nnx.merge(graphdef, layer_params)(h, rng=layer_rng, **batch_kwargs, **layer_kwargs)
 
+            # Per layer as without stages: the iteration's own checkpoint (pipeline.run) replays a stage's
+            # forward for its backward pass, and this one keeps that replay to one layer's activations at a time.
+            if self.remat != "none":
+                layer = jax.checkpoint(layer, policy=policy)
             return pipeline.run(
                 layer,
                 params,
