@@ -6,9 +6,10 @@
 Eight fake devices share this host's cores, so this shows what the schedule costs, not a speed-up: a stage
 computes in every iteration, also in the bubble's idle ones (SPMD: each stage runs the same program), so the
 step time at a fixed micro-batch size grows with the iterations, R*M + S - 1, not with the useful R*M. A
-least-squares fit of step time = a + tau * iterations over the GPipe runs of one stage count gives tau, the
-time of one iteration, and a, the step's fixed part (embeddings, head, optimizer); the measured bubble of a
-run is then (S - 1) * tau / (step time - a), set beside the formula (S-1)/(R*M+S-1).
+least-squares fit of step time = a + tau * iterations over the three GPipe runs of one stage count gives tau,
+the time of one iteration, and a, the step's fixed part (embeddings, head, optimizer); the measured bubble of
+a run is then (S - 1) * tau_R / (step time - a), set beside the formula (S-1)/(R*M+S-1), where a circular
+iteration runs 1/R of a stage's layers: tau_R = tau / R.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ RUNS = [
     ("s2_gpipe_m4", 2, 4, 4, 1),
     ("s2_gpipe_m8", 2, 4, 8, 1),
     ("s2_circular_m4_r2", 2, 4, 4, 2),
+    ("s4_gpipe_m2", 4, 2, 2, 1),
     ("s4_gpipe_m4", 4, 2, 4, 1),
     ("s4_gpipe_m8", 4, 2, 8, 1),
     ("s4_circular_m4_r2", 4, 2, 4, 2),
@@ -121,7 +123,7 @@ def main() -> None:
         for x in results:
             if x["stage"] == stage:
                 x |= {"fit_tau_s": tau, "fit_fixed_s": fixed}
-                x["bubble_measured"] = (stage - 1) * tau / (x["step_s"] - fixed)
+                x["bubble_measured"] = (stage - 1) * tau / x["repeats"] / (x["step_s"] - fixed)
     base = next(x for x in results if x["stage"] == 1)
     for x in results:
         if x["microbatches"] == 4:
