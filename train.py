@@ -51,6 +51,7 @@ from podformer.data.loader import Loader  # noqa: E402
 from podformer.losses import LOSSES  # noqa: E402
 from podformer.metrics import MetricWriter, log  # noqa: E402
 from podformer.model import families, hf, params  # noqa: E402
+from podformer.model import pipeline as pipeline_lib  # noqa: E402
 
 
 def run(argv: list[str] | None = None) -> dict:
@@ -90,7 +91,7 @@ def _run(cfg, flags: dict, workdir: str) -> dict:
 
     mesh = mesh_lib.make_mesh(cfg.mesh)
     mesh_lib.check_batch(mesh, t.batch_size, t.grad_accum)
-    rules = tuple(tuple(r) for r in cfg.mesh.rules)
+    rules = pipeline_lib.staged_rules(cfg.mesh.rules, mesh.shape)  # the rules as given without mesh.stage
     log(
         f"podformer: {cfg.config_spec} -> {workdir}; mesh {dict(mesh.shape)} over {mesh.size} "
         f"{jax.devices()[0].platform} devices, {jax.process_count()} process(es)"

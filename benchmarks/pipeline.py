@@ -33,7 +33,7 @@ from podformer import config as config_lib  # noqa: E402
 from podformer import mesh as mesh_lib  # noqa: E402
 from podformer import optim, trainer  # noqa: E402
 from podformer.losses import LOSSES  # noqa: E402
-from podformer.model import families  # noqa: E402
+from podformer.model import families, pipeline  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODEL = ["--config.model.d_model=64", "--config.model.num_layers=8", "--config.model.scan_layers=true"]
@@ -61,7 +61,7 @@ def build(stage: int, fsdp: int, microbatches: int, repeats: int, batch: int):
     row = families.FAMILIES[cfg.model.family]
     model_cfg = config_lib.family_config(cfg.model, row.config)
     mesh = mesh_lib.make_mesh(cfg.mesh)
-    rules = tuple(tuple(r) for r in cfg.mesh.rules)
+    rules = pipeline.staged_rules(cfg.mesh.rules, mesh.shape)
     pipe = trainer.pipeline_schedule(cfg, model_cfg, mesh.shape)
     tx, t = optim.make_optimizer(cfg.opt, 100), cfg.train
     module_cls = row.module_class()

@@ -12,10 +12,10 @@ from podformer.model import families
 # and at block boundaries over tensor on the model dimension too (MaxText's activation_embed): a tensor group
 # then holds one copy of the saved residual stream, not `tensor` copies. XLA gathers it for the norms and
 # matmuls of the next block and reduce-scatters the block's output (Megatron's sequence parallelism, on embed).
-# Under pipeline stages the batch is split over 'stage' too outside the stack (embeddings, head, loss: each
-# stage group takes 1/stage of the rows); inside it the stage dimension holds the axis (model/pipeline.py).
+# With pipeline stages (mesh.stage > 1) model/pipeline.py's staged_rules adds the stage axis: 'layers' ->
+# stage, and the batch over stage too outside the stack.
 RULES = (
-    ("batch", ("data", "fsdp", "expert", "stage")),
+    ("batch", ("data", "fsdp", "expert")),
     ("length", None),
     ("embed", "fsdp"),
     ("activation_embed", "tensor"),
@@ -23,7 +23,7 @@ RULES = (
     ("kv", None),
     ("mlp", "tensor"),
     ("vocab", "tensor"),
-    ("layers", "stage"),  # pipeline stages hold consecutive layers of a scanned stack (model/pipeline.py)
+    ("layers", None),
     ("expert", "expert"),
 )
 

@@ -126,6 +126,24 @@ def _stage_sharded(a: jax.Array, dim: int) -> jax.Array:
     return jax.lax.with_sharding_constraint(a, PartitionSpec(*spec))
 
 
+def staged_rules(rules, mesh_shape) -> tuple:
+    """The sharding rules of a mesh with pipeline stages: 'layers' -> stage (stage s holds its consecutive
+    layers of a scanned stack), and the batch split over stage as well outside the stack (embeddings, head and
+    loss: each stage group takes 1/stage of the rows). Without a stage axis the rules are returned as they are:
+    a mesh without one must never be named in them (Flax checks every parameter's axes against the mesh)."""
+    rules = tuple(tuple(r) for r in rules)
+    if mesh_shape.get(STAGE, 1) == 1:
+        return rules
+
+    def add(entry):
+        axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        return axes if STAGE in axes else (*axes, STAGE)
+
+    return tuple(
+        (name, STAGE if name == "layers" else add(entry) if name == "batch" else entry) for name, entry in rules
+    )
+
+
 def _without_stage(rules):
     def drop(entry):
         if entry is None or isinstance(entry, str):

@@ -26,7 +26,7 @@ from podformer.core.errors import UserError
 from podformer.data import span_corruption
 from podformer.losses import LOSSES
 from podformer.metrics import log
-from podformer.model import attention, kernels
+from podformer.model import attention, kernels, pipeline
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,7 +278,7 @@ def compile_train_step(
     for its pipeline schedule under mesh.stage (the probes pass none and run without stages)."""
     gen, devices = topology_devices(spec)
     mesh = mesh_lib.make_mesh(cfg.mesh, devices)
-    rules = tuple(tuple(r) for r in cfg.mesh.rules)
+    rules = pipeline.staged_rules(cfg.mesh.rules, mesh.shape)
     t = cfg.train
     processes = len({d.process_index for d in devices})
     dp = mesh_lib.data_parallel(mesh.shape)

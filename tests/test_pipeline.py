@@ -41,7 +41,9 @@ def test_stacked_weights_split_over_stages():
     cfg = gpt.GPTConfig.tiny(d_model=32, num_layers=4, scan_layers=True, vocab_size=256)
     abstract = nnx.state(nnx.eval_shape(lambda: gpt.GPT(cfg, rngs=nnx.Rngs(0))))
     mesh = mesh_lib.make_mesh(_mesh_cfg(stage=4, fsdp=2))
-    flat = dict(nnx.to_flat_state(sharding.state_shardings(abstract, mesh, RULES)))
+    rules = pipeline.staged_rules(RULES, mesh.shape)
+    assert pipeline.staged_rules(RULES, {"data": 8}) == RULES  # no stage axis: the rules as they are
+    flat = dict(nnx.to_flat_state(sharding.state_shardings(abstract, mesh, rules)))
     kernel = flat[("blocks", "layers", "mlp", "wi", "kernel")].get_value().spec
     assert tuple(kernel) == ("stage", "fsdp", None)  # (layers, embed, mlp): 1 layer per stage
     assert "stage" not in tuple(flat[("embed",)].get_value().spec)  # the embedding is not staged
@@ -134,8 +136,9 @@ def test_a_layer_stack_under_stages_equals_the_scan():
     ref, ref_grads = jax.value_and_grad(loss)(state, ids)
     mesh = mesh_lib.make_mesh(_mesh_cfg(stage=2, fsdp=2, devices=4))
     abstract = nnx.state(nnx.eval_shape(lambda: gpt.GPT(cfg, rngs=nnx.Rngs(0))))
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(RULES):
-        placed = jax.device_put(state, sharding.state_shardings(abstract, mesh, RULES))
+    rules = pipeline.staged_rules(RULES, mesh.shape)
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        placed = jax.device_put(state, sharding.state_shardings(abstract, mesh, rules))
         for sched in (pipeline.Schedule(2, 4), pipeline.Schedule(2, 2, repeats=2)):
 
             def staged(state, ids, sched=sched):
