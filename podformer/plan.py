@@ -116,8 +116,8 @@ def analytic_memory(model_cfg, n_params: int, cfg, hw: hardware.Hardware, stack_
     sharded over its stage's chips/S, and the rest (embeddings, head: ``n_params - stack_params``) sharded
     over chips/S only; it keeps its N/S layers' activations for the batch of its stage group (S times a
     chip's share of the batch), times the schedule's (R*M + S - 1) / (R*M) iterations (the bubble's idle
-    stage-iterations run too), and the logits of that S-times-larger share, since every stage group
-    computes the head on its rows."""
+    stage-iterations run too). The logits stay a chip's share of the batch: outside the stack the rows are
+    split over the stages too."""
     t = cfg.train
     stages = int(cfg.mesh.get("stage", 1))
     tokens = t.batch_size * t.seq_len / hw.chips / max(1, t.grad_accum)  # per chip and micro-batch
@@ -143,7 +143,7 @@ def analytic_memory(model_cfg, n_params: int, cfg, hw: hardware.Hardware, stack_
         kept, working = width * d * group_tokens * stage_layers * overhead, layer / pipe.microbatches if pipe else layer
     else:
         kept, working = layer * stage_layers * overhead, 0.0
-    logits = 2 * 4 * group_tokens * model_cfg.vocab_size
+    logits = 2 * 4 * tokens * model_cfg.vocab_size
     activations = kept + working + logits
     total = state + activations
     return {
