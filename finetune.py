@@ -110,6 +110,8 @@ def _run(cfg, workdir: str) -> dict:
     if getattr(model_cfg, "position", "learned") == "learned" and seq_len > model_cfg.max_len:
         raise UserError(f"train.seq_len={seq_len} exceeds the model's max_len={model_cfg.max_len}; lower it")
 
+    if int(cfg.mesh.get("stage", 1)) > 1:  # the pipeline schedule is pretraining's (train.py) only
+        raise UserError(f"mesh.stage={cfg.mesh.stage}: finetune.py runs without pipeline stages; use mesh.fsdp/tensor")
     mesh = mesh_lib.make_mesh(cfg.mesh)
     mesh_lib.check_batch(mesh, t.batch_size, t.grad_accum)
     mesh_lib.check_batch(mesh, t.eval_batch_size, 1)

@@ -51,6 +51,7 @@ from podformer.data.loader import Loader  # noqa: E402
 from podformer.losses import LOSSES  # noqa: E402
 from podformer.metrics import MetricWriter, log  # noqa: E402
 from podformer.model import families, hf, params  # noqa: E402
+from podformer.model import pipeline as pipeline_lib  # noqa: E402
 
 
 def run(argv: list[str] | None = None) -> dict:
@@ -90,11 +91,14 @@ def _run(cfg, flags: dict, workdir: str) -> dict:
 
     mesh = mesh_lib.make_mesh(cfg.mesh)
     mesh_lib.check_batch(mesh, t.batch_size, t.grad_accum)
-    rules = tuple(tuple(r) for r in cfg.mesh.rules)
+    rules = pipeline_lib.staged_rules(cfg.mesh.rules, mesh.shape)  # the rules as given without mesh.stage
     log(
         f"podformer: {cfg.config_spec} -> {workdir}; mesh {dict(mesh.shape)} over {mesh.size} "
         f"{jax.devices()[0].platform} devices, {jax.process_count()} process(es)"
     )
+    pipe = trainer.pipeline_schedule(cfg, model_cfg, mesh.shape)  # None without mesh.stage
+    if pipe is not None:
+        log(pipe.describe(model_cfg.num_layers))
 
     def make_model(rngs):
         return module_cls(model_cfg, rngs=rngs)
@@ -171,10 +175,10 @@ def _run(cfg, flags: dict, workdir: str) -> dict:
     loss = teacher.loss if teacher is not None else LOSSES[cfg.data.objective]
     step_fn, batch_shard = trainer.compile_train_step(
         graphdef, abstract, shardings, loader.host_batch(0), loss=loss, train_cfg=t, mesh=mesh, rules=rules,
-        schedule=schedule,
+        schedule=schedule, pipeline=pipe,
     )  # fmt: skip
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        eval_fn = trainer.jit_eval_step(graphdef, shardings, batch_shard, loss=loss)
+        eval_fn = trainer.jit_eval_step(graphdef, shardings, batch_shard, loss=loss, pipeline=pipe)
     # What the objective trains; the rest (a head it never calls) is never exported (podformer/model/hf.py).
     untrained = trainer.untrained_params(
         graphdef, abstract, loader.host_batch(0), fresh, loss=loss, mesh=mesh, rules=rules, global_batch=t.batch_size

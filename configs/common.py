@@ -12,6 +12,8 @@ from podformer.model import families
 # and at block boundaries over tensor on the model dimension too (MaxText's activation_embed): a tensor group
 # then holds one copy of the saved residual stream, not `tensor` copies. XLA gathers it for the norms and
 # matmuls of the next block and reduce-scatters the block's output (Megatron's sequence parallelism, on embed).
+# With pipeline stages (mesh.stage > 1) model/pipeline.py's staged_rules adds the stage axis: 'layers' ->
+# stage, and the batch over stage too outside the stack.
 RULES = (
     ("batch", ("data", "fsdp", "expert")),
     ("length", None),
@@ -99,6 +101,12 @@ def base(name: str, model) -> ml_collections.ConfigDict:
     c.data.mean_noise_span = 3.0
     c.data.bart_mask_ratio = 0.3  # BART text infilling: share of words masked, Poisson(3) spans
 
+    # The schedule of a run with mesh.stage > 1 (model/pipeline.py): each (grad_accum) batch is split into
+    # pipeline.microbatches; repeats > 1 is the circular schedule, each stage holding `repeats` layer groups.
+    c.pipeline = ml_collections.ConfigDict()
+    c.pipeline.microbatches = 0  # 0: 2 x mesh.stage
+    c.pipeline.repeats = 1  # 1: GPipe; R: circular, bubble (S-1)/(R*M+S-1)
+
     c.init = ml_collections.ConfigDict()
     # Parameters to start from when the workdir has no checkpoint yet: a podformer workdir (its latest
     # checkpoint, e.g. one `python -m podformer.model.hf import` wrote) or a Hugging Face model folder. '' = none.
@@ -114,6 +122,9 @@ def base(name: str, model) -> ml_collections.ConfigDict:
     c.mesh.fsdp = 1
     c.mesh.expert = 1  # expert parallelism: mixture-of-experts weights split over their expert dimension
     c.mesh.tensor = 1
+    # Pipeline stages (README "Pipeline stages"): the scanned layer stack split into mesh.stage equal parts,
+    # the outermost axis of a slice; data/fsdp/expert/tensor then count devices per stage.
+    c.mesh.stage = 1
     c.mesh.devices = 0  # 0: every device; N: only the first N (single process)
     # Multislice: data, fsdp and tensor are sizes within one slice (ICI); the data and fsdp axes span
     # dcn_data and dcn_fsdp slices across the data-centre network (DCN), outermost. PaLM: dcn_data=2.

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from podformer.core import sharding
-from podformer.model import kernels, moe
+from podformer.model import kernels, moe, pipeline
 from podformer.model.attention import (  # noqa: F401  (re-exported)
     SegmentMask,
     alibi_bias,
@@ -604,6 +604,14 @@ def _remat_policy(name: str):
     return REMAT_POLICIES[name]
 
 
+def _pipeline_policy(name: str):
+    """A remat policy for one pipeline iteration (model/pipeline.py): each layer's input, plus what ``name``
+    saves of a layer ('none': every matmul output; elementwise work is recomputed); never the weights."""
+    inputs = jax.checkpoint_policies.save_only_these_names(pipeline.LAYER_INPUT)
+    inner = jax.checkpoint_policies.dots_saveable if name == "none" else _remat_policy(name)
+    return inputs if inner is None else jax.checkpoint_policies.save_from_both_policies(inputs, inner)
+
+
 class BlockGroup(nnx.Module):
     """``period`` consecutive blocks of a stack whose layers differ with a period (moe_every: dense, ...,
     sparse): the unit a scanned stack repeats. Called like a block, for layers ``layer`` .. + period - 1."""
@@ -709,6 +717,29 @@ class BlockStack(nnx.Module):
                 return out, moe.block_stats(module)
 
             return apply if self.remat == "none" else jax.checkpoint(apply, policy=policy)
+
+        schedule = pipeline.current()
+        if schedule is not None and self.scan and cache is None:
+            # Pipeline stages (model/pipeline.py): checked at the config boundary (Schedule.check); dense stacks.
+            graphdef, params = nnx.split(self.layers)
+
+            def layer(layer_params, h, layer_rng, layer_kwargs, batch_kwargs):
+                return nnx.merge(graphdef, layer_params)(h, rng=layer_rng, **batch_kwargs, **layer_kwargs)
+
+            # Per layer as without stages: the iteration's own checkpoint (pipeline.run) replays a stage's
+            # forward for its backward pass, and this one keeps that replay to one layer's activations at a time.
+            if self.remat != "none":
+                layer = jax.checkpoint(layer, policy=policy)
+            return pipeline.run(
+                layer,
+                params,
+                x,
+                schedule,
+                rngs=rngs,
+                per_layer=per_layer,
+                batch_kwargs=kwargs,
+                policy=_pipeline_policy(self.remat),
+            )
 
         stats = None
         if not self.scan:

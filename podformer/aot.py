@@ -26,7 +26,7 @@ from podformer.core.errors import UserError
 from podformer.data import span_corruption
 from podformer.losses import LOSSES
 from podformer.metrics import log
-from podformer.model import attention, kernels
+from podformer.model import attention, kernels, pipeline
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,7 +170,7 @@ def compile_only(spec: str, cfg, model_cfg, module_cls) -> dict:
     verbose, spec = spec.endswith(":verbose"), spec.removesuffix(":verbose")
     kw = step_kwargs(cfg)
     model = lambda c: lambda rngs: module_cls(c, rngs=rngs)  # noqa: E731
-    report = compile_train_step(spec, make_model=model(model_cfg), breakdown=True, **kw)
+    report = compile_train_step(spec, make_model=model(model_cfg), breakdown=True, model_cfg=model_cfg, **kw)
     report["remat"] = model_cfg.remat
     sizes = report.pop("param_sizes")
     ex = kw["example_row"]
@@ -206,10 +206,17 @@ def compile_only(spec: str, cfg, model_cfg, module_cls) -> dict:
     if refused:
         (n, rows), p = refused[0]
         report["cost_note"] += f" ({n} layer(s) x {rows} rows asked for {p['peak_gib']:.2f} GiB)"
-    if t.grad_accum > 1:
-        report["probe_note"] = (
-            f"bytes count one read of the weights per step, not one per each of {t.grad_accum} micro-batches"
+    notes = []
+    if report.get("pipeline"):
+        # The probes are unrolled stacks without a schedule: each stage group would run every layer.
+        notes.append(
+            f"the cost probes run without stages: FLOPs and bytes are those of all {model_cfg.num_layers} layers on "
+            f"each device; a stage runs 1/{report['mesh']['stage']} of them, plus its bubble"
         )
+    if t.grad_accum > 1:
+        notes.append(f"bytes count one read of the weights per step, not one per each of {t.grad_accum} micro-batches")
+    if notes:
+        report["probe_note"] = "; ".join(notes)
     log_report(report, verbose=verbose)
     return report
 
@@ -272,14 +279,16 @@ def compile_train_step(
     example_row: dict,
     quiet: bool = False,
     breakdown: bool = False,
+    model_cfg=None,
 ) -> dict:
     """Compile for ``spec``: the memory figures, whether they fit, the raw cost analysis (``cost``; None
     when the compiler refused the program). ``quiet``: no log lines (the cost probes). ``breakdown``: also
     the temporaries buffer by buffer (``buffers``: podformer/memory.py), from the compiler's buffer
-    assignment, dumped into a temporary folder that is gone on return."""
+    assignment, dumped into a temporary folder that is gone on return. ``model_cfg``: the full model's,
+    for its pipeline schedule under mesh.stage (the probes pass none and run without stages)."""
     gen, devices = topology_devices(spec)
     mesh = mesh_lib.make_mesh(cfg.mesh, devices)
-    rules = tuple(tuple(r) for r in cfg.mesh.rules)
+    rules = pipeline.staged_rules(cfg.mesh.rules, mesh.shape)
     t = cfg.train
     processes = len({d.process_index for d in devices})
     dp = mesh_lib.data_parallel(mesh.shape)
@@ -303,11 +312,16 @@ def compile_train_step(
         "chip": hardware.chip_of(devices[0].device_kind) or hardware.CHIPS[gen.name],
         "param_sizes": {k: int(np.prod(s)) for k, s in trainer.named_param_shapes(abstract).items()},
     }
+    pipe = trainer.pipeline_schedule(cfg, model_cfg, mesh.shape) if model_cfg is not None else None
+    if pipe is not None:
+        report["pipeline"] = stage_report(pipe, report["param_sizes"], model_cfg.num_layers)
     if not quiet:
         log(
             f"compiling the train step for {spec} ({len(devices)} x {devices[0].device_kind}, {processes} hosts); "
             f"mesh {dict(mesh.shape)}"
         )
+        if pipe is not None:
+            log(f"{pipe.describe(model_cfg.num_layers)}; {report['pipeline']['line']}")
     # Pallas attention kernels are traced for the TPU, not refused for this host's CPU; matmuls stay XLA
     # dots even where this process opted in to the host BLAS (model/kernels.py).
     dump = tempfile.TemporaryDirectory(prefix="podformer-aot-") if breakdown else None
@@ -317,6 +331,7 @@ def compile_train_step(
             compiled, _ = trainer.compile_train_step(
                 graphdef, abstract, shardings, example, loss=loss, train_cfg=t, mesh=mesh, rules=rules,
                 schedule=schedule, trace_context=attention.pallas_mode(target="tpu"), compiler_options=options,
+                pipeline=pipe,
             )  # fmt: skip
         if dump:
             text = compiled.as_text()
@@ -333,6 +348,28 @@ def compile_train_step(
         if dump:
             dump.cleanup()
     return report | memory_figures(compiled, gen) | {"refused": False, "cost": cost_of(compiled)}
+
+
+def stage_report(pipe, param_sizes: dict, num_layers: int) -> dict:
+    """What one pipeline stage holds: its share of the scanned stack (parameters with a leading layers axis)
+    and the rest (embeddings, final norm, LM head), which every stage keeps whole. Every device of every
+    stage runs the same SPMD program, so the compiler's per-device figures are each stage's."""
+    stacked = sum(n for name, n in param_sizes.items() if ".layers." in f".{name}.")
+    rest = sum(param_sizes.values()) - stacked
+    per_stage = stacked // pipe.stages
+    line = (
+        f"each of {pipe.stages} stages holds {num_layers // pipe.stages} layers: {per_stage:,} parameters of the "
+        f"stack + {rest:,} (embeddings, final norm, head) that every stage keeps"
+    )
+    return {
+        "stages": pipe.stages,
+        "microbatches": pipe.microbatches,
+        "repeats": pipe.repeats,
+        "bubble": pipe.bubble,
+        "stack_params_per_stage": per_stage,
+        "shared_params": rest,
+        "line": line,
+    }
 
 
 # XLA's TPU compiler refuses a program whose buffers cannot be placed in HBM with RESOURCE_EXHAUSTED:
@@ -419,8 +456,9 @@ def log_report(r: dict, verbose: bool = False) -> None:
             log(f"the compiler said: {r['compiler_said'][:300]}")
     else:
         new_outputs = r["outputs_gib"] - r["aliased_gib"]
+        stages = " (every stage alike: one SPMD program)" if r.get("pipeline") else ""
         log(
-            f"per device: {r['arguments_gib']:.2f} GiB arguments (state + batch), "
+            f"per device{stages}: {r['arguments_gib']:.2f} GiB arguments (state + batch), "
             f"{r['temporaries_gib']:.2f} GiB temporaries, {new_outputs:.2f} GiB new outputs, "
             f"{r['code_gib']:.3f} GiB code -> peak {r['peak_gib']:.2f} GiB of {hbm:g} GiB HBM: "
             + ("fits" if r["fits"] else "DOES NOT FIT")
@@ -429,6 +467,7 @@ def log_report(r: dict, verbose: bool = False) -> None:
         levers = [] if r.get("remat") == "full" else ["--config.model.remat=full (recompute activations)"]
         levers += [
             "a larger --config.mesh.fsdp (shard the state)",
+            "--config.mesh.stage (pipeline stages: each device holds 1/stage of the layers)",
             "a smaller --config.train.batch_size or a larger --config.train.grad_accum (micro-batches)",
             "more chips",
         ]

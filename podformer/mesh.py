@@ -1,10 +1,14 @@
-"""The device mesh (data, fsdp, expert, tensor), built once from the config, in the order of the physical torus.
+"""The device mesh (stage, data, fsdp, expert, tensor), built once from the config, in the order of the physical torus.
 
 Within a slice (one TPU slice's ICI torus, one GPU node's NVLink domain) the axes follow the torus; across
 slices (the data-centre network, DCN) only ``data`` and ``fsdp`` may extend: ``mesh.dcn_data`` and
 ``mesh.dcn_fsdp`` say how many slices each axis spans, and that part of the axis is its outermost one, so
 the expert and tensor axes, and the inner part of every axis, never leave a slice. PaLM's two v4 pods are
 ``mesh.dcn_data=2``: data parallel across pods, model parallel within.
+
+``mesh.stage`` (pipeline stages, podformer/model/pipeline.py) is the outermost axis within a slice: each
+stage is a block of neighbouring chips holding its own layers, and only the activations of a micro-batch
+cross from one stage's block to the next.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from jax.sharding import AxisType, Mesh
 from podformer.core.errors import UserError
 
 AXES = ("data", "fsdp", "expert", "tensor")
+STAGE = "stage"  # pipeline stages: outside AXES, so resolve_shape and the DCN layout stay (data, fsdp, ...)
 # Axes a mesh config may leave out (configs written before the axis existed): size 1.
 OPTIONAL = ("expert",)
 
@@ -123,7 +128,8 @@ def device_grid(shape: tuple[int, ...], devices) -> np.ndarray:
         n = len(devices)
         works = [t for t in range(1, n + 1) if n % t == 0 and _fits((n // t, 1, 1, t), devices)]
         raise UserError(
-            f"mesh {dict(zip(AXES, shape, strict=True))} cannot be laid out on the torus of {describe(devices)}; "
+            f"mesh {dict(zip((STAGE, *AXES)[-len(shape) :], shape, strict=True))} cannot be laid out on the torus "
+            f"of {describe(devices)}; "
             f"tensor sizes that can: {', '.join(map(str, works[:12]))} (data/fsdp take the rest)"
         ) from None
 
@@ -149,14 +155,32 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
     dcn = dcn_shape(mesh_cfg, len(set(_slice_ids(devices))))
     groups = slices(devices, dcn[0] * dcn[1])
     where = describe(groups[0]) + (" per slice" if len(groups) > 1 else "")
-    ici = resolve_shape(mesh_cfg, len(groups[0]), where)
-    grids = np.stack([device_grid(ici, g) for g in groups])  # (slices, data, fsdp, expert, tensor)
+    stages = stage_count(mesh_cfg, len(groups[0]), where)
+    if stages > 1:
+        where = f"{len(groups[0]) // stages} devices per stage ({stages} stages over {where})"
+    ici = resolve_shape(mesh_cfg, len(groups[0]) // stages, where)
+    # (slices, stage, data, fsdp, expert, tensor): the stage axis outermost within each slice
+    grids = np.stack([device_grid((stages, *ici), g) for g in groups])
     # Slice s = (dcn data index) * dcn_fsdp + (dcn fsdp index); each axis's slice part is its outer part.
-    grids = grids.reshape(dcn[0], dcn[1], *ici).transpose(0, 2, 1, 3, *range(4, 2 + len(ici)))
-    grid = grids.reshape(dcn[0] * ici[0], dcn[1] * ici[1], *ici[2:])
+    grids = grids.reshape(dcn[0], dcn[1], stages, *ici).transpose(2, 0, 3, 1, 4, *range(5, 3 + len(ici)))
+    grid = grids.reshape(stages, dcn[0] * ici[0], dcn[1] * ici[1], *ici[2:])
     # Auto axis types: shardings come from the logical rules and with_sharding_constraint, and XLA's
-    # partitioner propagates the rest (jax.make_mesh's default is Explicit).
-    return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+    # partitioner propagates the rest (jax.make_mesh's default is Explicit). The stage axis exists only with
+    # stages: a mesh without them is (data, fsdp, expert, tensor), as before stages existed.
+    axes = (STAGE, *AXES) if stages > 1 else AXES
+    grid = grid if stages > 1 else grid[0]
+    return Mesh(grid, axes, axis_types=(AxisType.Auto,) * len(axes))
+
+
+def stage_count(mesh_cfg, num_devices: int, where: str = "") -> int:
+    """mesh.stage (default 1): pipeline stages, each over num_devices / stage devices of every slice."""
+    stages = int(mesh_cfg.get(STAGE, 1))
+    if stages < 1 or num_devices % stages:
+        raise UserError(
+            f"mesh.stage={stages} must be a positive divisor of the {where or f'{num_devices} devices'} "
+            f"({_divisors(num_devices)})"
+        )
+    return stages
 
 
 def dcn_shape(mesh_cfg, tpu_slices: int = 1) -> tuple[int, int]:

@@ -74,6 +74,8 @@ def model_figures(cfg) -> dict:
         "model_cfg": model_cfg,
         "module_cls": module_cls,
         "params": params.count(abstract),
+        # The layer stack's share: what pipeline stages split (the rest every stage holds whole).
+        "stack_params": sum(n for name, n in sizes.items() if ".layers." in f".{name}."),
         "flops_per_token": flops_lib.per_token(model_cfg, sizes, cfg.train.seq_len, dec),
     }
 
@@ -102,23 +104,45 @@ def chinchilla(total_flops: float) -> dict:
     return {"params": n, "tokens": TOKENS_PER_PARAM * n}
 
 
-def analytic_memory(model_cfg, n_params: int, cfg, hw: hardware.Hardware) -> dict:
+def analytic_memory(model_cfg, n_params: int, cfg, hw: hardware.Hardware, stack_params: int = 0) -> dict:
     """Per-chip bytes of a fully sharded (ZeRO-3 / fsdp over every chip) run: the training state split
     evenly, plus activations after Korthikanti et al. 2022: a layer's are 34 s b h bytes (16-bit; twice
     that in float32) and 5 a s^2 b for the attention scores. ``model.remat=full`` keeps each layer's input
     and recomputes one layer at a time; any other policy is counted as keeping every layer's activations
     (``none``; an upper bound for the ``save_*`` policies). The float32 logits and their gradient come on
-    top. An estimate, stated as such."""
+    top. An estimate, stated as such.
+
+    With S = mesh.stage pipeline stages (model/pipeline.py) a chip holds 1/S of the layer stack's state
+    sharded over its stage's chips/S, and the rest (embeddings, head: ``n_params - stack_params``) sharded
+    over chips/S only; it keeps its N/S layers' activations for the batch of its stage group (S times a
+    chip's share of the batch), times the schedule's (R*M + S - 1) / (R*M) iterations (the bubble's idle
+    stage-iterations run too). The logits stay a chip's share of the batch: outside the stack the rows are
+    split over the stages too."""
     t = cfg.train
+    stages = int(cfg.mesh.get("stage", 1))
     tokens = t.batch_size * t.seq_len / hw.chips / max(1, t.grad_accum)  # per chip and micro-batch
     d, heads, layers = model_cfg.d_model, model_cfg.num_heads, model_cfg.num_layers
     width = 2 if model_cfg.dtype == "bfloat16" else 4  # bytes per activation
-    state = STATE_BYTES_PER_PARAM * n_params / hw.chips
-    layer = (34 * d * tokens + 5 * heads * t.seq_len * tokens) * width / 2
+    overhead, pipe = 1.0, None
+    if stages > 1:
+        from podformer.model import pipeline  # (loads JAX: see model_figures)
+
+        if hw.chips % stages:
+            raise UserError(f"mesh.stage={stages} does not divide the {hw.chips} chips of {hw.spec}")
+
+        p = cfg.pipeline
+        pipe = pipeline.Schedule(stages, int(p.microbatches) or 2 * stages, int(p.repeats))
+        pipe.check(num_layers=layers, scan=model_cfg.scan_layers, batch=t.batch_size // max(1, t.grad_accum))
+        overhead = pipe.iterations / (pipe.repeats * pipe.microbatches)
+    rest = n_params - stack_params if stages > 1 else 0
+    state = STATE_BYTES_PER_PARAM * ((n_params - rest) / hw.chips + rest * stages / hw.chips)
+    group_tokens = tokens * stages  # a stage group's rows, per chip of the group
+    layer = (34 * d * group_tokens + 5 * heads * t.seq_len * group_tokens) * width / 2
+    stage_layers = layers / stages
     if model_cfg.remat == "full":
-        kept, working = width * d * tokens * layers, layer
+        kept, working = width * d * group_tokens * stage_layers * overhead, layer / pipe.microbatches if pipe else layer
     else:
-        kept, working = layer * layers, 0.0
+        kept, working = layer * stage_layers * overhead, 0.0
     logits = 2 * 4 * tokens * model_cfg.vocab_size
     activations = kept + working + logits
     total = state + activations
@@ -127,6 +151,8 @@ def analytic_memory(model_cfg, n_params: int, cfg, hw: hardware.Hardware) -> dic
         "activations": activations,
         "total": total,
         "remat": model_cfg.remat,
+        "stages": stages,
+        "bubble": pipe.bubble if pipe else 0.0,
         "fits": total <= hw.chip.hbm_gib * 2**30,
     }
 
@@ -167,10 +193,14 @@ def plan(cfg, hw: hardware.Hardware, tokens: float, *, mfu: float = 0.0, days: f
         out["fit"] = aot.compile_only(spec, cfg, m["model_cfg"], m["module_cls"])
         log(f"fits ({spec}, by the AOT compile): {'yes' if out['fit']['fits'] else 'NO'}")
     elif fit == "analytic":
-        a = analytic_memory(m["model_cfg"], m["params"], cfg, hw)
+        a = analytic_memory(m["model_cfg"], m["params"], cfg, hw, m["stack_params"])
         out["fit"] = a
+        where = f"fsdp over all {hw.chips} chips"
+        if a["stages"] > 1:
+            per = hw.chips // a["stages"]
+            where = f"{a['stages']} pipeline stages (bubble {a['bubble']:.3f}), fsdp over {per} chips each"
         log(
-            f"fits (analytic estimate, fsdp over all {hw.chips} chips, remat {a['remat']}): "
+            f"fits (analytic estimate, {where}, remat {a['remat']}): "
             f"{a['state'] / 2**30:.3g} GiB "
             f"state + {a['activations'] / 2**30:.3g} GiB activations = {a['total'] / 2**30:.3g} GiB of "
             f"{c.hbm_gib:.3g} GiB per chip: {'yes' if a['fits'] else 'NO'}"

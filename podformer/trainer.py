@@ -13,9 +13,11 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from podformer.core import sharding
+from podformer.core.errors import UserError
 from podformer.losses import Loss
 from podformer.metrics import log
-from podformer.model import moe, params
+from podformer.model import families, moe, params
+from podformer.model import pipeline as pipeline_lib
 
 
 class TrainState(nnx.Module):
@@ -137,9 +139,18 @@ def train_step(
     global_batch,
     schedule,
     skip_nonfinite=False,
+    pipeline=None,
 ):
     """One update. ``metrics['nonfinite']`` is 1 when the loss or the gradient norm is not finite; with
-    ``skip_nonfinite`` such a step returns the state it was given (train.on_nonfinite=skip)."""
+    ``skip_nonfinite`` such a step returns the state it was given (train.on_nonfinite=skip). ``pipeline``:
+    the stages' schedule (model/pipeline.py), which every (grad_accum) micro-batch's forward runs under."""
+    with pipeline_lib.use(pipeline):
+        return _train_step(
+            state, batch, graphdef, loss, accum, seed, mesh, rules, global_batch, schedule, skip_nonfinite
+        )
+
+
+def _train_step(state, batch, graphdef, loss, accum, seed, mesh, rules, global_batch, schedule, skip_nonfinite):
     before = jax.tree.map(lambda x: x, state) if skip_nonfinite else None  # a copy: merge shares Variables
     ts = nnx.merge(graphdef, state)
     step = ts.opt.step[...]
@@ -212,13 +223,40 @@ def untrained_params(
     return sorted((set(params.param_shapes(ts.model)) if fresh is None else fresh) - read)
 
 
-def eval_step(state, batch, *, graphdef, loss: Loss):
+def eval_step(state, batch, *, graphdef, loss: Loss, pipeline=None):
     """Sums (not means) of each metric and its denominator, so batches aggregate exactly."""
     ts = nnx.merge(graphdef, state)
     denom = loss.denominators(batch)
     ones = jax.tree.map(jnp.ones_like, denom)
-    _, metrics = loss.fn(ts.model, batch, None, ones, **_teacher(ts))
+    with pipeline_lib.use(pipeline):
+        _, metrics = loss.fn(ts.model, batch, None, ones, **_teacher(ts))
     return {"sums": metrics, "denominators": denom}
+
+
+def pipeline_schedule(cfg, model_cfg, mesh_shape) -> pipeline_lib.Schedule | None:
+    """The run's pipeline schedule (None without stages), checked against the model, batch and mesh: each
+    misfit is one UserError line. Micro-batches: pipeline.microbatches (0: 2 x stages) per grad_accum
+    micro-batch, so the two compose (a step = grad_accum pipelined passes of M micro-batches each)."""
+    stages = int(mesh_shape.get(pipeline_lib.STAGE, 1))
+    if stages == 1:
+        return None
+    family = families.of(model_cfg)
+    if family.kind != "decoder":
+        raise UserError(
+            f"mesh.stage={stages}: pipeline stages run decoder-only models, not {family.name} ({family.kind}); "
+            "shard it with mesh.fsdp/mesh.tensor"
+        )
+    p, t = cfg.pipeline, cfg.train
+    sched = pipeline_lib.Schedule(stages, int(p.microbatches) or 2 * stages, int(p.repeats))
+    rows = t.batch_size // t.grad_accum
+    sched.check(num_layers=model_cfg.num_layers, scan=model_cfg.scan_layers, batch=rows, moe=model_cfg.num_experts > 0)
+    dp = int(mesh_shape["data"]) * int(mesh_shape["fsdp"]) * int(mesh_shape.get("expert", 1))
+    if (rows // sched.microbatches) % dp:
+        raise UserError(
+            f"pipeline micro-batches of {rows // sched.microbatches} rows ({rows} / pipeline.microbatches="
+            f"{sched.microbatches}) are not divisible by the data-parallel size data*fsdp*expert={dp}"
+        )
+    return sched
 
 
 def batch_shardings(example: dict, mesh, rules, global_batch: int) -> dict:
@@ -240,6 +278,7 @@ def jit_train_step(
     global_batch,
     schedule,
     skip_nonfinite=False,
+    pipeline=None,
 ):
     fn = functools.partial(
         train_step,
@@ -252,15 +291,17 @@ def jit_train_step(
         global_batch=global_batch,
         schedule=schedule,
         skip_nonfinite=skip_nonfinite,
+        pipeline=pipeline,
     )
     return jax.jit(
         fn, in_shardings=(state_shardings, batch_shard), out_shardings=(state_shardings, None), donate_argnums=0
     )
 
 
-def jit_eval_step(graphdef, state_shardings, batch_shard, *, loss):
+def jit_eval_step(graphdef, state_shardings, batch_shard, *, loss, pipeline=None):
     return jax.jit(
-        functools.partial(eval_step, graphdef=graphdef, loss=loss), in_shardings=(state_shardings, batch_shard)
+        functools.partial(eval_step, graphdef=graphdef, loss=loss, pipeline=pipeline),
+        in_shardings=(state_shardings, batch_shard),
     )
 
 
@@ -277,6 +318,7 @@ def compile_train_step(
     schedule,
     trace_context=None,
     compiler_options: dict | None = None,
+    pipeline=None,
 ):
     """The train step compiled ahead of the loop for the layout of ``example`` (one host batch, or the
     global one), so its memory is known before the first step. ``trace_context`` is entered around
@@ -301,6 +343,7 @@ def compile_train_step(
             global_batch=t.batch_size,
             schedule=schedule,
             skip_nonfinite=t.get("on_nonfinite", "stop") == "skip",
+            pipeline=pipeline,
         )
         lowered = step.lower(with_shardings(abstract, shardings), abstract_batch)
         return lowered.compile(compiler_options=compiler_options), batch_shard

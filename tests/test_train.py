@@ -69,17 +69,29 @@ MOE = ["--config.model.num_experts=4", "--config.model.expert_d_ff=64", "--confi
 MOE += ["--config.model.router_jitter=0.1"]
 
 
-@pytest.mark.parametrize("extra", [pytest.param([], id="dense"), pytest.param(MOE, id="moe", marks=pytest.mark.slow)])
+# Two pipeline stages on two devices (model/pipeline.py): GPipe over 4 micro-batches of the scanned stack.
+STAGES = ["--config.mesh.stage=2", "--config.model.scan_layers=true", "--config.pipeline.microbatches=4"]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        pytest.param([], id="dense"),
+        pytest.param(MOE, id="moe", marks=pytest.mark.slow),
+        pytest.param(STAGES, id="stages", marks=pytest.mark.slow),
+    ],
+)
 def test_exact_resume_after_sigkill(tmp_path, extra):
     n = 6
+    devices = 2 if extra is STAGES else 1
     args = [*SMALL, *extra, f"--config.train.steps={2 * n}", f"--config.checkpoint.every={n}"]
     straight = tmp_path / "straight"
-    run_cli("train.py", [*args, f"--workdir={straight}"])
+    run_cli("train.py", [*args, f"--workdir={straight}"], devices=devices)
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(
         [sys.executable, os.path.join(REPO, "train.py"), *args, f"--workdir={killed}"],
-        env=env(1),
+        env=env(devices),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -94,7 +106,7 @@ def test_exact_resume_after_sigkill(tmp_path, extra):
     assert committed.exists(), "the run ended before its first checkpoint was committed"
     assert not (killed / "checkpoints" / str(2 * n)).exists(), "killed too late: the run had already finished"
 
-    resumed = run_cli("train.py", [*args, f"--workdir={killed}"])
+    resumed = run_cli("train.py", [*args, f"--workdir={killed}"], devices=devices)
     assert re.search(rf"resumed from .*/{n}\b", resumed.stdout), resumed.stdout
     a, b = train_losses(str(straight)), train_losses(str(killed))
     assert sorted(a) == sorted(b) == list(range(1, 2 * n + 1))
