@@ -14,9 +14,14 @@ import tracemalloc
 
 import jax
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 
+from podformer import trainer
 from podformer.configs.common import RULES
+from podformer.losses import LOSSES
+from podformer.model import gpt
 from podformer.data import corpus, packing, shards, store, tokenizer, tokens
 from podformer.data.loader import Loader
 from tests.helpers import REPO, env
@@ -65,13 +70,31 @@ def test_store_is_bit_identical_for_1_2_and_4_workers(docs, tok, tmp_path):
     np.testing.assert_array_equal(built[1].doc_starts, ref_starts)
     assert _bytes(built[1].path) == _bytes(built[2].path) == _bytes(built[4].path)
     assert not os.path.exists(str(tmp_path / "w2") + ".parts")  # a finished build leaves only the store
-    mesh = jax.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3,
-                         devices=jax.devices()[:1])  # fmt: skip
+    mesh = jax.make_mesh((1, 1, 1, 1), ("data", "fsdp", "expert", "tensor"),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 4, devices=jax.devices()[:1])  # fmt: skip
     loaders = [Loader(packing.CausalLMRows(built[w], 64), global_batch=4, mesh=mesh, rules=RULES) for w in (1, 4)]
     for step in range(10):
         a, b = (ld.host_batch(step) for ld in loaders)
         for k in a:
             np.testing.assert_array_equal(a[k], b[k])
+    # And the first 10 losses of a run on each store: a tiny GPT trained on its batches.
+    cfg = gpt.GPTConfig.tiny(vocab_size=tok.vocab_size, max_len=64, d_model=16, num_layers=1, num_heads=2, d_ff=32)
+    losses = []
+    for ld in loaders:
+        graphdef, state, _ = trainer.create_state(lambda r: gpt.GPT(cfg, rngs=r), optax.adam(1e-2), mesh, RULES, 0)
+        with jax.set_mesh(mesh), nnx.logical_axis_rules(RULES):
+            step_fn = jax.jit(
+                lambda s, b: trainer.train_step(
+                    s, b, graphdef=graphdef, loss=LOSSES["causal_lm"], accum=1, seed=0, mesh=mesh, rules=RULES,
+                    global_batch=4, schedule=lambda _: 0.0,
+                )
+            )  # fmt: skip
+            run = []
+            for step in range(10):
+                state, metrics = step_fn(state, ld.host_batch(step))
+                run.append(float(metrics["loss"]))
+        losses.append(run)
+    assert losses[0] == losses[1] and losses[0][-1] < losses[0][0], losses
     # The sentence store too (the objectives other than causal LM read it).
     s1, s2 = (store.build(str(tmp_path / f"s{w}"), docs, tok, vocab_size=tok.vocab_size, name="t", workers=w,
                           progress=False, min_parallel_s=0) for w in (1, 2))  # fmt: skip
