@@ -20,10 +20,10 @@ from flax import nnx
 
 from podformer import trainer
 from podformer.configs.common import RULES
-from podformer.losses import LOSSES
-from podformer.model import gpt
 from podformer.data import corpus, packing, shards, store, tokenizer, tokens
 from podformer.data.loader import Loader
+from podformer.losses import LOSSES
+from podformer.model import gpt
 from tests.helpers import REPO, env
 
 FILES = ("tokens.npy", "doc_starts.npy", "meta.json")
@@ -84,8 +84,8 @@ def test_store_is_bit_identical_for_1_2_and_4_workers(docs, tok, tmp_path):
         graphdef, state, _ = trainer.create_state(lambda r: gpt.GPT(cfg, rngs=r), optax.adam(1e-2), mesh, RULES, 0)
         with jax.set_mesh(mesh), nnx.logical_axis_rules(RULES):
             step_fn = jax.jit(
-                lambda s, b: trainer.train_step(
-                    s, b, graphdef=graphdef, loss=LOSSES["causal_lm"], accum=1, seed=0, mesh=mesh, rules=RULES,
+                lambda s, b, g=graphdef: trainer.train_step(
+                    s, b, graphdef=g, loss=LOSSES["causal_lm"], accum=1, seed=0, mesh=mesh, rules=RULES,
                     global_batch=4, schedule=lambda _: 0.0,
                 )
             )  # fmt: skip
