@@ -31,12 +31,16 @@ class ModelConfig:
     remat: str = "none"
     attention_impl: str = "xla"
     # Mixture of experts (model/moe.py): num_experts > 0 makes every moe_every-th feed-forward layer sparse
-    # (moe_every=2: layers 1, 3, 5, ... as GLaM and Switch; 1: all, as Mixtral). Experts are gated or plain
-    # like the family's dense MLP, each expert_d_ff wide (0: d_ff); shared_experts dense experts of that
-    # width run on every token (DeepSeek). moe_dispatch: capacity (GShard rule, capacity_factor) or dropless
+    # (moe_every=2: layers 1, 3, 5, ..., the last of each period, as Switch and Qwen3-MoE; moe_first: the
+    # first, layers 0, 2, 4, ..., as GShard and GLaM; 1: all, as Mixtral). Experts are gated or plain like the
+    # family's dense MLP (expert_mlp="same"), or as expert_mlp says (GLaM: plain experts beside gated dense
+    # layers), each expert_d_ff wide (0: d_ff); shared_experts dense experts of that width run on every
+    # token (DeepSeek). moe_dispatch: capacity (GShard rule, capacity_factor) or dropless
     # (ragged_dot); decoding is always dropless.
     num_experts: int = 0
     moe_every: int = 1
+    moe_first: bool = False
+    expert_mlp: str = "same"  # same | plain | gated
     experts_per_token: int = 2
     expert_d_ff: int = 0
     shared_experts: int = 0
@@ -58,6 +62,8 @@ class ModelConfig:
                 raise ValueError(f"experts_per_token={self.experts_per_token} must be in 1..num_experts")
             if self.moe_every < 1 or self.num_layers % self.moe_every:
                 raise ValueError(f"num_layers={self.num_layers} must be a multiple of moe_every={self.moe_every}")
+            if self.expert_mlp not in ("same", "plain", "gated"):
+                raise ValueError(f"expert_mlp={self.expert_mlp!r}: choose same, plain or gated")
             if self.moe_dispatch not in ("dropless", "capacity"):
                 raise ValueError(f"moe_dispatch={self.moe_dispatch!r}: choose dropless or capacity")
             if self.moe_group_size < -1 or self.expert_capacity < 0:

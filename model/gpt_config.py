@@ -74,11 +74,15 @@ _PALM.update(position="rotary", activation="silu", gated_mlp=True, **_NOBIAS)
 _DEEPMIND = dict(vocab_size=32000, max_len=2048, position="rotary", norm="rmsnorm")
 
 # GLaM (Du et al. 2022, table 4): a mixture of 64 experts, top-2 (GShard's renormalised gates, capacity
-# factor 2 in training, per routing group), in every other layer; 256K vocabulary, no biases. Its
-# per-layer relative position bias is stood in for by rotary. Plain GELU experts and dense layers: with them
-# the totals match the table (1.9B, 27B, 143B, 1.2T; tests/test_moe.py), as a gated FFN's 1.5x would not.
+# factor 2 in training, per routing group), in every other layer, the first of each pair (the paper's figure
+# 2; Praxis' GLaM layers, moe_layers=[0]); 256K vocabulary, no biases, one tied embedding. The dense layers'
+# feed-forward is gated (GLU with GELU: the paper's section 4), the experts are plain two-matrix MLPs (GShard's,
+# as Praxis builds them): the paper's 96.6B activated parameters of 64B/64E come out exactly with this, 8.6B
+# fewer (one 8192 x 32768 matrix in each dense layer) with plain dense layers. Its per-layer relative
+# position bias is stood in for by rotary.
 _GLAM = dict(vocab_size=256000, max_len=1024, position="rotary", norm="rmsnorm", activation="gelu", **_NOBIAS)
 _GLAM.update(num_experts=64, experts_per_token=2, moe_every=2, moe_dispatch="capacity", capacity_factor=2.0)
+_GLAM.update(gated_mlp=True, expert_mlp="plain", moe_first=True)
 _GLAM.update(moe_group_size=-1)  # GShard's groups: each sequence routes on its own (its capacity, its devices)
 # Mixtral (Jiang et al. 2024): LLaMA's block with 8 SwiGLU experts in every layer, top-2 renormalised.
 _MIXTRAL = dict(_LLAMA, norm_eps=1e-5, rotary_base=1e6, num_kv_heads=8, num_experts=8, experts_per_token=2)

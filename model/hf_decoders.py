@@ -411,8 +411,10 @@ def llama_to_hf(cfg: GPTConfig) -> dict:
     )
 
 
-def llama_rules(cfg: GPTConfig) -> list:
-    D, H, G, K, F = _dims(cfg)
+def _llama_stack(cfg: GPTConfig, feed_forward, *, qk_norm: bool = False) -> list:
+    """LLaMA's layout (embedding, head, attention and norms of every layer), with the feed-forward rules of
+    layer i from ``feed_forward(hf_prefix, our_prefix, i)``: LLaMA's MLP, Mixtral's or Qwen3-MoE's experts."""
+    D, H, G, K, _ = _dims(cfg)
     rules = [tensor("model.embed_tokens.weight", "embed")] + norm("model.norm", "final_norm", bias=False)
     rules += _head(cfg, "lm_head.weight")
     for i in range(cfg.num_layers):
@@ -420,11 +422,30 @@ def llama_rules(cfg: GPTConfig) -> list:
         names = ("q_proj", "k_proj", "v_proj", "o_proj")
         bias = dict(qkv_bias=cfg.qkv_bias, out_bias=cfg.attn_out_bias)
         rules += attention(h + "self_attn", b + "attn", names, (D, H, G, K), **bias)
-        names = {"wg": "gate_proj", "wi": "up_proj", "wo": "down_proj"}
-        rules += mlp(h + "mlp", b + "mlp", names, D, F, bias=cfg.mlp_bias)
+        if qk_norm:
+            rules += norm(h + "self_attn.q_norm", b + "attn.q_norm", bias=False)
+            rules += norm(h + "self_attn.k_norm", b + "attn.k_norm", bias=False)
+        rules += feed_forward(h, b, i)
         rules += norm(h + "input_layernorm", b + "attn_norm", bias=False)
         rules += norm(h + "post_attention_layernorm", b + "mlp_norm", bias=False)
     return rules
+
+
+def _llama_mlp(cfg: GPTConfig, h: str, b: str) -> list:
+    names = {"wg": "gate_proj", "wi": "up_proj", "wo": "down_proj"}
+    return mlp(h + "mlp", b + "mlp", names, cfg.d_model, cfg.resolved_d_ff, bias=cfg.mlp_bias)
+
+
+def _experts(router: str, experts: str, b: str, names: tuple[str, str, str]) -> list:
+    """A sparse layer's router (E, D) <-> (D, E) and its gate, up and down expert kernels."""
+    ours = ("wg", "wi", "wo")
+    return [unembed(router, b + "mlp.router")] + [
+        expert_linear(f"{experts}.{w}", f"{b}mlp.experts.{o}") for w, o in zip(names, ours, strict=True)
+    ]
+
+
+def llama_rules(cfg: GPTConfig) -> list:
+    return _llama_stack(cfg, lambda h, b, i: _llama_mlp(cfg, h, b))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -463,6 +484,8 @@ def mixtral_config(hf: dict, sd: dict) -> GPTConfig:
 def mixtral_to_hf(cfg: GPTConfig) -> dict:
     if not cfg.num_experts or cfg.moe_every != 1 or cfg.shared_experts or not cfg.router_renormalize:
         raise HFError("Mixtral has a renormalised top-k mixture of experts in every layer and no shared experts")
+    if cfg.expert_mlp == "plain":
+        raise HFError("Mixtral's experts are gated like its dense MLP (expert_mlp=same)")
     return dict(
         fields_to_hf(_MIXTRAL, cfg),
         rope_parameters=dict(rope_type="default", rope_theta=cfg.rotary_base),
@@ -475,20 +498,10 @@ mixtral_pack, mixtral_unpack = expert_packing(".block_sparse_moe.experts", "w[12
 
 
 def mixtral_rules(cfg: GPTConfig) -> list:
-    D, H, G, K, _ = _dims(cfg)
-    rules = [tensor("model.embed_tokens.weight", "embed")] + norm("model.norm", "final_norm", bias=False)
-    rules += _head(cfg, "lm_head.weight")
-    for i in range(cfg.num_layers):
-        h, b = f"model.layers.{i}.", f"blocks.{i}."
-        names = ("q_proj", "k_proj", "v_proj", "o_proj")
-        rules += attention(h + "self_attn", b + "attn", names, (D, H, G, K), qkv_bias=False, out_bias=False)
-        moe = h + "block_sparse_moe."
-        rules.append(unembed(moe + "gate.weight", b + "mlp.router"))  # (E, D) <-> (D, E)
-        for w, ours in (("w1", "wg"), ("w3", "wi"), ("w2", "wo")):  # gate, up, down
-            rules.append(expert_linear(f"{moe}experts.{w}", f"{b}mlp.experts.{ours}"))
-        rules += norm(h + "input_layernorm", b + "attn_norm", bias=False)
-        rules += norm(h + "post_attention_layernorm", b + "mlp_norm", bias=False)
-    return rules
+    def feed_forward(h, b, i):  # w1, w3, w2: gate, up, down
+        return _experts(h + "block_sparse_moe.gate.weight", h + "block_sparse_moe.experts", b, ("w1", "w3", "w2"))
+
+    return _llama_stack(cfg, feed_forward)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -533,6 +546,8 @@ def qwen3_moe_config(hf: dict, sd: dict) -> GPTConfig:
 def qwen3_moe_to_hf(cfg: GPTConfig) -> dict:
     if cfg.shared_experts or not cfg.qk_norm or cfg.qkv_bias != cfg.attn_out_bias or cfg.mlp_bias:
         raise HFError("Qwen3-MoE has q/k norms, no shared experts, one attention-bias switch and no MLP biases")
+    if cfg.expert_mlp == "plain" or (cfg.moe_first and cfg.moe_every > 1):
+        raise HFError("Qwen3-MoE's experts are gated, and its sparse layer is the last of each decoder_sparse_step")
     return dict(
         fields_to_hf(_QWEN3_MOE, cfg),
         rope_parameters=dict(rope_type="default", rope_theta=cfg.rotary_base),
@@ -547,26 +562,12 @@ qwen3_moe_pack, qwen3_moe_unpack = expert_packing(".mlp.experts", "gate_proj|up_
 
 
 def qwen3_moe_rules(cfg: GPTConfig) -> list:
-    D, H, G, K, F = _dims(cfg)
-    rules = [tensor("model.embed_tokens.weight", "embed")] + norm("model.norm", "final_norm", bias=False)
-    rules += _head(cfg, "lm_head.weight")
-    for i in range(cfg.num_layers):
-        h, b = f"model.layers.{i}.", f"blocks.{i}."
-        names = ("q_proj", "k_proj", "v_proj", "o_proj")
-        bias = dict(qkv_bias=cfg.qkv_bias, out_bias=cfg.qkv_bias)
-        rules += attention(h + "self_attn", b + "attn", names, (D, H, G, K), **bias)
-        rules += norm(h + "self_attn.q_norm", b + "attn.q_norm", bias=False)
-        rules += norm(h + "self_attn.k_norm", b + "attn.k_norm", bias=False)
+    def feed_forward(h, b, i):
         if cfg.num_experts and (i + 1) % cfg.moe_every == 0:
-            rules.append(unembed(h + "mlp.gate.weight", b + "mlp.router"))  # (E, D) <-> (D, E)
-            for w, ours in (("gate_proj", "wg"), ("up_proj", "wi"), ("down_proj", "wo")):
-                rules.append(expert_linear(f"{h}mlp.experts.{w}", f"{b}mlp.experts.{ours}"))
-        else:
-            names = {"wg": "gate_proj", "wi": "up_proj", "wo": "down_proj"}
-            rules += mlp(h + "mlp", b + "mlp", names, D, F, bias=False)
-        rules += norm(h + "input_layernorm", b + "attn_norm", bias=False)
-        rules += norm(h + "post_attention_layernorm", b + "mlp_norm", bias=False)
-    return rules
+            return _experts(h + "mlp.gate.weight", h + "mlp.experts", b, ("gate_proj", "up_proj", "down_proj"))
+        return _llama_mlp(cfg, h, b)
+
+    return _llama_stack(cfg, feed_forward, qk_norm=True)
 
 
 _IGNORE = (

@@ -179,6 +179,8 @@ def switch_to_hf(cfg: t5.T5Config) -> dict:
     out = t5_to_hf(dataclasses.replace(cfg, num_experts=0))  # T5's checks and fields
     if cfg.gated_mlp or cfg.experts_per_token != 1 or cfg.router_renormalize or cfg.moe_every not in (1, 2):
         raise HFError("Switch Transformers has plain MLPs and a top-1 router in every or every other layer")
+    if cfg.expert_mlp == "gated" or (cfg.moe_first and cfg.moe_every > 1):
+        raise HFError("Switch Transformers' experts are plain, and its sparse layers are 1, 3, 5, ... (not moe_first)")
     if cfg.shared_experts or cfg.scale_output != cfg.tie_embeddings:
         raise HFError("Switch Transformers has no shared experts and rescales the output exactly when tied")
     del out["feed_forward_proj"], out["scale_decoder_outputs"]

@@ -84,6 +84,8 @@ class BlockOptions:
     # Mixture of experts (ModelConfig's fields of the same names; model/moe.py)
     num_experts: int = 0
     moe_every: int = 1
+    moe_first: bool = False
+    expert_mlp: str = "same"
     experts_per_token: int = 2
     expert_d_ff: int = 0
     shared_experts: int = 0
@@ -99,6 +101,10 @@ class BlockOptions:
     @property
     def kv_heads(self) -> int:
         return self.num_kv_heads or self.num_heads
+
+    @property
+    def gated_experts(self) -> bool:
+        return self.gated_mlp if self.expert_mlp == "same" else self.expert_mlp == "gated"
 
     @property
     def compute_dtype(self):
@@ -122,6 +128,8 @@ def block_options(cfg: ModelConfig, **options) -> BlockOptions:
         attention_impl=cfg.attention_impl,
         num_experts=cfg.num_experts,
         moe_every=cfg.moe_every,
+        moe_first=cfg.moe_first,
+        expert_mlp=cfg.expert_mlp,
         experts_per_token=cfg.experts_per_token,
         expert_d_ff=cfg.resolved_expert_d_ff,
         shared_experts=cfg.shared_experts,
@@ -444,7 +452,7 @@ class Experts(nnx.Module):
         # 'expert_embed': the model dimension of an expert kernel, over fsdp only (dense weights' 'embed' is
         # over fsdp and expert, and a mesh axis shards one dimension of an array at most)
         self.wi = param(rngs, normal(std), (E, D, F), ("expert", "expert_embed", "mlp"))
-        wg = param(rngs, normal(std), (E, D, F), ("expert", "expert_embed", "mlp")) if o.gated_mlp else None
+        wg = param(rngs, normal(std), (E, D, F), ("expert", "expert_embed", "mlp")) if o.gated_experts else None
         self.wg = wg
         self.wo = param(rngs, normal(out_std), (E, F, D), ("expert", "mlp", "expert_embed"))
 
@@ -632,10 +640,12 @@ class BlockGroup(nnx.Module):
 
 def stack(o: BlockOptions, num_layers: int, *, scan: bool, remat: str, rngs: nnx.Rngs) -> BlockStack:
     """A family's stack of blocks: dense, or every ``o.moe_every``-th layer sparse (the last of each period:
-    layers 1, 3, 5, ... for moe_every=2, as Switch Transformers and GLaM)."""
+    layers 1, 3, 5, ... for moe_every=2, as Switch Transformers; with moe_first the first: 0, 2, 4, ..., as
+    GShard and GLaM)."""
     period = o.moe_every if o.num_experts else 1
+    sparse_j = 0 if o.moe_first else period - 1
     return BlockStack(
-        lambda r, j: Block(o, sparse=o.num_experts > 0 and j == period - 1, rngs=r),
+        lambda r, j: Block(o, sparse=o.num_experts > 0 and j == sparse_j, rngs=r),
         num_layers,
         scan=scan,
         remat=remat,
