@@ -126,9 +126,11 @@ def base(name: str, model) -> ml_collections.ConfigDict:
     # the outermost axis of a slice; data/fsdp/expert/tensor then count devices per stage.
     c.mesh.stage = 1
     c.mesh.devices = 0  # 0: every device; N: only the first N (single process)
-    # Multislice: data, fsdp and tensor are sizes within one slice (ICI); the data and fsdp axes span
-    # dcn_data and dcn_fsdp slices across the data-centre network (DCN), outermost. PaLM: dcn_data=2.
-    # -1: the TPU slices the devices are in (1 on GPUs and CPUs, where a process is a slice if asked for).
+    # Multislice: stage, data, fsdp and tensor are sizes within one slice (ICI); the stage, data and fsdp
+    # axes span dcn_stage, dcn_data and dcn_fsdp slices across the data-centre network (DCN), outermost.
+    # PaLM: dcn_data=2; pipeline stages on separate GPU nodes: dcn_stage=nodes. dcn_data=-1: the TPU slices
+    # the others leave (1 on GPUs and CPUs, where a process is a slice if asked for).
+    c.mesh.dcn_stage = 1
     c.mesh.dcn_data = -1
     c.mesh.dcn_fsdp = 1
     c.mesh.rules = RULES

@@ -192,27 +192,36 @@ def compile_only(spec: str, cfg, model_cfg, module_cls) -> dict:
     # measured on probes, unrolled programs of 1 and 2 layers at two small batches b and 2b with
     # grad_accum=1 (small programs compile in seconds and fit), and extrapolated: costs are linear in the
     # batch (rows) and in the layers, cost = fixed(L) + B * per_row(L), each of them c1 + (L-1)(c2-c1).
-    dp = mesh_lib.data_parallel(report["mesh"])
+    # With pipeline stages the probes (unrolled stacks, no schedule) run on the same devices without stages:
+    # the stages' devices become data parallel. A device then runs all layers on 1/S of the rows, which is
+    # a stage's work (its N/S layers on its stage group's rows) without the bubble, added after.
+    pipe = report.get("pipeline")
+    dp = mesh_lib.data_parallel(report["mesh"]) * (pipe["stages"] if pipe else 1)
     b = dp  # one row per batch shard: the smallest probe that compiles where the full program barely fits
     probed = {
         (n, rows): compile_train_step(
-            spec, make_model=model(layers(model_cfg, n)), quiet=True, **{**kw, "cfg": config_with(cfg, rows)}
+            spec,
+            make_model=model(layers(model_cfg, n)),
+            quiet=True,
+            **{**kw, "cfg": config_with(cfg, rows, unstaged=bool(pipe))},
         )
         for n in (1, 2)
         for rows in (b, 2 * b)
     }
     probes = {k: p["cost"] for k, p in probed.items()}
-    report |= cost_report(probes, b, t.batch_size, layer_count(model_cfg), model_flops, report["chip"])
+    bubble = pipe["iterations"] / (pipe["repeats"] * pipe["microbatches"]) if pipe else 1.0
+    report |= cost_report(probes, b, t.batch_size, layer_count(model_cfg), model_flops, report["chip"], bubble)
     refused = [(k, p) for k, p in probed.items() if p["cost"] is None]
     if refused:
         (n, rows), p = refused[0]
         report["cost_note"] += f" ({n} layer(s) x {rows} rows asked for {p['peak_gib']:.2f} GiB)"
     notes = []
-    if report.get("pipeline"):
-        # The probes are unrolled stacks without a schedule: each stage group would run every layer.
+    if pipe:
         notes.append(
-            f"the cost probes run without stages: FLOPs and bytes are those of all {model_cfg.num_layers} layers on "
-            f"each device; a stage runs 1/{report['mesh']['stage']} of them, plus its bubble"
+            f"stages: the cost probes ran without them on the same {report['devices']} devices (each then runs "
+            f"all layers on 1/{pipe['stages']} of the rows: a stage's work), the layers' FLOPs and bytes times "
+            f"{bubble:.4f} for the bubble's idle iterations; bytes read each weight once per pass, not once per "
+            "micro-batch"
         )
     if t.grad_accum > 1:
         notes.append(f"bytes count one read of the weights per step, not one per each of {t.grad_accum} micro-batches")
@@ -234,10 +243,18 @@ def step_kwargs(cfg) -> dict:
     )
 
 
-def config_with(cfg, batch_size: int):
+def config_with(cfg, batch_size: int, unstaged: bool = False):
+    """``cfg`` at ``batch_size`` rows, one micro-batch; ``unstaged``: the mesh's stages data parallel instead
+    (within a slice and across slices), on the same devices."""
     c = cfg.copy_and_resolve_references()
     with c.unlocked():
         c.train.batch_size, c.train.grad_accum = batch_size, 1
+        if unstaged:
+            m = c.mesh
+            dcn_data, dcn_stage = int(m.get("dcn_data", -1)), int(m.get("dcn_stage", 1))
+            m.data = -1 if int(m.data) == -1 else int(m.data) * int(m.get("stage", 1))
+            m.dcn_data = -1 if dcn_data == -1 else dcn_data * dcn_stage
+            m.stage, m.dcn_stage = 1, 1
     return c
 
 
@@ -367,6 +384,7 @@ def stage_report(pipe, param_sizes: dict, num_layers: int) -> dict:
         "microbatches": pipe.microbatches,
         "repeats": pipe.repeats,
         "bubble": pipe.bubble,
+        "iterations": pipe.iterations,
         "stack_params_per_stage": per_stage,
         "shared_params": rest,
         "line": line,
@@ -423,22 +441,26 @@ def memory_figures(compiled, gen: Generation) -> dict:
 RATIO_BAND = (0.8, 3.0)
 
 
-def extrapolate(probes: dict, b: int, batch: int, n_layers: float, key: str) -> float:
-    """``probes[(layers, rows)][key]`` at 1 and 2 layers x b and 2b rows -> the value at ``n_layers``, ``batch``."""
+def extrapolate(probes: dict, b: int, batch: int, n_layers: float, key: str, layer_factor: float = 1.0) -> float:
+    """``probes[(layers, rows)][key]`` at 1 and 2 layers x b and 2b rows -> the value at ``n_layers``, ``batch``;
+    the layers' part (n_layers times one layer's increment) times ``layer_factor``."""
     per_row = {n: (probes[n, 2 * b][key] - probes[n, b][key]) / b for n in (1, 2)}
     fixed = {n: probes[n, b][key] - b * per_row[n] for n in (1, 2)}
-    at = lambda f: f[1] + (n_layers - 1) * (f[2] - f[1])  # noqa: E731
+    # f[1] is the rest (embeddings, head, optimizer) plus one layer; each layer adds f[2] - f[1]
+    at = lambda f: f[1] - (f[2] - f[1]) + n_layers * layer_factor * (f[2] - f[1])  # noqa: E731
     return at(fixed) + batch * at(per_row)
 
 
-def cost_report(probes: dict, b: int, batch: int, n_layers: float, model_flops: float, chip) -> dict:
+def cost_report(
+    probes: dict, b: int, batch: int, n_layers: float, model_flops: float, chip, layer_factor: float = 1.0
+) -> dict:
     """The full step's per-device FLOPs and bytes from the probes, checked against the model FLOPs, and
-    the roofline beside them."""
+    the roofline beside them; ``layer_factor`` scales the layers' part (a pipeline's bubble)."""
     out = {"model_flops": model_flops}
     if any(c is None for c in probes.values()):
         return out | {"cost_note": "no cost analysis: the 1- and 2-layer probes did not compile for these chips"}
-    flops = extrapolate(probes, b, batch, n_layers, "flops")
-    bytes_ = extrapolate(probes, b, batch, n_layers, "bytes")
+    flops = extrapolate(probes, b, batch, n_layers, "flops", layer_factor)
+    bytes_ = extrapolate(probes, b, batch, n_layers, "bytes", layer_factor)
     out |= {"flops": flops, "bytes": bytes_, "flops_ratio": flops / model_flops if model_flops else float("nan")}
     if not RATIO_BAND[0] <= out["flops_ratio"] <= RATIO_BAND[1]:
         return out | {"cost_note": f"compiled/model FLOPs {out['flops_ratio']:.2f} outside {RATIO_BAND}: no roofline"}

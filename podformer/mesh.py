@@ -1,14 +1,16 @@
 """The device mesh (stage, data, fsdp, expert, tensor), built once from the config, in the order of the physical torus.
 
 Within a slice (one TPU slice's ICI torus, one GPU node's NVLink domain) the axes follow the torus; across
-slices (the data-centre network, DCN) only ``data`` and ``fsdp`` may extend: ``mesh.dcn_data`` and
-``mesh.dcn_fsdp`` say how many slices each axis spans, and that part of the axis is its outermost one, so
-the expert and tensor axes, and the inner part of every axis, never leave a slice. PaLM's two v4 pods are
-``mesh.dcn_data=2``: data parallel across pods, model parallel within.
+slices (the data-centre network, DCN) only ``stage``, ``data`` and ``fsdp`` may extend: ``mesh.dcn_stage``,
+``mesh.dcn_data`` and ``mesh.dcn_fsdp`` say how many slices each axis spans, and that part of the axis is
+its outermost one, so the expert and tensor axes, and the inner part of every axis, never leave a slice.
+PaLM's two v4 pods are ``mesh.dcn_data=2``: data parallel across pods, model parallel within.
 
 ``mesh.stage`` (pipeline stages, podformer/model/pipeline.py) is the outermost axis within a slice: each
 stage is a block of neighbouring chips holding its own layers, and only the activations of a micro-batch
-cross from one stage's block to the next.
+cross from one stage's block to the next. ``mesh.dcn_stage`` puts stages on different slices (GPU nodes:
+Megatron-LM's pipeline across nodes, tensor within): the run has dcn_stage x stage stages, stage s on slice
+s // stage, and only the micro-batches' activations cross the DCN.
 """
 
 from __future__ import annotations
@@ -91,9 +93,9 @@ def slices(devices, count: int) -> list[list]:
     groups = {s: [d for d, i in zip(devices, ids, strict=True) if i == s] for s in sorted(set(ids))}
     if len(groups) != count:
         raise UserError(
-            f"mesh.dcn_data*mesh.dcn_fsdp = {count} slice(s), but the devices are in {len(groups)}; set "
-            f"mesh.dcn_data={len(groups)} (data parallel across slices) or split {len(groups)} between dcn_data "
-            "and dcn_fsdp"
+            f"mesh.dcn_stage*mesh.dcn_data*mesh.dcn_fsdp = {count} slice(s), but the devices are in {len(groups)}; "
+            f"set mesh.dcn_data={len(groups)} (data parallel across slices) or split {len(groups)} between "
+            "dcn_stage, dcn_data and dcn_fsdp"
         )
     sizes = {len(g) for g in groups.values()}
     if len(sizes) != 1:
@@ -152,8 +154,8 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
             if not 0 < count <= len(devices):
                 raise UserError(f"mesh.devices={count}, but this host has {len(devices)} devices; 0 uses them all")
             devices = devices[:count]
-    dcn = dcn_shape(mesh_cfg, len(set(_slice_ids(devices))))
-    groups = slices(devices, dcn[0] * dcn[1])
+    dcn_stages, dcn_data, dcn_fsdp = dcn_shape(mesh_cfg, len(set(_slice_ids(devices))))
+    groups = slices(devices, dcn_stages * dcn_data * dcn_fsdp)
     where = describe(groups[0]) + (" per slice" if len(groups) > 1 else "")
     stages = stage_count(mesh_cfg, len(groups[0]), where)
     if stages > 1:
@@ -161,9 +163,12 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
     ici = resolve_shape(mesh_cfg, len(groups[0]) // stages, where)
     # (slices, stage, data, fsdp, expert, tensor): the stage axis outermost within each slice
     grids = np.stack([device_grid((stages, *ici), g) for g in groups])
-    # Slice s = (dcn data index) * dcn_fsdp + (dcn fsdp index); each axis's slice part is its outer part.
-    grids = grids.reshape(dcn[0], dcn[1], stages, *ici).transpose(2, 0, 3, 1, 4, *range(5, 3 + len(ici)))
-    grid = grids.reshape(stages, dcn[0] * ici[0], dcn[1] * ici[1], *ici[2:])
+    # Slice s = ((dcn stage index) * dcn_data + (dcn data index)) * dcn_fsdp + (dcn fsdp index); each axis's
+    # slice part is its outer part.
+    grids = grids.reshape(dcn_stages, dcn_data, dcn_fsdp, stages, *ici)
+    grids = grids.transpose(0, 3, 1, 4, 2, 5, *range(6, 4 + len(ici)))
+    stages *= dcn_stages
+    grid = grids.reshape(stages, dcn_data * ici[0], dcn_fsdp * ici[1], *ici[2:])
     # Auto axis types: shardings come from the logical rules and with_sharding_constraint, and XLA's
     # partitioner propagates the rest (jax.make_mesh's default is Explicit). The stage axis exists only with
     # stages: a mesh without them is (data, fsdp, expert, tensor), as before stages existed.
@@ -183,18 +188,24 @@ def stage_count(mesh_cfg, num_devices: int, where: str = "") -> int:
     return stages
 
 
-def dcn_shape(mesh_cfg, tpu_slices: int = 1) -> tuple[int, int]:
-    """(dcn_data, dcn_fsdp): how many slices the data and fsdp axes span (1, 1: one slice). dcn_data=-1
-    (the default) is the TPU slices that dcn_fsdp leaves: 1 on one slice, on GPUs and on CPUs, where a
-    count > 1 is asked for explicitly."""
-    data, fsdp = (int(mesh_cfg.get(f"dcn_{a}", d)) for a, d in (("data", -1), ("fsdp", 1)))
-    if fsdp < 1 or data == 0 or data < -1:
-        raise UserError(f"mesh.dcn_data (-1: the rest) and mesh.dcn_fsdp count slices (>= 1), got {data} and {fsdp}")
+def dcn_shape(mesh_cfg, tpu_slices: int = 1) -> tuple[int, int, int]:
+    """(dcn_stage, dcn_data, dcn_fsdp): how many slices the stage, data and fsdp axes span (1, 1, 1: one
+    slice). dcn_data=-1 (the default) is the TPU slices that dcn_stage x dcn_fsdp leave: 1 on one slice, on
+    GPUs and on CPUs (no slice indices: a process is a slice), where the other counts say how many."""
+    stage, data, fsdp = (int(mesh_cfg.get(f"dcn_{a}", d)) for a, d in (("stage", 1), ("data", -1), ("fsdp", 1)))
+    if stage < 1 or fsdp < 1 or data == 0 or data < -1:
+        raise UserError(
+            "mesh.dcn_stage, mesh.dcn_data (-1: the rest) and mesh.dcn_fsdp count slices (>= 1), got "
+            f"{stage}, {data} and {fsdp}"
+        )
     if data == -1:
-        if tpu_slices % fsdp:
-            raise UserError(f"mesh.dcn_fsdp={fsdp} does not divide the {tpu_slices} slice(s) of these devices")
-        data = max(1, tpu_slices // fsdp)
-    return data, fsdp
+        if tpu_slices > 1 and tpu_slices % (stage * fsdp):
+            raise UserError(
+                f"mesh.dcn_stage x mesh.dcn_fsdp = {stage * fsdp} does not divide the {tpu_slices} slice(s) of "
+                "these devices"
+            )
+        data = max(1, tpu_slices // (stage * fsdp))
+    return stage, data, fsdp
 
 
 def check_batch(mesh: Mesh, global_batch: int, grad_accum: int) -> None:

@@ -119,7 +119,7 @@ def analytic_memory(model_cfg, n_params: int, cfg, hw: hardware.Hardware, stack_
     stage-iterations run too). The logits stay a chip's share of the batch: outside the stack the rows are
     split over the stages too."""
     t = cfg.train
-    stages = int(cfg.mesh.get("stage", 1))
+    stages = int(cfg.mesh.get("stage", 1)) * int(cfg.mesh.get("dcn_stage", 1))
     tokens = t.batch_size * t.seq_len / hw.chips / max(1, t.grad_accum)  # per chip and micro-batch
     d, heads, layers = model_cfg.d_model, model_cfg.num_heads, model_cfg.num_layers
     width = 2 if model_cfg.dtype == "bfloat16" else 4  # bytes per activation

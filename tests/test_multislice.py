@@ -17,9 +17,10 @@ needs_libtpu = pytest.mark.skipif(
 )
 
 
-def mesh_cfg(data, fsdp, tensor, dcn_data=-1, dcn_fsdp=1):
+def mesh_cfg(data, fsdp, tensor, dcn_data=-1, dcn_fsdp=1, stage=1, dcn_stage=1):
     return ml_collections.ConfigDict(
-        dict(data=data, fsdp=fsdp, tensor=tensor, devices=0, dcn_data=dcn_data, dcn_fsdp=dcn_fsdp)
+        dict(data=data, fsdp=fsdp, tensor=tensor, devices=0, dcn_data=dcn_data, dcn_fsdp=dcn_fsdp, stage=stage)
+        | dict(dcn_stage=dcn_stage)
     )
 
 
@@ -113,3 +114,42 @@ def test_a_two_slice_run_trains_as_one_slice():
     two = _losses(mesh_lib.make_mesh(mesh_cfg(1, 2, 2, dcn_data=2), devices[:8]))
     assert np.isfinite(one).all() and one[-1] < one[0]
     np.testing.assert_allclose(two, one, rtol=1e-5)
+
+
+def test_pipeline_stages_across_slices_put_each_stage_on_its_slice():
+    """mesh.dcn_stage: stage s on slice s // mesh.stage, the per-slice axes as configured within each."""
+    devices = jax.devices()[:8]
+    ids = lambda mesh: np.vectorize(lambda d: d.id)(mesh.devices)  # noqa: E731
+    mesh = mesh_lib.make_mesh(mesh_cfg(1, 2, 2, stage=1, dcn_stage=2), devices)
+    assert dict(mesh.shape) == {"stage": 2, "data": 1, "fsdp": 2, "expert": 1, "tensor": 2}
+    assert sorted(ids(mesh)[0].flat) == [d.id for d in devices[:4]] and sorted(ids(mesh)[1].flat) == [
+        d.id for d in devices[4:]
+    ]
+    # 2 stages within each of 2 slices: 4 stages, 0 and 1 on the first slice
+    mesh = mesh_lib.make_mesh(mesh_cfg(1, 2, 1, stage=2, dcn_stage=2), devices)
+    assert dict(mesh.shape) == {"stage": 4, "data": 1, "fsdp": 2, "expert": 1, "tensor": 1}
+    assert [sorted(ids(mesh)[s].flat) for s in range(4)] == [
+        [d.id for d in devices[2 * s : 2 * s + 2]] for s in range(4)
+    ]
+    # with data parallel across slices too: slices ordered stage-major
+    mesh = mesh_lib.make_mesh(mesh_cfg(1, 2, 1, dcn_data=2, dcn_stage=2), devices)
+    assert dict(mesh.shape) == {"stage": 2, "data": 2, "fsdp": 2, "expert": 1, "tensor": 1}
+    assert sorted(ids(mesh)[0, 0].flat) == [d.id for d in devices[:2]]
+    assert sorted(ids(mesh)[0, 1].flat) == [d.id for d in devices[2:4]]
+    assert sorted(ids(mesh)[1].flat) == [d.id for d in devices[4:]]
+    with pytest.raises(UserError, match="mesh.dcn_stage, mesh.dcn_data .* got 0") as e:
+        mesh_lib.make_mesh(mesh_cfg(1, 1, 1, dcn_stage=0), devices)
+    assert "\n" not in str(e.value)
+
+
+@needs_libtpu
+def test_pipeline_stages_across_tpu_slices_keep_each_stage_on_one_slice():
+    from podformer import aot
+
+    _, devices = aot.topology_devices("v5p:2x2x2x2")  # 2 slices of 8 chips
+    mesh = mesh_lib.make_mesh(mesh_cfg(1, 4, 2, dcn_stage=2), devices)
+    assert dict(mesh.shape) == {"stage": 2, "data": 1, "fsdp": 4, "expert": 1, "tensor": 2}
+    slices = np.vectorize(lambda d: d.slice_index)(mesh.devices)
+    assert (slices[0] == 0).all() and (slices[1] == 1).all()
+    with pytest.raises(UserError, match="does not divide the 2 slice"):
+        mesh_lib.make_mesh(mesh_cfg(-1, 1, 1, dcn_stage=2, dcn_fsdp=2, dcn_data=-1), devices)

@@ -23,7 +23,7 @@ from tests.helpers import SMALL, train_losses
 
 
 def _mesh_cfg(**kw):
-    base = dict(stage=1, data=1, fsdp=1, expert=1, tensor=1, devices=0, dcn_data=-1, dcn_fsdp=1)
+    base = dict(stage=1, data=1, fsdp=1, expert=1, tensor=1, devices=0, dcn_stage=1, dcn_data=-1, dcn_fsdp=1)
     return ml_collections.ConfigDict({**base, **kw})
 
 
@@ -167,14 +167,17 @@ def test_staged_losses_equal_one_device(tmp_path, capsys):
     the full batch; a stage=4 checkpoint resumes on stage=1 and stage=2 and the losses continue."""
     train.run([*STAGED, "--config.mesh.devices=1", f"--workdir={tmp_path / 'one'}"])
     one = train_losses(str(tmp_path / "one"))
-    runs = {  # name: (stage, data, fsdp, tensor, microbatches, repeats, grad_accum)
-        "s2f4_gpipe_m4": (2, 1, 4, 1, 4, 1, 1),
-        "s4f2_gpipe_m8": (4, 1, 2, 1, 8, 1, 1),
-        "s2t2f2_circular_m4": (2, 1, 2, 2, 4, 2, 1),
-        "s2d2f2_circular_m2_accum2": (2, 2, 2, 1, 2, 2, 2),  # data parallel across the stage groups
+    runs = {  # name: (stage, dcn_stage, data, fsdp, tensor, microbatches, repeats, grad_accum)
+        "s2f4_gpipe_m4": (2, 1, 1, 4, 1, 4, 1, 1),
+        "s4f2_gpipe_m8": (4, 1, 1, 2, 1, 8, 1, 1),
+        "s2t2f2_circular_m4": (2, 1, 1, 2, 2, 4, 2, 1),
+        # data parallel across the stage groups; the 2 stages on 2 slices (the fake devices' halves)
+        "dcn2_d2f2_circular_m2_accum2": (1, 2, 2, 2, 1, 2, 2, 2),
     }
-    for name, (s, d, f, t, m, r, a) in runs.items():
-        mesh = [f"--config.mesh.stage={s}", f"--config.mesh.data={d}", f"--config.mesh.fsdp={f}"]
+    for name, (s1, dcn, d, f, t, m, r, a) in runs.items():
+        s = s1 * dcn
+        mesh = [f"--config.mesh.stage={s1}", f"--config.mesh.dcn_stage={dcn}", f"--config.mesh.data={d}"]
+        mesh += [f"--config.mesh.fsdp={f}"]
         sched = [f"--config.pipeline.microbatches={m}", f"--config.pipeline.repeats={r}"]
         every = ["--config.checkpoint.every=3"] if s == 4 else []
         args = [*STAGED, *mesh, f"--config.mesh.tensor={t}", *sched, f"--config.train.grad_accum={a}", *every]
@@ -216,3 +219,19 @@ def test_the_planner_splits_the_stack_over_stages():
     assert a["bubble"] == pytest.approx(3 / 11) and a["stages"] == 4
     with pytest.raises(UserError, match="mesh.stage=4 does not divide the 6 chips"):
         plan.analytic_memory(m["model_cfg"], m["params"], cfg, hardware.parse_hardware("h100x6"), m["stack_params"])
+
+
+def test_staged_cost_probes_run_the_stages_data_parallel_and_add_the_bubble():
+    """compile-only's cost probes for a staged run: the same devices without stages (within and across
+    slices), and the layers' share of the extrapolated cost times the schedule's iterations / (R*M)."""
+    from podformer import aot
+
+    c = _cfg(mesh__stage=2, mesh__dcn_stage=2, mesh__data=1, mesh__fsdp=2, mesh__dcn_data=3)
+    m = aot.config_with(c, 8, unstaged=True).mesh
+    assert (m.stage, m.dcn_stage, m.data, m.dcn_data, m.fsdp) == (1, 1, 2, 6, 2)
+    m = aot.config_with(_cfg(mesh__stage=4), 8, unstaged=True).mesh
+    assert (m.stage, m.data, m.dcn_data) == (1, -1, -1)  # -1: the rest, stages included
+    # cost(layers n, rows r) = 10 + 3n + r (2 + 5n): 4 layers, 6 rows, the layers' part x 1.25
+    probes = {(n, r): {"flops": 10 + 3 * n + r * (2 + 5 * n)} for n in (1, 2) for r in (2, 4)}
+    assert aot.extrapolate(probes, 2, 6, 4, "flops") == 10 + 12 + 6 * (2 + 20)
+    assert aot.extrapolate(probes, 2, 6, 4, "flops", 1.25) == 10 + 15 + 6 * (2 + 25)
