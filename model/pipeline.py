@@ -44,6 +44,7 @@ class Schedule:
     stages: int  # S
     microbatches: int  # M
     repeats: int = 1  # R: 1 GPipe, > 1 circular
+    label: str = dataclasses.field(default="mesh.stage", compare=False)  # S's name in errors
 
     @property
     def iterations(self) -> int:
@@ -75,21 +76,21 @@ class Schedule:
             return
         if not scan:
             raise UserError(
-                f"mesh.stage={S} splits a scanned layer stack; set --config.model.scan_layers=true "
+                f"{self.label}={S} splits a scanned layer stack; set --config.model.scan_layers=true "
                 "(this stack is unrolled)"
             )
         if moe:
-            raise UserError(f"mesh.stage={S}: pipeline stages do not run mixture-of-experts layers; use mesh.expert")
+            raise UserError(f"{self.label}={S}: pipeline stages do not run mixture-of-experts layers; use mesh.expert")
         if R < 1 or M < 1:
             raise UserError(f"pipeline.microbatches={M} and pipeline.repeats={R} must be >= 1")
         if num_layers % (S * R):
-            what = f"mesh.stage={S}" + (f" x pipeline.repeats={R}" if R > 1 else "")
+            what = f"{self.label}={S}" + (f" x pipeline.repeats={R}" if R > 1 else "")
             raise UserError(
                 f"model.num_layers={num_layers} is not divisible by {what} = {S * R}; each stage needs the same layers"
             )
         if R > 1 and M < S:
             raise UserError(
-                f"pipeline.microbatches={M} is fewer than mesh.stage={S}: the circular schedule (repeats={R}) needs "
+                f"pipeline.microbatches={M} is fewer than {self.label}={S}: the circular schedule (repeats={R}) needs "
                 f"at least {S} (a micro-batch re-enters stage 0 after it leaves the last)"
             )
         if batch % M:

@@ -240,14 +240,15 @@ def pipeline_schedule(cfg, model_cfg, mesh_shape) -> pipeline_lib.Schedule | Non
     stages = int(mesh_shape.get(pipeline_lib.STAGE, 1))
     if stages == 1:
         return None
+    label = "mesh.stage" if int(cfg.mesh.get("dcn_stage", 1)) == 1 else "mesh.stage x mesh.dcn_stage"
     family = families.of(model_cfg)
     if family.kind != "decoder":
         raise UserError(
-            f"mesh.stage={stages}: pipeline stages run decoder-only models, not {family.name} ({family.kind}); "
+            f"{label}={stages}: pipeline stages run decoder-only models, not {family.name} ({family.kind}); "
             "shard it with mesh.fsdp/mesh.tensor"
         )
     p, t = cfg.pipeline, cfg.train
-    sched = pipeline_lib.Schedule(stages, int(p.microbatches) or 2 * stages, int(p.repeats))
+    sched = pipeline_lib.Schedule(stages, int(p.microbatches) or 2 * stages, int(p.repeats), label)
     rows = t.batch_size // t.grad_accum
     sched.check(num_layers=model_cfg.num_layers, scan=model_cfg.scan_layers, batch=rows, moe=model_cfg.num_experts > 0)
     dp = int(mesh_shape["data"]) * int(mesh_shape["fsdp"]) * int(mesh_shape.get("expert", 1))

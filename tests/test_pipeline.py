@@ -89,6 +89,11 @@ def test_the_schedule_from_the_config():
     "overrides, stage, message",
     [
         ({"model__num_layers": 6}, 4, "model.num_layers=6 is not divisible by mesh.stage=4 = 4"),
+        (
+            {"model__num_layers": 6, "mesh__dcn_stage": 2},
+            4,
+            "num_layers=6 is not divisible by mesh.stage x mesh.dcn_stage=4",
+        ),
         ({"pipeline__repeats": 2}, 4, r"num_layers=4 is not divisible by mesh.stage=4 x pipeline.repeats=2 = 8"),
         (
             {"model__num_layers": 8, "pipeline__microbatches": 2, "pipeline__repeats": 2},
