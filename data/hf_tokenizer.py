@@ -46,8 +46,13 @@ class HFTokenizer:
         blob = tokenizer_json + json.dumps(special, sort_keys=True)
         self.fingerprint = hashlib.sha256(blob.encode()).hexdigest()[:16]
 
-    def __reduce__(self):  # to the store builder's worker processes
+    def __reduce__(self):  # a copy in another process is built again from the same JSON
         return (HFTokenizer, (*self._args, self.path))
+
+    def worker_spec(self) -> dict:
+        """The tokenizer as JSON, for the store builder's worker processes (data/shards.py)."""
+        tokenizer_json, special = self._args
+        return {"type": "hf", "json": tokenizer_json, "special": special, "path": self.path}
 
     @classmethod
     def load(cls, path: str) -> HFTokenizer:

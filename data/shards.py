@@ -19,7 +19,6 @@ import itertools
 import json
 import math
 import os
-import pickle
 import selectors
 import subprocess
 import sys
@@ -60,7 +59,8 @@ def newline_pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
 
 @dataclasses.dataclass
 class Job:
-    """What a worker needs (pickled into a private temporary file): the documents, the tokenizer, the kind."""
+    """What a worker needs (a JSON description in a private temporary file, ``portable``): the documents,
+    the tokenizer, the kind."""
 
     documents: Sequence[str]
     tokenizer: object
@@ -68,6 +68,46 @@ class Job:
     dtype: str
     bos_id: int | None = None
     eos_id: int | None = None
+
+
+def portable(job: Job) -> dict | None:
+    """``job`` as JSON for the worker processes, or None when it cannot be described (a bare encode
+    function, a document sequence that is neither a list of texts nor a source's split): then the build
+    runs in this process. Data, never code or pickles: the documents as their source's config and split
+    (data/sources.py's dataclasses; each worker opens them) or as the texts, the tokenizer as its model."""
+    spec = getattr(job.tokenizer, "worker_spec", None)
+    if spec is None:
+        return None
+    from podformer.data import sources
+
+    docs = job.documents
+    if isinstance(docs, sources.SplitDocuments) and type(docs.source).__name__ in sources.PORTABLE:
+        documents = {"source": type(docs.source).__name__, "config": dataclasses.asdict(docs.source)}
+        documents["split"] = docs.split
+    elif isinstance(docs, list | tuple) and all(isinstance(t, str) for t in docs):
+        documents = {"texts": list(docs)}
+    else:
+        return None
+    fields = {k: getattr(job, k) for k in ("kind", "dtype", "bos_id", "eos_id")}
+    return {"documents": documents, "tokenizer": spec(), **fields}
+
+
+def from_portable(d: dict) -> Job:
+    """The Job ``portable`` described."""
+    from podformer.data import hf_tokenizer, sources, tokenizer
+
+    docs = d["documents"]
+    if "texts" in docs:
+        documents = docs["texts"]
+    else:
+        source = sources.PORTABLE[docs["source"]](**docs["config"])
+        documents = sources.SplitDocuments(source, docs["split"])
+    t = d["tokenizer"]
+    if t["type"] == "sentencepiece":
+        tok = tokenizer.SentencePieceTokenizer(bytes.fromhex(t["model"]), t["path"])
+    else:
+        tok = hf_tokenizer.HFTokenizer(t["json"], t["special"], t["path"])
+    return Job(documents, tok, d["kind"], d["dtype"], d["bos_id"], d["eos_id"])
 
 
 def _encode(tok, texts: list[str], threads: int) -> list[list[int]]:
@@ -209,11 +249,9 @@ def build_parts(
     quiet = os.environ.get("PODFORMER_NO_PROGRESS") == "1"
     bar = Progress(name, len(todo), enabled=progress and process_index == 0 and not quiet)
     workers = workers or os.cpu_count() or 1
-    if workers > 1 and len(todo) > 1:
-        try:
-            pickle.dumps(job.tokenizer)
-        except (pickle.PicklingError, AttributeError, TypeError):  # a bare function (tests): in this process
-            workers = 1
+    described = portable(job) if workers > 1 and len(todo) > 1 else None
+    if described is None:  # one worker, or a job the workers cannot be told (a bare function: tests)
+        workers = 1
     if workers > 1 and min_parallel_s > 0 and todo:
         t = time.perf_counter()
         _build_here(parts, job, shards, todo[:1], bar)
@@ -223,7 +261,7 @@ def build_parts(
     if workers == 1 or len(todo) <= 1:
         _build_here(parts, job, shards, todo, bar)
         return shards
-    _run_workers(parts, job, todo, min(workers, len(todo)), bar)
+    _run_workers(parts, described, todo, min(workers, len(todo)), bar)
     return shards
 
 
@@ -238,14 +276,12 @@ def _build_here(parts: str, job: Job, shards: list[tuple[int, int]], todo: list[
         bar.update(nbytes)
 
 
-def _run_workers(parts: str, job: Job, todo: list[int], workers: int, bar: Progress) -> None:
-    # The job goes to the workers as a pickle (documents and tokenizer objects), so it is written to this
-    # user's private temporary file (mode 0600), never into the cache, which other hosts and users may
-    # share: a worker unpickles only what its own parent wrote moments before. Checkpoints and weights
-    # are never pickled.
-    fd, jpath = tempfile.mkstemp(prefix="podformer-store-job-", suffix=".pkl")
-    with os.fdopen(fd, "wb") as f:
-        pickle.dump(job, f, protocol=pickle.HIGHEST_PROTOCOL)
+def _run_workers(parts: str, described: dict, todo: list[int], workers: int, bar: Progress) -> None:
+    # The job goes to the workers as JSON (``portable``: data, no code) in this user's private temporary
+    # file (mode 0600), never into the cache, which other hosts and users may share.
+    fd, jpath = tempfile.mkstemp(prefix="podformer-store-job-", suffix=".json")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(described, f)
     # One thread a worker (the workers are the parallelism): Hugging Face tokenizers' pool too.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p), "RAYON_NUM_THREADS": "1"}
     procs = [
@@ -299,8 +335,8 @@ def _worker(parts: str, jpath: str) -> None:
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     try:
-        with open(jpath, "rb") as f:
-            job: Job = pickle.load(f)
+        with open(jpath, encoding="utf-8") as f:
+            job = from_portable(json.load(f))
         shards = plan(len(job.documents))
         for line in sys.stdin:
             if not line.strip():

@@ -244,3 +244,7 @@ def parse_mixture(spec: str, **kwargs) -> list[tuple[object, float]]:
         raise UserError("data.source=mixture needs data.mixture='SOURCE=WEIGHT, SOURCE=WEIGHT'")
     total = sum(w for _, w in parts)
     return [(s, w / total) for s, w in parts]
+
+
+# The sources a store-building worker may reopen from their config (data/shards.py's portable jobs).
+PORTABLE = {cls.__name__: cls for cls in (Embedded, Tfds, Files)}

@@ -34,8 +34,12 @@ class SentencePieceTokenizer:
         # newline-cut pieces do (podformer's models): the store builder cuts long documents there.
         self.newline_is_piece = _is_user_defined(model_proto, "\n")
 
-    def __reduce__(self):  # to the store builder's worker processes
+    def __reduce__(self):  # a copy in another process is the model again (pickling it whole would fail)
         return (SentencePieceTokenizer, (self.proto, self.path))
+
+    def worker_spec(self) -> dict:
+        """The model as JSON, for the store builder's worker processes (data/shards.py)."""
+        return {"type": "sentencepiece", "model": self.proto.hex(), "path": self.path}
 
     @classmethod
     def load(cls, path: str) -> SentencePieceTokenizer:

