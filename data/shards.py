@@ -29,6 +29,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from podformer.core.errors import UserError
+from podformer.data import hf_tokenizer, sources, tokenizer
 from podformer.data.sentences import split_sentences
 
 FORMAT = "shards-v1"
@@ -78,8 +79,6 @@ def portable(job: Job) -> dict | None:
     spec = getattr(job.tokenizer, "worker_spec", None)
     if spec is None:
         return None
-    from podformer.data import sources
-
     docs = job.documents
     if isinstance(docs, sources.SplitDocuments) and type(docs.source).__name__ in sources.PORTABLE:
         documents = {"source": type(docs.source).__name__, "config": dataclasses.asdict(docs.source)}
@@ -94,8 +93,6 @@ def portable(job: Job) -> dict | None:
 
 def from_portable(d: dict) -> Job:
     """The Job ``portable`` described."""
-    from podformer.data import hf_tokenizer, sources, tokenizer
-
     docs = d["documents"]
     if "texts" in docs:
         documents = docs["texts"]
